@@ -1,0 +1,143 @@
+"""Prepared-data file layout, image loading, and CaptionDataset over the prepared files.
+
+The layout is sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning's, so data prepared there loads here:
+{SPLIT}_IMAGES_{name}.hdf5 (dataset `images`, uint8 N x 3 x H x W, attribute `captions_per_image`),
+{SPLIT}_CAPTIONS_{name}.json (encoded, padded to max_len + 2), {SPLIT}_CAPLENS_{name}.json and
+WORDMAP_{name}.json. The shapes dataset adds {SPLIT}_BOXES_{name}.json.
+"""
+import json
+import os
+
+import h5py
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+
+from utils import InputError
+
+SPLITS = ("TRAIN", "VAL", "TEST")
+SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
+
+
+def base_name(dataset, captions_per_image, min_word_freq):
+    return f"{dataset}_{captions_per_image}_cap_per_img_{min_word_freq}_min_word_freq"
+
+
+def data_path(data_folder, kind, data_name, split=None):
+    """kind: IMAGES, CAPTIONS, CAPLENS, BOXES (per split) or WORDMAP."""
+    if kind == "WORDMAP":
+        return os.path.join(data_folder, f"WORDMAP_{data_name}.json")
+    ext = "hdf5" if kind == "IMAGES" else "json"
+    return os.path.join(data_folder, f"{split}_{kind}_{data_name}.{ext}")
+
+
+def _read_json(path):
+    if not os.path.isfile(path):
+        raise InputError(f"{path} not found: prepare the data with create_input_files.py "
+                         "(or check --data_folder and --data_name)")
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}); prepare the data again") from None
+
+
+def load_word_map(data_folder, data_name):
+    path = data_path(data_folder, "WORDMAP", data_name)
+    word_map = _read_json(path)
+    if not isinstance(word_map, dict):
+        raise InputError(f"{path} is not a word map: expected a JSON object of word -> id")
+    missing = [t for t in SPECIAL_TOKENS if t not in word_map]
+    if missing or word_map["<pad>"] != 0:
+        raise InputError(f"{path} is not a word map: it needs {', '.join(SPECIAL_TOKENS)} with "
+                         f"<pad> = 0 (missing: {', '.join(missing) or 'none'})")
+    return word_map
+
+
+def decode(ids, rev_word_map):
+    """Token ids -> words, without <start>, <end> and <pad>."""
+    skip = ("<start>", "<end>", "<pad>")
+    return [rev_word_map[i] for i in ids if rev_word_map[i] not in skip]
+
+
+def to_rgb(im):
+    """Any Pillow mode -> RGB. 16-bit greys are scaled rather than clipped; transparent pixels are
+    put on white, which is how viewers show them (a plain convert would make them black)."""
+    if im.mode in ("I", "F") or im.mode.startswith("I;16"):
+        a = np.asarray(im, dtype=np.float64)
+        a = a / 257.0 if im.mode != "F" else a  # 0..65535 -> 0..255
+        im = Image.fromarray(np.clip(np.rint(a), 0, 255).astype(np.uint8), "L")
+    if "A" in im.mode or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        im = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+    return im.convert("RGB")
+
+
+def load_image(path, size):
+    """Read any image Pillow opens as 3 x size x size uint8 RGB, EXIF orientation applied.
+    Data preparation and caption.py both use this, so a user's photo is seen as training images were."""
+    with Image.open(path) as im:
+        im.load()  # decode now, so a truncated file fails here
+        im = to_rgb(ImageOps.exif_transpose(im))
+        im = im.resize((size, size), Image.Resampling.BICUBIC)
+    return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
+
+
+class CaptionDataset(Dataset):
+    """One prepared split.
+
+    TRAIN yields (image, caption, caplen), one item per (image, caption) pair. VAL and TEST yield
+    (image, caption, caplen, all_captions, image_index), one item per image (its first caption), so an
+    epoch of evaluation visits each image once. Images are uint8 3 x H x W: normalise per batch on the
+    device, which is several times faster than per sample in the workers.
+    """
+
+    def __init__(self, data_folder, data_name, split):
+        if split not in SPLITS:
+            raise InputError(f"unknown split {split!r}: use one of {', '.join(SPLITS)}")
+        self.split = split
+        self.h5_path = data_path(data_folder, "IMAGES", data_name, split)
+        if not os.path.isfile(self.h5_path):
+            raise InputError(f"{self.h5_path} not found: split {split} of {data_name} is not prepared "
+                             f"in {data_folder} (run create_input_files.py, or check --data_folder)")
+        try:
+            with h5py.File(self.h5_path, "r") as h:
+                self.num_images = h["images"].shape[0]
+                self.cpi = int(h.attrs["captions_per_image"])
+        except (OSError, KeyError) as e:
+            raise InputError(f"{self.h5_path} is not a prepared image file ({e})") from None
+        captions = _read_json(data_path(data_folder, "CAPTIONS", data_name, split))
+        caplens = _read_json(data_path(data_folder, "CAPLENS", data_name, split))
+        if not (len(captions) == len(caplens) == self.num_images * self.cpi):
+            raise InputError(f"{data_name} {split}: {len(captions)} captions and {len(caplens)} lengths "
+                             f"for {self.num_images} images x {self.cpi}; prepare the data again")
+        # One tensor rather than lists of lists: forked workers then share it without copying.
+        self.captions = torch.tensor(captions, dtype=torch.int32)
+        self.caplens = torch.tensor(caplens, dtype=torch.int32)
+        self._h5, self._pid = None, None
+
+    def __len__(self):
+        return len(self.captions) if self.split == "TRAIN" else self.num_images
+
+    def _images(self):
+        # h5py handles cannot cross a fork or a pickle: each process opens the file itself.
+        if self._pid != os.getpid():
+            self._h5, self._pid = h5py.File(self.h5_path, "r"), os.getpid()
+        return self._h5["images"]
+
+    def __getstate__(self):
+        return {**self.__dict__, "_h5": None, "_pid": None}
+
+    def __getitem__(self, i):
+        if self.split == "TRAIN":
+            img_idx, cap_idx = i // self.cpi, i
+        else:
+            img_idx, cap_idx = i, i * self.cpi
+        image = torch.from_numpy(self._images()[img_idx])
+        caption = self.captions[cap_idx].long()
+        caplen = self.caplens[cap_idx].long()
+        if self.split == "TRAIN":
+            return image, caption, caplen
+        all_captions = self.captions[img_idx * self.cpi:(img_idx + 1) * self.cpi].long()
+        return image, caption, caplen, all_captions, img_idx

@@ -1,0 +1,108 @@
+"""CaptionDataset over files in the tutorial's layout and over shapes data from the command line."""
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from datasets import CaptionDataset, base_name, data_path, load_word_map
+from utils import InputError
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def write_tutorial_layout(folder, name, n_images=6, cpi=5, max_len=10, seed=0):
+    """Exactly what sgrvinod's create_input_files writes: lists of ints in JSON, an HDF5 file with an
+    `images` dataset and a `captions_per_image` attribute."""
+    rng = np.random.default_rng(seed)
+    word_map = {w: i + 1 for i, w in enumerate("a b c d e".split())}
+    word_map.update({"<unk>": 6, "<start>": 7, "<end>": 8, "<pad>": 0})
+    with open(os.path.join(folder, f"WORDMAP_{name}.json"), "w") as j:
+        json.dump(word_map, j)
+    for split in ("TRAIN", "VAL", "TEST"):
+        with h5py.File(os.path.join(folder, f"{split}_IMAGES_{name}.hdf5"), "a") as h:
+            h.attrs["captions_per_image"] = cpi
+            images = h.create_dataset("images", (n_images, 3, 8, 8), dtype="uint8")
+            images[:] = rng.integers(0, 256, size=(n_images, 3, 8, 8))
+        caps, lens = [], []
+        for _ in range(n_images * cpi):
+            n = int(rng.integers(1, max_len + 1))
+            body = [int(t) for t in rng.integers(1, 6, size=n)]
+            caps.append([7] + body + [8] + [0] * (max_len - n))
+            lens.append(n + 2)
+        with open(os.path.join(folder, f"{split}_CAPTIONS_{name}.json"), "w") as j:
+            json.dump(caps, j)
+        with open(os.path.join(folder, f"{split}_CAPLENS_{name}.json"), "w") as j:
+            json.dump(lens, j)
+
+
+@pytest.fixture(scope="module")
+def tutorial(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tutorial")
+    name = base_name("coco", 5, 5)
+    write_tutorial_layout(folder, name)
+    return folder, name
+
+
+def test_tutorial_layout_loads(tutorial):
+    folder, name = tutorial
+    assert load_word_map(folder, name)["<pad>"] == 0
+    train = CaptionDataset(folder, name, "TRAIN")
+    assert len(train) == 30  # one item per (image, caption)
+    image, caption, caplen = train[7]
+    with h5py.File(data_path(folder, "IMAGES", name, "TRAIN"), "r") as h:
+        assert torch.equal(image, torch.from_numpy(h["images"][1]))
+    with open(data_path(folder, "CAPTIONS", name, "TRAIN")) as f:
+        assert caption.tolist() == json.load(f)[7]
+    assert image.dtype == torch.uint8 and caption.dtype == torch.long and caplen.shape == ()
+
+    test = CaptionDataset(folder, name, "TEST")
+    assert len(test) == 6  # one item per image
+    image, caption, caplen, all_captions, index = test[4]
+    assert index == 4 and all_captions.shape == (5, 12)
+    assert torch.equal(caption, all_captions[0])
+
+
+@pytest.mark.parametrize("split", ["TRAIN", "TEST"])
+def test_loader_same_samples_with_0_and_2_workers(tutorial, split):
+    folder, name = tutorial
+    ds = CaptionDataset(folder, name, split)
+    ds[0]  # a handle opened in this process must not leak into the workers
+    batches = []
+    for workers in (0, 2):
+        loader = DataLoader(ds, batch_size=4, num_workers=workers, shuffle=False)
+        batches.append([b for b in loader])
+    assert len(batches[0]) == len(batches[1])
+    for b0, b1 in zip(*batches, strict=True):
+        for t0, t1 in zip(b0, b1, strict=True):
+            assert torch.equal(t0, t1)
+
+
+def test_missing_split_and_bad_word_map(tutorial, tmp_path):
+    folder, name = tutorial
+    with pytest.raises(InputError, match="not prepared"):
+        CaptionDataset(tmp_path, name, "TRAIN")
+    with pytest.raises(InputError, match="unknown split"):
+        CaptionDataset(folder, name, "train")
+    (tmp_path / f"WORDMAP_{name}.json").write_text('{"a": 1, "<pad>": 0}')
+    with pytest.raises(InputError, match="<unk>"):
+        load_word_map(tmp_path, name)
+
+
+def test_shapes_from_the_command_line(tmp_path):
+    r = subprocess.run([sys.executable, "create_input_files.py", "--dataset", "shapes", "--output-folder",
+                        str(tmp_path), "--num-images", "40", "--min-word-freq", "0"],
+                       cwd=ROOT, capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    name = base_name("shapes", 5, 0)
+    for split, n in (("TRAIN", 32), ("VAL", 4), ("TEST", 4)):
+        ds = CaptionDataset(tmp_path, name, split)
+        assert ds.num_images == n and ds[0][0].shape == (3, 64, 64)
+        with open(data_path(tmp_path, "BOXES", name, split)) as f:
+            boxes = json.load(f)
+        assert len(boxes) == n and all(1 <= len(b) <= 3 for b in boxes)

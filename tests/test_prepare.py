@@ -1,0 +1,277 @@
+"""create_input_files.py end to end on Karpathy-format data the tests write, plus image loading."""
+import json
+import os
+import subprocess
+import sys
+
+import h5py
+import numpy as np
+import pytest
+from PIL import Image
+
+from datasets import SPECIAL_TOKENS, base_name, data_path, decode, load_image
+from tests.fixtures import colour_of, make_karpathy
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SIZE = 24
+
+
+def prepare(*args, cwd=ROOT):
+    cmd = [sys.executable, "create_input_files.py", *map(str, args)]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
+
+
+def prepare_coco(src, out, *extra):
+    return prepare("--dataset", "coco", "--karpathy-json", src / "dataset_coco.json",
+                   "--image-folder", src / "images", "--output-folder", out,
+                   "--min-word-freq", 0, "--image-size", SIZE, *extra)
+
+
+@pytest.fixture(scope="module")
+def coco(tmp_path_factory):
+    src = tmp_path_factory.mktemp("coco")
+    _, entries = make_karpathy(src, num_images=16, dataset="coco")
+    out = src / "out"
+    r = prepare_coco(src, out, "--workers", 2)
+    assert r.returncode == 0, r.stderr
+    return src, out, entries, r.stdout
+
+
+NAME = base_name("coco", 5, 0)
+
+
+def read(out, kind, split=None):
+    with open(data_path(out, kind, NAME, split)) as f:
+        return json.load(f)
+
+
+def test_file_set_and_layout(coco):
+    _, out, entries, stdout = coco
+    expected = {os.path.basename(data_path(out, k, NAME, s))
+                for s in ("TRAIN", "VAL", "TEST") for k in ("IMAGES", "CAPTIONS", "CAPLENS")}
+    expected.add(os.path.basename(data_path(out, "WORDMAP", NAME)))
+    assert set(os.listdir(out)) == expected
+    word_map = read(out, "WORDMAP")
+    assert word_map["<pad>"] == 0 and all(t in word_map for t in SPECIAL_TOKENS)
+    assert sorted(word_map.values()) == list(range(len(word_map)))
+    assert "long" not in word_map  # only in captions over max_len
+    # restval goes to TRAIN: splits cycle train, val, test, restval over 16 images
+    counts = {"TRAIN": 8, "VAL": 4, "TEST": 4}
+    for split, n in counts.items():
+        with h5py.File(data_path(out, "IMAGES", NAME, split), "r") as h:
+            images = h["images"]
+            assert images.shape == (n, 3, SIZE, SIZE) and images.dtype == np.uint8
+            assert h.attrs["captions_per_image"] == 5
+            assert images.chunks == (1, 3, SIZE, SIZE)
+        caps, lens = read(out, "CAPTIONS", split), read(out, "CAPLENS", split)
+        assert len(caps) == len(lens) == 5 * n
+        assert all(len(c) == 52 for c in caps)  # max_len 50 + <start> + <end>
+        for c, n_tok in zip(caps, lens, strict=True):
+            assert c[0] == word_map["<start>"] and c[n_tok - 1] == word_map["<end>"]
+            assert all(t == 0 for t in c[n_tok:]) and 0 not in c[:n_tok]
+    assert "TRAIN" in stdout and "vocabulary" in stdout and "images/s" in stdout
+
+
+def split_entries(entries, split):
+    wanted = {"TRAIN": ("train", "restval"), "VAL": ("val",), "TEST": ("test",)}[split]
+    return [e for e in entries if e["split"] in wanted]
+
+
+def test_captions_round_trip_and_sampling(coco):
+    _, out, entries, _ = coco
+    rev = {v: k for k, v in read(out, "WORDMAP").items()}
+    for split in ("TRAIN", "VAL", "TEST"):
+        caps = read(out, "CAPTIONS", split)
+        for k, entry in enumerate(split_entries(entries, split)):
+            originals = [s["tokens"] for s in entry["sentences"] if len(s["tokens"]) <= 50]
+            got = [decode(c, rev) for c in caps[5 * k:5 * k + 5]]
+            assert all(g in originals for g in got)
+            if len(originals) >= 5:  # without replacement: five different captions
+                assert len({tuple(g) for g in got}) == 5
+            else:  # image 0 has 2: both appear, the rest are repeats
+                assert {tuple(g) for g in got} == {tuple(o) for o in originals}
+
+
+def test_images_in_order_and_every_mode_converted(coco):
+    src, out, entries, _ = coco
+    for split in ("TRAIN", "VAL", "TEST"):
+        with h5py.File(data_path(out, "IMAGES", NAME, split), "r") as h:
+            images = h["images"][:]
+        for k, entry in enumerate(split_entries(entries, split)):
+            i, img = entry["imgid"], images[k].astype(int)
+            mode = ("RGB", "L", "RGBA", "CMYK", "I;16", "P", "LA", "EXIF")[i % 8]
+            mean = img.reshape(3, -1).mean(1)
+            if mode in ("RGB", "CMYK", "P"):  # the nearest reference colour is this image's
+                dist = [np.abs(mean - colour_of(j)).sum() for j in range(len(entries))]
+                assert int(np.argmin(dist)) == i, (mode, mean, colour_of(i))
+            elif mode in ("L", "LA"):
+                assert (img[0] == img[1]).all() and (img[1] == img[2]).all()
+            elif mode == "RGBA":  # transparent left half on white
+                assert (img[:, :, : SIZE // 3] >= 250).all()
+            elif mode == "I;16":  # 16-bit ramp scaled to 0..255, not clipped at 255
+                row = img[0, SIZE // 2]
+                assert row[0] < 15 and row[-1] > 240 and (np.diff(row) >= 0).all()
+            elif mode == "EXIF":  # orientation applied: red on top, blue at the bottom
+                top, bottom = img[:, : SIZE // 3].mean((1, 2)), img[:, -SIZE // 3:].mean((1, 2))
+                assert top[0] > 200 and top[2] < 50 and bottom[2] > 200 and bottom[0] < 50
+
+
+def test_byte_identical_across_runs_and_worker_counts(coco, tmp_path):
+    src, out, _, _ = coco
+    r = prepare_coco(src, tmp_path, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    for name in os.listdir(out):
+        assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
+
+
+def test_flickr_format(tmp_path):
+    make_karpathy(tmp_path, num_images=8, dataset="flickr8k")
+    r = prepare("--dataset", "flickr8k", "--karpathy-json", tmp_path / "dataset_flickr8k.json",
+                "--image-folder", tmp_path / "images", "--output-folder", tmp_path / "out",
+                "--image_size", SIZE, "--captions-per-image", 3, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    name = base_name("flickr8k", 3, 5)
+    with h5py.File(data_path(tmp_path / "out", "IMAGES", name, "TRAIN"), "r") as h:
+        assert h["images"].shape == (4, 3, SIZE, SIZE) and h.attrs["captions_per_image"] == 3
+
+
+@pytest.mark.parametrize("mode", ["RGB", "L", "RGBA", "CMYK", "I;16", "P", "LA", "EXIF"])
+def test_load_image_every_mode(tmp_path, mode):
+    from tests.fixtures import extension, save_image
+    path = tmp_path / f"x{extension(mode)}"
+    save_image(path, 3, mode, 50, 30)
+    a = load_image(path, 16)
+    assert a.shape == (3, 16, 16) and a.dtype == np.uint8
+
+
+def test_load_image_bad_files(tmp_path, monkeypatch):
+    from create_input_files import load_job
+    good = tmp_path / "good.jpg"
+    Image.new("RGB", (64, 64), (10, 20, 30)).save(good)
+    data = good.read_bytes()
+    (tmp_path / "trunc.jpg").write_bytes(data[: len(data) // 2])
+    (tmp_path / "empty.png").write_bytes(b"")
+    (tmp_path / "text.jpg").write_text("not an image")
+    for name in ("trunc.jpg", "empty.png", "text.jpg", "missing.jpg"):
+        image, _, error = load_job((str(tmp_path / name), 16))
+        assert image is None and error, name
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)  # 64x64 is then over twice the limit
+    image, _, error = load_job((str(good), 16))
+    assert image is None and "DecompressionBomb" in error
+
+
+# ---- bad input: exit 2, one line naming the culprit, nothing left behind ----
+
+def assert_refused(r, *needles):
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def no_outputs(out):
+    return not os.path.exists(out) or os.listdir(out) == []
+
+
+def edit_json(src, change):
+    path = src / "dataset_coco.json"
+    data = json.loads(path.read_text())
+    change(data)
+    path.write_text(json.dumps(data))
+
+
+@pytest.fixture
+def src(tmp_path):
+    make_karpathy(tmp_path, num_images=8, dataset="coco")
+    return tmp_path
+
+
+def test_refuses_missing_json(src):
+    (src / "dataset_coco.json").unlink()
+    r = prepare_coco(src, src / "out")
+    assert_refused(r, "dataset_coco.json", "not found")
+    assert no_outputs(src / "out")
+
+
+def test_refuses_non_json(src):
+    (src / "dataset_coco.json").write_text("{not json")
+    assert_refused(prepare_coco(src, src / "out"), "dataset_coco.json", "not JSON")
+    assert no_outputs(src / "out")
+
+
+def test_refuses_json_without_images(src):
+    (src / "dataset_coco.json").write_text('{"annotations": []}')
+    assert_refused(prepare_coco(src, src / "out"), "'images'")
+
+
+def test_refuses_entry_without_key(src):
+    edit_json(src, lambda d: d["images"][3].pop("filepath"))
+    assert_refused(prepare_coco(src, src / "out"), "image 3", "'filepath'")
+    assert no_outputs(src / "out")
+
+
+def test_refuses_bad_split_name(src):
+    def change(d):
+        d["images"][2]["split"] = "training"
+    edit_json(src, change)
+    assert_refused(prepare_coco(src, src / "out"), "image 2", "'training'")
+
+
+def test_refuses_missing_image_folder(src):
+    r = prepare("--dataset", "coco", "--karpathy-json", src / "dataset_coco.json",
+                "--image-folder", src / "nowhere", "--output-folder", src / "out")
+    assert_refused(r, "nowhere")
+
+
+def test_refuses_empty_split(src):
+    def change(d):
+        for e in d["images"]:
+            e["split"] = "train" if e["split"] == "test" else e["split"]
+    edit_json(src, change)
+    assert_refused(prepare_coco(src, src / "out"), "split TEST")
+    assert no_outputs(src / "out")
+
+
+def test_missing_image_refused_or_skipped(src):
+    (src / "images" / "val2014" / "img_00003.jpg").unlink()
+    r = prepare_coco(src, src / "out")
+    assert_refused(r, "img_00003.jpg", "not found")
+    assert no_outputs(src / "out")
+    r = prepare_coco(src, src / "out", "--skip-bad-images")
+    assert r.returncode == 0, r.stderr
+    assert "img_00003.jpg" in (src / "out" / f"SKIPPED_IMAGES_{NAME}.txt").read_text()
+
+
+def test_truncated_image_refused_or_skipped(src):
+    path = src / "images" / "train2014" / "img_00000.jpg"
+    path.write_bytes(path.read_bytes()[:300])
+    r = prepare_coco(src, src / "out", "--workers", 2)
+    assert_refused(r, "img_00000.jpg", "--skip-bad-images")
+    assert no_outputs(src / "out")  # the images of VAL and TEST were never renamed into place
+    r = prepare_coco(src, src / "out", "--skip-bad-images")
+    assert r.returncode == 0, r.stderr
+    with h5py.File(data_path(src / "out", "IMAGES", NAME, "TRAIN"), "r") as h:
+        assert h["images"].shape[0] == 3  # train + restval: 4 images, one skipped
+    assert len(read(src / "out", "CAPTIONS", "TRAIN")) == 15
+    skipped = (src / "out" / f"SKIPPED_IMAGES_{NAME}.txt").read_text()
+    assert "img_00000.jpg" in skipped and skipped.count("\n") == 1
+    assert "skipped 1" in r.stdout
+
+
+def test_existing_outputs_kept_unless_overwrite(src):
+    out = src / "out"
+    assert prepare_coco(src, out).returncode == 0
+    before = {n: (out / n).read_bytes() for n in os.listdir(out)}
+    assert_refused(prepare_coco(src, out), "already exists", "--overwrite")
+    # A failing --overwrite run leaves the earlier files as they were.
+    (src / "images" / "val2014" / "img_00005.png").write_bytes(b"garbage")
+    assert_refused(prepare_coco(src, out, "--overwrite"), "img_00005.png")
+    assert {n: (out / n).read_bytes() for n in os.listdir(out)} == before
+
+
+def test_bad_arguments(src):
+    r = prepare("--dataset", "coco", "--output-folder", src / "out")
+    assert r.returncode == 2 and "--karpathy-json" in r.stderr
+    r = prepare_coco(src, src / "out", "--captions-per-image", 0)
+    assert r.returncode == 2 and "--captions-per-image" in r.stderr
