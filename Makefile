@@ -19,13 +19,27 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
-# Prepared once; prepared again only when the generator changes.
+# Each stage runs only when its output is missing or older than what it is made from, so a
+# second `make demo` reuses the data and the trained runs (`make clean` starts over).
 $(SHAPES): shapes.py create_input_files.py | install
 	$(PY) create_input_files.py --dataset shapes --output-folder data/shapes --overwrite
 
-demo: install $(SHAPES)
-	@echo "demo: shapes data is ready in data/shapes. Training, evaluation and the comparison"
-	@echo "report are not implemented yet, so the demo stops after data preparation."
+# .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
+runs/demo-%/.trained: $(SHAPES) configs/shapes.yaml
+	$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite
+	touch $@
+
+runs/demo-%/eval_TEST.json: runs/demo-%/.trained
+	$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5
+
+.SECONDARY:  # keep the intermediate files of the chain above
+
+demo: install runs/demo-rnn/eval_TEST.json runs/demo-attention/eval_TEST.json
+	$(PY) caption.py --checkpoint runs/demo-attention/best.pt --folder data/shapes/samples --beam-size 3 \
+		--out runs/demo-attention/captions
+	$(PY) caption.py --checkpoint runs/demo-rnn/best.pt --folder data/shapes/samples --beam-size 3 \
+		--out runs/demo-rnn/captions
+	@echo "demo done: results in runs/demo-*/eval_TEST.json, overlays in runs/demo-*/captions/"
 
 clean:
-	rm -rf data/shapes .pytest_cache .ruff_cache
+	rm -rf data/shapes runs/demo-rnn runs/demo-attention .pytest_cache .ruff_cache

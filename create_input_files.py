@@ -17,6 +17,7 @@ from multiprocessing import Pool
 
 import h5py
 import numpy as np
+from PIL import Image
 from tqdm import tqdm
 
 import shapes
@@ -191,6 +192,11 @@ def prepare(items, args, name, imap):
             words = [w for c in captions for w in c]
             unk = sum(w not in word_map for w in words) / len(words)
             summary.append((split, len(kept), len(captions), unk, dropped[split], skipped[split]))
+        if args.dataset == "shapes":  # a few TEST images as files, to try caption.py on
+            os.makedirs(os.path.join(out, "samples"), exist_ok=True)
+            for k, (scene, _) in enumerate(items["TEST"][:8]):
+                path = tmp(os.path.join(out, "samples", f"test_{k:02d}.png"))
+                Image.fromarray(shapes.render(scene)[0]).save(path, format="PNG")
         skipped_path = skipped_list(out, name)
         if bad:
             with open(tmp(skipped_path), "w") as f:

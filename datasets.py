@@ -55,7 +55,7 @@ def load_word_map(data_folder, data_name):
     return word_map
 
 
-def decode(ids, rev_word_map):
+def to_words(ids, rev_word_map):
     """Token ids -> words, without <start>, <end> and <pad>."""
     skip = ("<start>", "<end>", "<pad>")
     return [rev_word_map[i] for i in ids if rev_word_map[i] not in skip]
@@ -103,7 +103,7 @@ class CaptionDataset(Dataset):
                              f"in {data_folder} (run create_input_files.py, or check --data_folder)")
         try:
             with h5py.File(self.h5_path, "r") as h:
-                self.num_images = h["images"].shape[0]
+                self.num_images, _, _, self.image_size = h["images"].shape
                 self.cpi = int(h.attrs["captions_per_image"])
         except (OSError, KeyError) as e:
             raise InputError(f"{self.h5_path} is not a prepared image file ({e})") from None
@@ -139,5 +139,8 @@ class CaptionDataset(Dataset):
         caplen = self.caplens[cap_idx].long()
         if self.split == "TRAIN":
             return image, caption, caplen
-        all_captions = self.captions[img_idx * self.cpi:(img_idx + 1) * self.cpi].long()
-        return image, caption, caplen, all_captions, img_idx
+        return image, caption, caplen, self.image_captions(img_idx), img_idx
+
+    def image_captions(self, img_idx):
+        """All captions of one image: captions_per_image x (max_len + 2)."""
+        return self.captions[img_idx * self.cpi:(img_idx + 1) * self.cpi].long()

@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import CaptionDataset, base_name, data_path, load_word_map
@@ -106,3 +107,7 @@ def test_shapes_from_the_command_line(tmp_path):
         with open(data_path(tmp_path, "BOXES", name, split)) as f:
             boxes = json.load(f)
         assert len(boxes) == n and all(1 <= len(b) <= 3 for b in boxes)
+    samples = sorted(os.listdir(tmp_path / "samples"))
+    assert samples == [f"test_{k:02d}.png" for k in range(4)]  # TEST has 4 images here
+    first = np.asarray(Image.open(tmp_path / "samples" / samples[0])).transpose(2, 0, 1)
+    assert np.array_equal(first, CaptionDataset(tmp_path, name, "TEST")[0][0].numpy())

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from datasets import SPECIAL_TOKENS, base_name, data_path, decode, load_image
+from datasets import SPECIAL_TOKENS, base_name, data_path, load_image, to_words
 from tests.fixtures import colour_of, make_karpathy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -84,7 +84,7 @@ def test_captions_round_trip_and_sampling(coco):
         caps = read(out, "CAPTIONS", split)
         for k, entry in enumerate(split_entries(entries, split)):
             originals = [s["tokens"] for s in entry["sentences"] if len(s["tokens"]) <= 50]
-            got = [decode(c, rev) for c in caps[5 * k:5 * k + 5]]
+            got = [to_words(c, rev) for c in caps[5 * k:5 * k + 5]]
             assert all(g in originals for g in got)
             if len(originals) >= 5:  # without replacement: five different captions
                 assert len({tuple(g) for g in got}) == 5

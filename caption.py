@@ -1,0 +1,134 @@
+"""Caption your own images. For the attention decoder, also save where it looked for each word.
+
+    python caption.py --checkpoint runs/NAME/best.pt --image photo.jpg [more.jpg ...] [--beam-size 5]
+    python caption.py --checkpoint runs/NAME/best.pt --folder photos/ --out overlays/
+
+Prints one caption per image and saves one PNG per image: the image, then (attention decoder) one
+panel per generated word with its attention map upsampled smoothly over the image, or (plain
+decoder) the image under its caption. --out is a folder (default captions/), or a .png file when
+there is one image. Images are read and resized exactly as in data preparation.
+"""
+import argparse
+import math
+import os
+
+import matplotlib
+import numpy as np
+import torch
+
+matplotlib.use("Agg")  # files only, no screen
+import matplotlib.pyplot as plt  # noqa: E402
+from skimage.transform import resize  # noqa: E402
+
+from datasets import load_image, to_words
+from models import decode, load_model
+from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+PANEL_PX, COLUMNS, DPI = 200, 6, 100  # every panel is PANEL_PX square, COLUMNS to a row
+
+
+def image_paths(args):
+    if args.folder:
+        if not os.path.isdir(args.folder):
+            raise InputError(f"folder {args.folder} not found")
+        paths = sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder)
+                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        if not paths:
+            raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {args.folder}")
+        return paths
+    for path in args.image:
+        if not os.path.isfile(path):
+            raise InputError(f"image {path} not found")
+    return args.image
+
+
+def read(path, size):
+    try:
+        return load_image(path, size)
+    except Exception as e:  # Pillow's many ways of saying "not an image"
+        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
+
+
+def figure(image, words, alphas):
+    """The image, then one panel per word with its attention overlaid (or the caption as a title)."""
+    panels = 1 + (len(words) if alphas is not None else 0)
+    cols, rows = min(panels, COLUMNS), math.ceil(panels / COLUMNS)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_PX / DPI, rows * PANEL_PX / DPI), dpi=DPI,
+                             squeeze=False)
+    picture = image.transpose(1, 2, 0)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes[0, 0].imshow(picture)
+    if alphas is None:
+        axes[0, 0].set_title(_wrap(" ".join(words)), fontsize=8)
+    grid = int(round(alphas.shape[1] ** 0.5)) if alphas is not None else 0
+    for k, word in enumerate(words if alphas is not None else []):
+        ax = axes.flat[k + 1]
+        amap = resize(alphas[k].reshape(grid, grid).numpy(), picture.shape[:2], order=3, mode="edge")
+        ax.imshow(picture)
+        ax.imshow(np.clip(amap, 0, None), alpha=0.6, cmap="Greys_r")
+        ax.set_title(word, fontsize=10)
+    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9 if alphas is None else 0.92, wspace=0.05)
+    return fig, panels
+
+
+def _wrap(text, width=32):
+    lines, line = [], ""
+    for w in text.split():
+        if line and len(line) + len(w) > width:
+            lines.append(line)
+            line = ""
+        line = f"{line} {w}".strip()
+    return "\n".join(lines + [line])
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument("--image", nargs="+", help="image files")
+    source.add_argument("--folder", help="caption every image in this folder")
+    p.add_argument("--beam-size", "--beam_size", type=int, default=5)
+    p.add_argument("--out", default="captions", help="folder for the PNGs, or a .png file for one image")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    args = p.parse_args()
+    if args.beam_size < 1:
+        p.error("--beam-size must be at least 1")
+
+    paths = image_paths(args)
+    to_file = args.out.lower().endswith(".png")
+    if to_file and len(paths) > 1:
+        raise InputError(f"--out {args.out} is one file but there are {len(paths)} images: give a folder")
+    ckpt = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    encoder, decoder = load_model(ckpt, device)
+    word_map, cfg = ckpt["word_map"], ckpt["config"]
+    rev = {v: k for k, v in word_map.items()}
+    images = [read(path, ckpt["image_size"]) for path in paths]  # every file checked before any output
+    names, seen = [], {}
+    for path in paths:  # photo.png, and photo_2.png for a second photo.* from another folder
+        stem = os.path.splitext(os.path.basename(path))[0]
+        seen[stem] = seen.get(stem, 0) + 1
+        names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
+
+    for start in range(0, len(paths), 32):
+        batch = torch.from_numpy(np.stack(images[start:start + 32])).to(device)
+        with torch.no_grad():
+            out = decode(decoder, encoder(batch), word_map, args.beam_size, cfg["max_decode_len"])
+        for j, path in enumerate(paths[start:start + 32]):
+            words = to_words(out.seqs[j], rev)
+            print(f"{path}: {' '.join(words)}")
+            alphas = out.alphas[j][: len(words)] if out.alphas is not None else None
+            fig, panels = figure(read(path, max(256, ckpt["image_size"])), words, alphas)
+            target = args.out if to_file else os.path.join(args.out, names[start + j])
+            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+            with atomic_path(target) as tmp:
+                fig.savefig(tmp, format="png", dpi=DPI,
+                            metadata={"Title": " ".join(words), "Description": f"{panels} panels"})
+            plt.close(fig)
+    print(f"saved {len(paths)} PNG(s) {'as ' + args.out if to_file else 'in ' + args.out + '/'}")
+
+
+if __name__ == "__main__":
+    run_cli(main)

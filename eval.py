@@ -1,0 +1,195 @@
+"""Score a checkpoint on a prepared split the way papers do: every image decoded once per beam size,
+coco-caption metrics on PTB-tokenised text, plus nltk BLEU-4 (the tutorial's number) and, where the
+data has object boxes (shapes), attention pointing accuracy.
+
+    python eval.py --checkpoint runs/NAME/best.pt [--split TEST] [--beam-size 1 3 5] [--out FILE]
+    python eval.py --checkpoint runs/NAME/best.pt --benchmark-decoding 100   # batched vs one at a time
+
+Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, beside it, one
+captions file per beam size in the COCO results format ([{"image_id": i, "caption": "..."}], i the
+image's index in the split's HDF5 file).
+"""
+import argparse
+import json
+import os
+import time
+
+import torch
+from torch.utils.data import DataLoader, Subset
+from tqdm import tqdm
+
+import shapes
+from datasets import CaptionDataset, data_path, load_word_map, to_words
+from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy
+from models import beam_search, decode, load_model
+from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
+
+COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
+POINTING_WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+
+    def arg(name, **kw):  # --beam-size and --beam_size mean the same
+        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
+
+    arg("--checkpoint", required=True)
+    arg("--split", default="TEST", choices=["TEST", "VAL"])
+    arg("--beam-size", type=int, nargs="+", default=[1, 3, 5])
+    arg("--batch-size", type=int, default=64)
+    arg("--out", help="results JSON (default: eval_{SPLIT}.json beside the checkpoint)")
+    arg("--data-folder", help="where the prepared data is now (default: the checkpoint's)")
+    arg("--data-name", help="the prepared data's base name (default: the checkpoint's)")
+    arg("--max-len", type=int, help="most words in a caption (default: the checkpoint's max_decode_len)")
+    arg("--length-penalty", type=float, default=0.0, help="0: plain log-probability sum")
+    arg("--block-ngram-repeat", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
+    arg("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    arg("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
+    arg("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    arg("--workers", type=int, default=2)
+    arg("--benchmark-decoding", type=int, default=0, metavar="N",
+        help="time batched vs one-image-at-a-time decoding on N images, check they agree, and exit")
+    args = p.parse_args()
+    if min(args.beam_size) < 1 or args.batch_size < 1 or args.length_penalty < 0:
+        p.error("beam sizes and --batch-size must be at least 1, --length-penalty at least 0")
+    return args
+
+
+def setup(args):
+    ckpt = load_checkpoint(args.checkpoint)
+    cfg = ckpt["config"]
+    folder, name = args.data_folder or cfg["data_folder"], args.data_name or cfg["data_name"]
+    word_map = load_word_map(folder, name)
+    if word_map != ckpt["word_map"]:
+        raise InputError(f"{args.checkpoint} has a {len(ckpt['word_map'])}-word vocabulary, the data in {folder} "
+                         f"({name}) a different one of {len(word_map)} words: evaluate on the data it was trained on")
+    dataset = CaptionDataset(folder, name, args.split)
+    if args.max_images:
+        dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
+    device = pick_device(args.device)
+    encoder, decoder = load_model(ckpt, device)
+    boxes_file = data_path(folder, "BOXES", name, args.split)
+    boxes = None
+    if os.path.exists(boxes_file):
+        with open(boxes_file) as f:
+            boxes = json.load(f)
+    return ckpt, dataset, encoder, decoder, device, boxes
+
+
+def benchmark_decoding(args, dataset, encoder, decoder, word_map, max_len, device):
+    """Batched vs one-image-at-a-time beam search on the same images: images/s, and whether the
+    captions agree (they must: same search, same scores)."""
+    images = torch.stack([dataset[i][0] for i in range(min(args.benchmark_decoding, len(dataset)))]).to(device)
+    with torch.no_grad():
+        features = encoder(images)
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    print(f"{'beam':>4s} {'batched img/s':>14s} {'one at a time img/s':>20s} {'speed-up':>9s} {'same captions':>14s}")
+    rows = []
+    for k in args.beam_size:
+        sync()
+        t0 = time.perf_counter()
+        batched = [beam_search(decoder, features[i:i + args.batch_size], word_map, k, max_len)
+                   for i in range(0, len(features), args.batch_size)]
+        sync()
+        t_batched = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        single = [beam_search(decoder, features[i:i + 1], word_map, k, max_len) for i in range(len(features))]
+        sync()
+        t_single = time.perf_counter() - t0
+        same = [s for b in batched for s in b.seqs] == [s.seqs[0] for s in single]
+        n = len(features)
+        rows.append({"beam_size": k, "images": n, "batched_images_per_s": n / t_batched,
+                     "single_images_per_s": n / t_single, "speedup": t_single / t_batched, "same_captions": same})
+        print(f"{k:4d} {n / t_batched:14.1f} {n / t_single:20.1f} {t_single / t_batched:8.1f}x {str(same):>14s}")
+    return rows
+
+
+@torch.no_grad()
+def caption_split(loader, encoder, decoder, device, word_map, beam_size, max_len, options, want_alphas):
+    """Decode every image once: {image index: words}, and {image index: attention maps} if asked."""
+    rev = {v: k for k, v in word_map.items()}
+    words, alphas = {}, {}
+    for images, _, _, _, index in tqdm(loader, desc=f"beam {beam_size}", unit="batch", leave=False):
+        features = encoder(images.to(device, non_blocking=True))
+        out = decode(decoder, features, word_map, beam_size, max_len, **options)
+        for j, i in enumerate(index.tolist()):
+            words[i] = to_words(out.seqs[j], rev)
+            if want_alphas and out.alphas is not None:
+                alphas[i] = out.alphas[j][: len(words[i])]
+    return words, alphas
+
+
+def main():
+    args = parse_args()
+    t_start = time.time()
+    ckpt, dataset, encoder, decoder, device, boxes = setup(args)
+    word_map, cfg = ckpt["word_map"], ckpt["config"]
+    max_len = args.max_len or cfg["max_decode_len"]
+    if args.benchmark_decoding:
+        benchmark_decoding(args, dataset, encoder, decoder, word_map, max_len, device)
+        return
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    stem = os.path.splitext(out)[0]
+
+    rev = {v: k for k, v in word_map.items()}
+    references = {}  # image index -> its reference captions as word lists
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    for i in range(len(dataset)):
+        references[i] = [to_words(c, rev) for c in base.image_captions(i).tolist()]
+    if not java_available():
+        print("note: java not found: PTB tokenisation falls back to nltk's Treebank tokenizer; METEOR unavailable")
+
+    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
+                        pin_memory=device.type == "cuda")
+    options = {"length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat}
+    want_alphas = boxes is not None and cfg["decoder"] == "attention"
+    results, unavailable, files = {}, {}, []
+    for k in args.beam_size:
+        t0 = time.perf_counter()
+        words, alphas = caption_split(loader, encoder, decoder, device, word_map, k, max_len, options, want_alphas)
+        seconds = time.perf_counter() - t0
+        ids = sorted(words)
+        scores, missing = coco_metrics({i: [" ".join(r) for r in references[i]] for i in ids},
+                                       {i: " ".join(words[i]) for i in ids}, spice=args.spice)
+        unavailable.update(missing)
+        scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], [words[i] for i in ids])
+        if want_alphas:
+            acc, chance, counted = pointing_accuracy([words[i] for i in ids], [alphas[i] for i in ids],
+                                                     [boxes[i] for i in ids], base.image_size, POINTING_WORDS)
+            scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
+        captions_file = f"{stem}_captions_beam{k}.json"
+        files.append((captions_file, [{"image_id": i, "caption": " ".join(words[i])} for i in ids]))
+        results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": seconds, "images_per_s": len(ids) / seconds,
+                               "captions_file": os.path.basename(captions_file)}
+
+    header = f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
+    header += f" {'pointing':>16s}" if want_alphas else ""
+    print(f"\n{args.split} of {cfg['data_name']}, {len(dataset)} images, {cfg['decoder']} decoder, {args.checkpoint}")
+    print(header + f" {'img/s':>8s}")
+    for k in args.beam_size:
+        r = results[f"beam{k}"]
+        row = f"{k:4d} " + " ".join(f"{r[c]:11.4f}" if r[c] is not None else f"{'n/a':>11s}" for c in COLUMNS)
+        if want_alphas:
+            row += f" {r['pointing']:7.1%} (ch {r['pointing_chance']:4.1%})" if r["pointing"] is not None else " n/a"
+        print(row + f" {r['images_per_s']:8.1f}")
+    for metric, reason in unavailable.items():
+        print(f"{metric} unavailable: {reason}")
+
+    report = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "images": len(dataset),
+              "data_folder": args.data_folder or cfg["data_folder"], "data_name": args.data_name or cfg["data_name"],
+              "decoder": cfg["decoder"], "epoch": ckpt["epoch"], "max_len": max_len, **options,
+              "results": results, "unavailable": unavailable, "config": cfg,
+              "seconds": time.time() - t_start}
+    for path, captions in files:
+        with atomic_path(path) as tmp:
+            write_json(tmp, captions)
+    with atomic_path(out) as tmp:
+        with open(tmp, "w") as f:
+            json.dump(report, f, indent=1)
+    print(f"results in {out}, captions in {stem}_captions_beam*.json")
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,141 @@
+"""Caption metrics.
+
+corpus_bleu is a dependency-free corpus BLEU (Papineni et al. 2002: clipped n-gram precision,
+brevity penalty against the closest reference length), equal to nltk's corpus_bleu without
+smoothing. train.py uses it for validation, so training needs neither nltk nor Java.
+"""
+import math
+import os
+from collections import Counter
+
+import torch
+
+
+def _ngrams(tokens, n):
+    return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
+
+
+def corpus_bleu(references, hypotheses, max_n=4):
+    """references: per hypothesis a list of token lists; hypotheses: token lists. Returns BLEU-max_n."""
+    if len(references) != len(hypotheses):
+        raise ValueError(f"{len(references)} reference sets for {len(hypotheses)} hypotheses")
+    matched, total = [0] * max_n, [0] * max_n
+    hyp_len = ref_len = 0
+    for refs, hyp in zip(references, hypotheses, strict=True):
+        hyp_len += len(hyp)
+        ref_len += min((len(r) for r in refs), key=lambda n: (abs(n - len(hyp)), n))
+        for n in range(1, max_n + 1):
+            counts = _ngrams(hyp, n)
+            best = Counter()
+            for r in refs:
+                best |= _ngrams(r, n)  # max count of each n-gram over the references
+            matched[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
+            total[n - 1] += max(0, len(hyp) - n + 1)
+    if hyp_len == 0 or min(matched) == 0:
+        return 0.0
+    log_precision = sum(math.log(m / t) for m, t in zip(matched, total, strict=True)) / max_n
+    brevity = min(0.0, 1.0 - ref_len / hyp_len)
+    return math.exp(log_precision + brevity)
+
+
+# ----------------------------------------------------------------------------- coco-caption
+
+PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",
+               "...", ";"}  # what coco-caption's PTBTokenizer drops
+
+
+def java_available():
+    import shutil
+    return shutil.which("java") is not None
+
+
+def ptb_tokenize(captions):
+    """{id: [sentence, ...]} -> {id: [tokenised lower-case string, ...]}, punctuation removed.
+
+    coco-caption's Stanford PTBTokenizer when Java is there; otherwise nltk's Treebank tokenizer,
+    which needs no downloaded data and agrees with it on ordinary captions."""
+    if java_available():
+        from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+    from nltk.tokenize import TreebankWordTokenizer
+    tok = TreebankWordTokenizer()
+    return {k: [" ".join(w for w in tok.tokenize(c.lower()) if w not in PUNCTUATION) for c in v]
+            for k, v in captions.items()}
+
+
+def _spice_missing():
+    """Why SPICE cannot run here, or None. It needs Java and Stanford CoreNLP 3.6.0, which pycocoevalcap
+    downloads on first use: offline that download fails, so we check first instead of crashing."""
+    import pycocoevalcap.spice
+    if not java_available():
+        return "needs Java (not found on PATH)"
+    jar = os.path.join(os.path.dirname(pycocoevalcap.spice.__file__), "lib", "stanford-corenlp-3.6.0.jar")
+    if not os.path.exists(jar):
+        return (f"needs Stanford CoreNLP 3.6.0 ({jar} is missing; pycocoevalcap downloads it on first use, "
+                "which needs internet)")
+    return None
+
+
+def coco_metrics(references, hypotheses, spice=False):
+    """coco-caption scores, as papers report them. references: {id: [sentence, ...]}, hypotheses:
+    {id: sentence}. Returns (scores, unavailable): scores maps BLEU-1..4, METEOR, ROUGE-L, CIDEr (and
+    SPICE) to floats or None; unavailable maps the metrics that could not run to the reason."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    from pycocoevalcap.rouge.rouge import Rouge
+
+    ids = sorted(hypotheses)
+    gts = ptb_tokenize({i: references[i] for i in ids})
+    res = ptb_tokenize({i: [hypotheses[i]] for i in ids})
+    res = {i: [c[0] if c[0].strip() else "<empty>"] for i, c in res.items()}  # CIDEr fails on an empty one
+    scores, unavailable = {}, {}
+    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
+    scores.update({f"BLEU-{n + 1}": b for n, b in enumerate(bleu)})
+    if java_available():
+        from pycocoevalcap.meteor.meteor import Meteor
+        scores["METEOR"], _ = Meteor().compute_score(gts, res)
+    else:
+        scores["METEOR"], unavailable["METEOR"] = None, "needs Java (not found on PATH)"
+    scores["ROUGE-L"], _ = Rouge().compute_score(gts, res)
+    scores["CIDEr"], _ = Cider().compute_score(gts, res)
+    if spice:
+        reason = _spice_missing()
+        if reason is None:
+            from pycocoevalcap.spice.spice import Spice
+            scores["SPICE"], _ = Spice().compute_score(gts, res)
+        else:
+            scores["SPICE"], unavailable["SPICE"] = None, reason
+    return {k: (float(v) if v is not None else None) for k, v in scores.items()}, unavailable
+
+
+def nltk_bleu4(references, hypotheses):
+    """nltk's corpus_bleu on token lists: the number sgrvinod's tutorial (and the seed) report."""
+    from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
+    return float(nltk_corpus_bleu(references, hypotheses))
+
+
+# ----------------------------------------------------------------------------- attention
+
+def pointing_accuracy(captions, alphas, boxes, image_size, vocab):
+    """For every generated word that names a colour or a shape (in `vocab`: {word: attribute}), is the
+    most attended grid cell's centre inside the box of an object with that colour or shape?
+
+    captions: per image a list of words; alphas: per image len(words) x P maps (P = G * G); boxes: per
+    image the objects' {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns (accuracy, chance, words
+    counted); chance is the share of grid cells inside a matching box, averaged over the same words."""
+    hits = chance = counted = 0
+    for words, maps, objects in zip(captions, alphas, boxes, strict=True):
+        grid = int(round(maps.shape[1] ** 0.5))
+        centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
+        for word, amap in zip(words, maps, strict=False):
+            if word not in vocab:
+                continue
+            inside = torch.zeros(grid, grid, dtype=torch.bool)  # rows: y, columns: x
+            for obj in objects:
+                if obj[vocab[word]] == word:
+                    x0, y0, x1, y1 = obj["box"]
+                    inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
+            hits += bool(inside.flatten()[int(amap.argmax())])
+            chance += float(inside.float().mean())
+            counted += 1
+    return (hits / counted if counted else None), (chance / counted if counted else None), counted

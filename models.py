@@ -1,0 +1,428 @@
+"""The encoder, the two decoders (Show and Tell; Show, Attend and Tell), the loss, and decoding.
+
+Both decoders share one step API, which greedy decoding, beam search, validation, eval.py and
+caption.py all go through, so search is written once:
+
+    state = decoder.init_state(features)                              # features: B x P x D
+    logits, state, alpha = decoder.step(prev_words, state, features)  # alpha: B x P, or None
+
+`forward(features, captions, lengths)` is the fast teacher-forced path for training; it gives the
+same logits as stepping (tested).
+"""
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+import torchvision
+from torch import nn
+
+from utils import InputError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+# ----------------------------------------------------------------------------- encoder
+
+def load_resnet(arch, weights):
+    """A torchvision ResNet with weights 'imagenet' (downloaded once into $TORCH_HOME), 'none', or a
+    path to a saved ResNet state_dict (keys of layers the encoder drops may be missing)."""
+    if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
+        raise InputError(f"unknown encoder {arch!r}: use resnet18, resnet34, resnet50, resnet101 or resnet152")
+    net = torchvision.models.get_model(arch, weights=None)
+    if weights == "imagenet":
+        enum = torchvision.models.get_model_weights(arch).IMAGENET1K_V1
+        try:
+            state = enum.get_state_dict(progress=False, check_hash=True)
+        except Exception as e:  # offline: URLError, or a half-downloaded file failing its hash
+            name = os.path.basename(enum.url)
+            hub = os.path.join(torch.hub.get_dir(), "checkpoints")
+            raise InputError(
+                f"cannot download the ImageNet weights of {arch} ({type(e).__name__}: {e}). Fetch {enum.url} "
+                f"on a machine with internet (file {name}, sha256 starting {name.split('-')[-1][:8]}) and put "
+                f"it in {hub}, or pass --encoder_weights /path/to/{name}") from None
+        net.load_state_dict(state)
+    elif weights not in (None, "none"):
+        if not os.path.isfile(weights):
+            raise InputError(f"encoder weights {weights} not found: give a ResNet state_dict file, "
+                             "'imagenet' or 'none'")
+        try:
+            state = torch.load(weights, map_location="cpu", weights_only=True)
+        except Exception as e:
+            raise InputError(f"{weights} is not a loadable state_dict ({type(e).__name__}: {e})") from None
+        result = net.load_state_dict(state, strict=False)
+        if result.unexpected_keys:
+            raise InputError(f"{weights} does not fit {arch}: unexpected keys such as "
+                             f"{result.unexpected_keys[0]}")
+        return net, set(result.missing_keys)
+    return net, set()
+
+
+class Encoder(nn.Module):
+    """ResNet trunk (conv1 .. layer{stages}) + adaptive average pooling to a grid.
+
+    Takes uint8 images B x 3 x H x W and normalises them itself, so every caller feeds the same
+    thing. Returns B x P x D features, P = encoded_size ** 2 grid cells, D = the last stage's width
+    (2048 for resnet101 with 4 stages)."""
+
+    def __init__(self, arch="resnet101", weights="imagenet", encoded_size=14, stages=4):
+        super().__init__()
+        if stages not in (1, 2, 3, 4):
+            raise InputError(f"encoder_stages must be 1 to 4, got {stages}")
+        resnet, missing = load_resnet(arch, weights)
+        layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][:stages]
+        self.net = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *layers)
+        kept = ("conv1.", "bn1.") + tuple(f"layer{i}." for i in range(1, stages + 1))
+        lost = sorted(k for k in missing if k.startswith(kept))
+        if lost:
+            raise InputError(f"{weights} lacks weights the encoder needs, such as {lost[0]}")
+        self.pool = nn.AdaptiveAvgPool2d(encoded_size)
+        self.dim = [m for m in layers[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
+        self.fine_tune(False)
+
+    def fine_tune(self, on=True):
+        """Train conv blocks 2-4 (layer2..layer4) or nothing; the stem and layer1 stay frozen, as in
+        the seed."""
+        if on and len(self.net) < 6:
+            raise InputError("fine_tune_encoder: true trains ResNet blocks 2-4, but encoder_stages 1 keeps none")
+        for p in self.net.parameters():
+            p.requires_grad = False
+        for block in list(self.net.children())[5:]:
+            for p in block.parameters():
+                p.requires_grad = on
+        self.train(self.training)
+
+    def train(self, mode=True):
+        # Frozen blocks stay in eval mode: their BatchNorm statistics must not drift in training.
+        self.training = mode
+        for block in self.net.children():
+            block.train(mode and any(p.requires_grad for p in block.parameters()))
+        return self
+
+    @property
+    def frozen(self):
+        return not any(p.requires_grad for p in self.parameters())
+
+    def forward(self, images):
+        x = (images.float() - self.mean) / self.std
+        x = self.pool(self.net(x))  # B x D x S x S
+        return x.flatten(2).transpose(1, 2)  # B x P x D
+
+
+# ----------------------------------------------------------------------------- decoders
+
+class RNNDecoder(nn.Module):
+    """Show and Tell: the image enters only through the initial LSTM state (Linear + BatchNorm of the
+    mean-pooled encoding). One LSTM layer: stepped one word at a time it is exactly an LSTMCell, and
+    under teacher forcing it runs the whole sequence in one fused call."""
+
+    image_state = ()  # state entries that depend on the image only, not on the words so far
+
+    def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, dropout=0.5):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, emb_dim)
+        self.init_h = nn.Sequential(nn.Linear(encoder_dim, decoder_dim), nn.BatchNorm1d(decoder_dim))
+        self.init_c = nn.Sequential(nn.Linear(encoder_dim, decoder_dim), nn.BatchNorm1d(decoder_dim))
+        self.lstm = nn.LSTM(emb_dim, decoder_dim, batch_first=True)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+
+    def init_state(self, features):
+        mean = features.mean(1)
+        return {"h": self.init_h(mean), "c": self.init_c(mean)}
+
+    def step(self, prev_words, state, features):
+        x = self.embedding(prev_words).unsqueeze(1)
+        out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
+        return self.fc(self.dropout(out[:, 0])), {"h": h[0], "c": c[0]}, None
+
+    def forward(self, features, captions, lengths):
+        """captions: B x L with <start> first; returns logits B x T x V for T = max(lengths) - 1."""
+        state = self.init_state(features)
+        x = self.embedding(captions[:, : int(lengths.max()) - 1])
+        out, _ = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        return self.fc(self.dropout(out)), None
+
+
+class Attention(nn.Module):
+    """Additive (Bahdanau) attention over the grid cells."""
+
+    def __init__(self, encoder_dim, decoder_dim, attention_dim):
+        super().__init__()
+        self.encoder_att = nn.Linear(encoder_dim, attention_dim)
+        self.decoder_att = nn.Linear(decoder_dim, attention_dim)
+        self.full_att = nn.Linear(attention_dim, 1)
+
+    def project(self, features):
+        """The encoder side, computed once per image rather than once per word."""
+        return self.encoder_att(features)
+
+    def forward(self, features, projected, h):
+        scores = self.full_att(torch.relu(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)
+        alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)  # B x P
+        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # B x D
+        return context, alpha
+
+
+class AttentionDecoder(nn.Module):
+    """Show, Attend and Tell: LSTMCell input is [word embedding; sigmoid(f_beta(h)) * context]."""
+
+    image_state = ("proj",)  # the projected grid: beam search need not reorder it between beams
+
+    def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, attention_dim=512, dropout=0.5):
+        super().__init__()
+        self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
+        self.embedding = nn.Embedding(vocab_size, emb_dim)
+        self.init_h = nn.Linear(encoder_dim, decoder_dim)
+        self.init_c = nn.Linear(encoder_dim, decoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim)
+        self.cell = nn.LSTMCell(emb_dim + encoder_dim, decoder_dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(decoder_dim, vocab_size)
+
+    def init_state(self, features):
+        mean = features.mean(1)
+        return {"h": self.init_h(mean), "c": self.init_c(mean), "proj": self.attention.project(features)}
+
+    def _cell(self, emb, state, features):
+        context, alpha = self.attention(features, state["proj"], state["h"])
+        gated = torch.sigmoid(self.f_beta(state["h"])) * context
+        h, c = self.cell(torch.cat([emb, gated], dim=1), (state["h"], state["c"]))
+        return h, {"h": h, "c": c, "proj": state["proj"]}, alpha
+
+    def step(self, prev_words, state, features):
+        h, state, alpha = self._cell(self.embedding(prev_words), state, features)
+        return self.fc(self.dropout(h)), state, alpha
+
+    def forward(self, features, captions, lengths):
+        """Returns logits B x T x V and attention weights B x T x P, T = max(lengths) - 1. The whole
+        batch runs every step (finished captions are masked in the loss): shrinking the batch as
+        captions end costs more in bookkeeping than it saves."""
+        state = self.init_state(features)
+        emb = self.embedding(captions[:, : int(lengths.max()) - 1])
+        hs, alphas = [], []
+        for t in range(emb.size(1)):
+            h, state, alpha = self._cell(emb[:, t], state, features)
+            hs.append(h)
+            alphas.append(alpha)
+        return self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
+
+
+def build_decoder(cfg, vocab_size, encoder_dim):
+    common = dict(vocab_size=vocab_size, encoder_dim=encoder_dim, emb_dim=cfg["emb_dim"],
+                  decoder_dim=cfg["decoder_dim"], dropout=cfg["dropout"])
+    if cfg["decoder"] == "attention":
+        return AttentionDecoder(attention_dim=cfg["attention_dim"], **common)
+    return RNNDecoder(**common)
+
+
+def build_encoder(cfg):
+    return Encoder(cfg["encoder"], cfg["encoder_weights"], cfg["encoded_size"], cfg["encoder_stages"])
+
+
+def load_model(ckpt, device):
+    """A checkpoint's encoder and decoder in eval mode, checked against its own word map."""
+    cfg, word_map = ckpt["config"], ckpt["word_map"]
+    rows = ckpt["decoder"]["embedding.weight"].shape[0]
+    if rows != len(word_map):
+        raise InputError(f"the checkpoint's decoder knows {rows} words but its word map has {len(word_map)}: "
+                         "it mixes two vocabularies")
+    encoder = build_encoder(dict(cfg, encoder_weights="none"))
+    decoder = build_decoder(cfg, len(word_map), encoder.dim)
+    try:
+        encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
+    except RuntimeError as e:
+        raise InputError(f"the checkpoint's weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
+    return encoder.to(device).eval(), decoder.to(device).eval()
+
+
+# ----------------------------------------------------------------------------- loss
+
+def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=None, norm_images=None):
+    """Cross-entropy over real tokens only (the targets after <start>, up to and including <end>),
+    plus the doubly stochastic term alpha_c * ((1 - sum_t alpha_t) ** 2).mean() for attention.
+
+    Both are sums divided by norm_tokens and norm_images x P (default: this batch's own), so that the
+    micro-batches of one accumulated step can share the whole step's normalisers. Returns the loss
+    and, as tensors that stay on the device, the cross-entropy sum, top-5 hits and token count."""
+    T = logits.size(1)
+    targets = captions[:, 1 : T + 1]
+    mask = torch.arange(T, device=logits.device)[None] < (lengths - 1)[:, None]
+    picked, wanted = logits[mask].float(), targets[mask]
+    tokens = mask.sum()
+    ce_sum = F.cross_entropy(picked, wanted, reduction="sum")
+    loss = ce_sum / (norm_tokens if norm_tokens is not None else tokens)
+    if alphas is not None and alpha_c:
+        attended = (alphas.float() * mask.unsqueeze(2)).sum(1)  # B x P, padded steps excluded
+        images = norm_images if norm_images is not None else alphas.size(0)
+        loss = loss + alpha_c * ((1.0 - attended) ** 2).sum() / (images * alphas.size(2))
+    hits = (picked.topk(min(5, picked.size(1)), dim=1).indices == wanted[:, None]).any(1).sum()
+    return loss, ce_sum.detach(), hits, tokens
+
+
+# ----------------------------------------------------------------------------- decoding
+
+@dataclass
+class Decoded:
+    seqs: list  # per image: token ids, without <start>, ending with <end>
+    scores: torch.Tensor  # per image: sum of log-probabilities (length-normalised when asked)
+    alphas: list | None  # per image: len(seq) x P attention maps, one per generated token
+
+
+def _finish(seq, length, score, alphas):
+    seqs = [s[:n].tolist() for s, n in zip(seq.cpu(), length.cpu(), strict=True)]
+    maps = None if alphas is None else [a[:n].float().cpu() for a, n in zip(alphas, length.cpu(), strict=True)]
+    return Decoded(seqs, score.float().cpu(), maps)
+
+
+@torch.no_grad()
+def greedy(decoder, features, word_map, max_len=50):
+    """The most likely word at every step, for a batch. At most max_len words, then <end> is forced."""
+    start, end = word_map["<start>"], word_map["<end>"]
+    B, P = features.shape[:2]
+    L, dev = max_len + 1, features.device
+    state = decoder.init_state(features)
+    words = torch.full((B,), start, dtype=torch.long, device=dev)
+    seq = torch.zeros(B, L, dtype=torch.long, device=dev)
+    length = torch.full((B,), L, dtype=torch.long, device=dev)
+    score = torch.zeros(B, device=dev)
+    done = torch.zeros(B, dtype=torch.bool, device=dev)
+    alphas = None
+    for t in range(L):
+        logits, state, alpha = decoder.step(words, state, features)
+        logp = torch.log_softmax(logits.float(), dim=1)
+        if t == max_len:
+            logp = _only(logp, end)
+        s, words = logp.max(1)
+        score += torch.where(done, 0.0, s)
+        seq[:, t] = words
+        if alpha is not None:
+            alphas = alphas if alphas is not None else torch.zeros(B, L, P, device=dev)
+            alphas[:, t] = alpha.float()
+        ended = ~done & (words == end)
+        length[ended] = t + 1
+        done |= ended
+        if bool(done.all()):
+            break
+    return _finish(seq, length, score, alphas)
+
+
+def _only(logp, token):
+    """Log-probabilities where nothing but `token` can be chosen (the max_len cut-off)."""
+    forced = torch.full_like(logp, -math.inf)
+    forced[:, token] = logp[:, token]
+    return forced
+
+
+def _block_ngrams(logp, history, n):
+    """Forbid the words that would repeat an n-gram already in each hypothesis."""
+    if history.size(1) < n:
+        return logp
+    windows = history.unfold(1, n, 1)  # R x W x n
+    prefix = history[:, -(n - 1):] if n > 1 else history[:, :0]
+    match = (windows[:, :, : n - 1] == prefix[:, None]).all(2)
+    counts = torch.zeros_like(logp, dtype=torch.long).scatter_add_(1, windows[:, :, -1], match.long())
+    return logp.masked_fill(counts > 0, -math.inf)
+
+
+@torch.no_grad()
+def beam_search(decoder, features, word_map, beam_size=3, max_len=50, length_penalty=0.0, block_ngram_repeat=0):
+    """Beam search over a batch of images at once.
+
+    Each image keeps beam_size live hypotheses. At every step the 2 * beam_size best extensions are
+    ranked: those ending in <end> among the first beam_size are moved aside as finished, the best
+    beam_size others stay live, so the beam never runs short. An image stops when no live hypothesis
+    can beat its best finished one (their log-probability can only fall), or at max_len words, where
+    <end> is forced; the batch stops when every image has stopped, and stopped images leave the batch.
+    Scores are sums of log-probabilities, divided by length ** length_penalty when that is not 0.
+    """
+    if beam_size < 1 or length_penalty < 0:
+        raise ValueError("beam_size must be >= 1 and length_penalty >= 0")
+    start, end = word_map["<start>"], word_map["<end>"]
+    B, P = features.shape[:2]
+    K, L, dev = beam_size, max_len + 1, features.device
+    out_seq = torch.zeros(B, L, dtype=torch.long, device=dev)
+    out_len = torch.full((B,), L, dtype=torch.long, device=dev)
+    out_score = torch.full((B,), -math.inf, device=dev)
+    out_alpha = None
+
+    ids = torch.arange(B, device=dev)  # images still searching
+    state = {k: v.repeat_interleave(K, 0) for k, v in decoder.init_state(features).items()}
+    feats = features.repeat_interleave(K, 0)
+    words = torch.full((B * K,), start, dtype=torch.long, device=dev)
+    seq = torch.zeros(B, K, L, dtype=torch.long, device=dev)
+    alp = None
+    score = torch.full((B, K), -math.inf, device=dev)
+    score[:, 0] = 0.0  # one live start; the other beams fill up at the first step
+    for t in range(L):
+        n = ids.numel()
+        logits, state, alpha = decoder.step(words, state, feats)
+        logp = torch.log_softmax(logits.float(), dim=1)
+        if t == max_len:
+            logp = _only(logp, end)
+        elif block_ngram_repeat:
+            history = torch.cat([torch.full((n * K, 1), start, device=dev), seq.view(n * K, L)[:, :t]], 1)
+            logp = _block_ngrams(logp, history, block_ngram_repeat)
+        if alpha is not None:
+            if alp is None:
+                alp = torch.zeros(n, K, L, P, device=dev)
+                out_alpha = torch.zeros(B, L, P, device=dev)
+            alp[:, :, t] = alpha.float().view(n, K, P)
+        V = logp.size(1)
+        cand = (score.view(n * K, 1) + logp).view(n, K * V)
+        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)
+        beam, tok = top_i // V, top_i % V  # floor division: beam index and word
+
+        # Finished: <end> among the first K candidates; keep the best per image if it beats the old.
+        ranks = torch.arange(top_s.size(1), device=dev)[None]
+        fin = top_s.masked_fill((tok != end) | (ranks >= K), -math.inf) / float(t + 1) ** length_penalty
+        best, at = fin.max(1)
+        improved = best > out_score[ids]
+        rows = torch.arange(n, device=dev)
+        b = beam.gather(1, at[:, None]).squeeze(1)
+        new_seq = seq[rows, b].clone()
+        new_seq[:, t] = end
+        upd = ids[improved]
+        out_seq[upd] = new_seq[improved]
+        out_len[upd] = t + 1
+        out_score[upd] = best[improved]
+        if alp is not None:
+            out_alpha[upd] = alp[rows, b][improved]
+
+        # Live: the best K candidates that did not end.
+        live_s = top_s.masked_fill(tok == end, -math.inf)
+        keep_s, sel = live_s.topk(K, dim=1)
+        beam, tok = beam.gather(1, sel), tok.gather(1, sel)
+        src = (rows[:, None] * K + beam).view(-1)  # beams only ever move within their own image
+        state = {k: v if k in decoder.image_state else v[src] for k, v in state.items()}
+        seq = seq.view(n * K, L)[src].view(n, K, L)
+        seq[:, :, t] = tok
+        if alp is not None:
+            alp = alp.view(n * K, L, P)[src].view(n, K, L, P)
+        score, words = keep_s, tok.view(-1)
+
+        # An image is done when even its best live hypothesis cannot overtake its best finished one.
+        bound = score[:, 0] / float(L) ** length_penalty
+        done = out_score[ids] >= bound
+        if t == max_len or bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = ~done
+            rows_k = (torch.nonzero(keep).squeeze(1)[:, None] * K + torch.arange(K, device=dev)).view(-1)
+            ids, score, seq = ids[keep], score[keep], seq[keep]
+            alp = alp[keep] if alp is not None else None
+            state = {k: v[rows_k] for k, v in state.items()}
+            feats, words = feats[rows_k], words[rows_k]
+    return _finish(out_seq, out_len, out_score, out_alpha)
+
+
+def decode(decoder, features, word_map, beam_size=1, max_len=50, **options):
+    """Greedy for beam 1, beam search otherwise: the one entry point used by train, eval and caption."""
+    if beam_size == 1 and not any(options.values()):
+        return greedy(decoder, features, word_map, max_len)
+    return beam_search(decoder, features, word_map, beam_size, max_len, **options)

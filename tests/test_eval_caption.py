@@ -1,0 +1,89 @@
+"""eval.py and caption.py end to end on tiny trained checkpoints."""
+import json
+import math
+
+import pytest
+import torch
+from PIL import Image
+
+from tests.conftest import run_script
+
+
+@pytest.mark.parametrize("decoder", ["rnn", "attention"])
+def test_eval(trained, tmp_path, decoder):
+    out = tmp_path / "res" / "eval.json"
+    r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out)
+    assert r.returncode == 0, r.stderr
+    report = json.loads(out.read_text())
+    assert report["images"] == 6 and report["split"] == "TEST" and report["decoder"] == decoder
+    for k in (1, 3):
+        res = report["results"][f"beam{k}"]
+        for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "nltk BLEU-4"):
+            assert 0 <= res[metric] <= 10
+        assert res["images_per_s"] > 0
+        assert ("pointing" in res) == (decoder == "attention")
+        captions = json.loads((out.parent / res["captions_file"]).read_text())
+        assert sorted(c["image_id"] for c in captions) == list(range(6))
+        assert all(isinstance(c["caption"], str) and "<end>" not in c["caption"] for c in captions)
+    assert "BLEU-4" in r.stdout and "CIDEr" in r.stdout
+
+
+def test_eval_decoding_benchmark_and_refusals(trained, tmp_path):
+    ckpt = trained("attention")
+    r = run_script("eval.py", "--checkpoint", ckpt, "--benchmark-decoding", 6, "--beam-size", 3)
+    assert r.returncode == 0, r.stderr
+    assert "True" in r.stdout.splitlines()[-1]  # batched and one-at-a-time captions agree
+    r = run_script("eval.py", "--checkpoint", ckpt, "--data_folder", tmp_path)
+    assert r.returncode == 2 and "WORDMAP" in r.stderr and "Traceback" not in r.stderr
+
+
+def photos(folder, n=2):
+    import shapes
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        image, _ = shapes.render(shapes.make_scene(shapes.scene_seed(5, i), 96))
+        Image.fromarray(image).save(folder / f"photo{i}.jpg")
+    return folder
+
+
+def test_caption_attention_panels(trained, tmp_path):
+    src = photos(tmp_path / "in")
+    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", src, "--out", tmp_path / "out",
+                   "--beam-size", 3)
+    assert r.returncode == 0, r.stderr
+    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
+    assert len(lines) == 2
+    for i, line in enumerate(lines):
+        words = line.split(": ", 1)[1].split()
+        panels = len(words) + 1  # the image, then one panel per word
+        png = Image.open(tmp_path / "out" / f"photo{i}.png")
+        assert png.size == (min(panels, 6) * 200, math.ceil(panels / 6) * 200)
+        assert png.info["Description"] == f"{panels} panels"
+
+
+def test_caption_plain_decoder_and_single_file(trained, tmp_path):
+    src = photos(tmp_path / "in", 1)
+    r = run_script("caption.py", "--checkpoint", trained("rnn"), "--image", src / "photo0.jpg",
+                   "--out", tmp_path / "one.png")
+    assert r.returncode == 0, r.stderr
+    assert Image.open(tmp_path / "one.png").size == (200, 200)
+
+
+def test_caption_refusals(trained, tmp_path):
+    ckpt = trained("rnn")
+
+    def refused(r, *needles):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert all(n in r.stderr for n in needles), r.stderr
+
+    (tmp_path / "notes.jpg").write_text("not an image")
+    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "notes.jpg"), "notes.jpg")
+    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "gone.jpg"), "gone.jpg")
+    (tmp_path / "empty").mkdir()
+    refused(run_script("caption.py", "--checkpoint", ckpt, "--folder", tmp_path / "empty"), "no images")
+    bad = torch.load(ckpt, weights_only=True)
+    bad["word_map"]["zebra"] = len(bad["word_map"])
+    torch.save(bad, tmp_path / "mixed.pt")
+    src = photos(tmp_path / "in", 1)
+    refused(run_script("caption.py", "--checkpoint", tmp_path / "mixed.pt", "--folder", src), "vocabular")
+    assert not (tmp_path / "captions").exists()

@@ -1,0 +1,73 @@
+"""Metrics against nltk and against values worked out by hand."""
+import math
+import random
+
+import pytest
+import torch
+
+import metrics
+from metrics import coco_metrics, corpus_bleu, nltk_bleu4, pointing_accuracy, ptb_tokenize
+
+
+def test_corpus_bleu_equals_nltk():
+    rng = random.Random(0)
+    words = "a b c d e f g".split()
+    for _ in range(20):
+        refs = [[[rng.choice(words) for _ in range(rng.randint(4, 12))] for _ in range(rng.randint(1, 5))]
+                for _ in range(rng.randint(1, 30))]
+        hyps = [[rng.choice(words) for _ in range(rng.randint(4, 12))] for _ in refs]
+        assert corpus_bleu(refs, hyps) == pytest.approx(nltk_bleu4(refs, hyps), abs=1e-12)
+    assert corpus_bleu([[["a", "b"]]], [["c", "d"]]) == 0.0
+
+
+def test_hand_checked_values():
+    refs = {0: ["the cat sat on the mat"], 1: ["a dog runs in a park"], 2: ["two birds fly over water"]}
+    hyps = {0: "the cat sat on mat", 1: "a dog runs in a park", 2: "two birds fly over water"}
+    scores, _ = coco_metrics(refs, {0: hyps[0], 1: "x", 2: "y"})
+    # image 0 alone decides BLEU-1 here: 5/7 unigrams match (the cat sat on mat + x + y), and the
+    # hypotheses (7 words) are shorter than the closest references (6 + 6 + 5 = 17 words)
+    assert scores["BLEU-1"] == pytest.approx(5 / 7 * math.exp(1 - 17 / 7), rel=1e-6)
+    scores, _ = coco_metrics({0: refs[0]}, {0: hyps[0]})
+    # ROUGE-L: LCS 5, precision 5/5, recall 5/6, F with beta 1.2
+    p, r, b2 = 1.0, 5 / 6, 1.2 ** 2
+    assert scores["ROUGE-L"] == pytest.approx((1 + b2) * p * r / (r + b2 * p), rel=1e-6)
+    scores, _ = coco_metrics(refs, {i: refs[i][0] for i in refs})
+    assert scores["CIDEr"] == pytest.approx(10.0, rel=1e-6)  # identical to distinct references
+    assert scores["BLEU-4"] == pytest.approx(1.0)
+
+
+def test_without_java(monkeypatch):
+    monkeypatch.setattr(metrics, "java_available", lambda: False)
+    assert ptb_tokenize({0: ["A man, riding a horse."]}) == {0: ["a man riding a horse"]}
+    scores, unavailable = coco_metrics({0: ["a man riding a horse"]}, {0: "A man riding a horse."}, spice=True)
+    assert scores["METEOR"] is None and "Java" in unavailable["METEOR"]
+    assert scores["SPICE"] is None and "SPICE" in unavailable
+    assert scores["BLEU-4"] == pytest.approx(1.0)
+
+
+@pytest.mark.skipif(not metrics.java_available(), reason="needs java")
+def test_with_java():
+    assert ptb_tokenize({0: ["A man, riding a horse."]}) == {0: ["a man riding a horse"]}
+    scores, unavailable = coco_metrics({0: ["a man riding a horse"], 1: ["a red bus"]},
+                                       {0: "a man riding a horse", 1: "a blue car"}, spice=True)
+    assert 0.3 < scores["METEOR"] < 1.0 and "METEOR" not in unavailable
+    if metrics._spice_missing():  # offline: CoreNLP cannot be fetched, and that is reported, not raised
+        assert scores["SPICE"] is None and "CoreNLP" in unavailable["SPICE"]
+
+
+def test_empty_hypothesis_does_not_crash():
+    scores, _ = coco_metrics({0: ["a cat"], 1: ["a dog"]}, {0: "", 1: "a dog"})
+    assert 0 <= scores["CIDEr"] < 10
+
+
+def test_pointing_accuracy_by_hand():
+    vocab = {"red": "colour", "circle": "shape", "blue": "colour"}
+    objects = [{"colour": "red", "shape": "circle", "box": [0, 0, 32, 32]},      # top-left quadrant
+               {"colour": "blue", "shape": "square", "box": [32, 32, 64, 64]}]  # bottom-right
+    words = ["a", "red", "circle", "and", "a", "blue", "square"]
+    maps = torch.zeros(len(words), 4)
+    maps[1, 0] = 1  # "red": top-left cell, inside the red object: hit
+    maps[2, 3] = 1  # "circle": bottom-right cell: miss
+    maps[5, 3] = 1  # "blue": bottom-right: hit ("square" is not in vocab: not counted)
+    acc, chance, counted = pointing_accuracy([words], [maps], [objects], 64, vocab)
+    assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)

@@ -1,0 +1,138 @@
+"""Encoder and decoders: forward == stepping, attention, loss, accumulation, weights files."""
+import pytest
+import torch
+
+from models import AttentionDecoder, Encoder, RNNDecoder, caption_loss, load_resnet
+from utils import InputError
+
+V, D, P, B = 30, 24, 9, 6
+
+
+def make(kind, dropout=0.0):
+    torch.manual_seed(0)
+    if kind == "attention":
+        return AttentionDecoder(V, D, emb_dim=12, decoder_dim=20, attention_dim=10, dropout=dropout)
+    return RNNDecoder(V, D, emb_dim=12, decoder_dim=20, dropout=dropout)
+
+
+def batch(b=B, length=9, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    features = torch.randn(b, P, D, generator=g)
+    lengths = torch.randint(3, length + 1, (b,), generator=g)
+    captions = torch.zeros(b, length + 2, dtype=torch.long)
+    for i, n in enumerate(lengths.tolist()):
+        captions[i, :n] = torch.randint(1, V, (n,), generator=g)
+    return features, captions, lengths
+
+
+@pytest.mark.parametrize("kind", ["rnn", "attention"])
+def test_forward_equals_stepping(kind):
+    dec = make(kind).eval()
+    features, captions, lengths = batch()
+    with torch.no_grad():
+        logits, alphas = dec(features, captions, lengths)
+        state = dec.init_state(features)
+        for t in range(logits.size(1)):
+            step_logits, state, alpha = dec.step(captions[:, t], state, features)
+            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
+            if kind == "attention":
+                torch.testing.assert_close(alpha, alphas[:, t], atol=1e-6, rtol=1e-5)
+                torch.testing.assert_close(alpha.sum(1), torch.ones(B))
+            else:
+                assert alpha is None and alphas is None
+
+
+def test_doubly_stochastic_term_matches_formula():
+    dec = make("attention").eval()
+    features, captions, lengths = batch()
+    logits, alphas = dec(features, captions, lengths)
+    with_reg, ce_sum, _, tokens = caption_loss(logits, alphas, captions, lengths, alpha_c=1.0)
+    without, *_ = caption_loss(logits, alphas, captions, lengths, alpha_c=0.0)
+    expected = 0.0
+    for i in range(B):  # by hand: only the steps that produce a real token count
+        steps = int(lengths[i]) - 1
+        expected += ((1 - alphas[i, :steps].sum(0)) ** 2).sum()
+    expected /= B * P
+    torch.testing.assert_close(with_reg - without, expected)
+    torch.testing.assert_close(without, ce_sum / tokens)
+    assert int(tokens) == int((lengths - 1).sum())
+
+
+@pytest.mark.parametrize("kind", ["rnn", "attention"])
+def test_padding_does_not_change_the_loss(kind):
+    dec = make(kind).eval()
+    features, captions, lengths = batch()
+    logits, alphas = dec(features, captions, lengths)
+    loss, *_ = caption_loss(logits, alphas, captions, lengths, alpha_c=1.0)
+    longer = torch.cat([captions, torch.zeros(B, 7, dtype=torch.long)], 1)  # more padding ...
+    noisy = longer.clone()
+    for i, n in enumerate(lengths.tolist()):
+        noisy[i, n:] = torch.randint(1, V, (longer.size(1) - n,))  # ... or junk where padding is
+    for caps in (longer, noisy):
+        logits2, alphas2 = dec(features, caps, lengths)
+        loss2, *_ = caption_loss(logits2, alphas2, caps, lengths, alpha_c=1.0)
+        torch.testing.assert_close(loss, loss2)
+
+
+def grads(dec):
+    return torch.cat([p.grad.flatten() for p in dec.parameters() if p.grad is not None])
+
+
+def test_accumulation_equals_one_big_batch():
+    """Two micro-batches of 16, normalised by the whole step's tokens, give the gradient of one 32."""
+    features, captions, lengths = batch(32, seed=5)
+    dec = make("attention")  # dropout 0: the train-mode forward is deterministic
+    loss, *_ = caption_loss(*dec(features, captions, lengths), captions, lengths, alpha_c=1.0)
+    loss.backward()
+    big = grads(dec)
+    dec.zero_grad()
+    tokens = int((lengths - 1).sum())
+    for part in (slice(0, 16), slice(16, 32)):
+        f, c, n = features[part], captions[part], lengths[part]
+        loss, *_ = caption_loss(*dec(f, c, n), c, n, alpha_c=1.0, norm_tokens=tokens, norm_images=32)
+        loss.backward()
+    torch.testing.assert_close(grads(dec), big, atol=1e-6, rtol=1e-5)
+
+
+def test_encoder_shapes_fine_tune_and_frozen_batchnorm():
+    enc = Encoder("resnet18", "none", encoded_size=3, stages=2)
+    assert enc.dim == 128 and enc.frozen
+    images = torch.randint(0, 256, (2, 3, 48, 48), dtype=torch.uint8)
+    assert enc(images).shape == (2, 9, 128)
+    enc.fine_tune(True)
+    trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
+    assert trainable == {"5"}  # only layer2 of conv1, bn1, relu, maxpool, layer1, layer2
+    enc.train()
+    stem_bn = enc.net[1]
+    assert not stem_bn.training and enc.net[5].training
+    before = stem_bn.running_mean.clone()
+    enc(images)
+    assert torch.equal(before, stem_bn.running_mean)  # frozen BatchNorm statistics do not move
+    assert Encoder("resnet101", "none", stages=4).dim == 2048
+
+
+def test_weights_from_a_file(tmp_path):
+    net, _ = load_resnet("resnet18", "none")
+    state = {k: v for k, v in net.state_dict().items() if not k.startswith(("fc.", "layer3.", "layer4."))}
+    torch.save(state, tmp_path / "trunk.pt")
+    enc = Encoder("resnet18", str(tmp_path / "trunk.pt"), encoded_size=2, stages=2)
+    torch.testing.assert_close(enc.net[0].weight, net.conv1.weight)
+    with pytest.raises(InputError, match="lacks weights"):
+        Encoder("resnet18", str(tmp_path / "trunk.pt"), encoded_size=2, stages=3)
+    with pytest.raises(InputError, match="not found"):
+        Encoder("resnet18", str(tmp_path / "missing.pt"))
+    with pytest.raises(InputError, match="unknown encoder"):
+        Encoder("vgg16", "none")
+
+
+def test_imagenet_download_failure_is_one_clear_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path))  # nothing cached, and no internet here
+
+    def offline(*a, **k):
+        raise OSError("network is unreachable")
+    import torchvision.models._api as api
+    monkeypatch.setattr(api, "load_state_dict_from_url", offline)
+    with pytest.raises(InputError) as e:
+        Encoder("resnet101", "imagenet")
+    msg = str(e.value)
+    assert "resnet101-63fe2227.pth" in msg and "sha256 starting 63fe2227" in msg and "--encoder_weights" in msg

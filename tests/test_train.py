@@ -1,0 +1,132 @@
+"""train.py end to end on tiny shapes data: both decoders, exact resume, overfitting, bf16, early stop."""
+import json
+
+import pytest
+import torch
+import yaml
+
+from tests.conftest import run_script, train_args
+
+TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb")
+
+
+def train(out, data, *extra, **overrides):
+    return run_script("train.py", *train_args(out, data, **overrides), *extra)
+
+
+def log_of(run, kind=None):
+    with open(run / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if kind in (None, r["kind"])]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.mark.parametrize("decoder", ["rnn", "attention"])
+def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
+    run = tmp_path / decoder
+    r = train(run, shapes_data, decoder=decoder, epochs=1)
+    assert r.returncode == 0, r.stderr
+    assert {p.name for p in run.iterdir()} >= {"config.yaml", "log.jsonl", "last.pt", "best.pt"}
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["decoder"] == decoder and cfg["emb_dim"] == 16 and cfg["out"] == str(run)
+    ckpt = load(run / "best.pt")
+    assert ckpt["config"] == cfg and ckpt["word_map"]["<pad>"] == 0 and ckpt["epoch"] == 1
+    assert {"encoder", "decoder", "decoder_optimizer", "scaler", "rng", "best", "bad_epochs"} <= set(ckpt)
+    (epoch,) = log_of(run, "epoch")
+    assert 0 <= epoch["val_bleu4"] <= 1 and 0 < epoch["val_top5"] <= 1 and epoch["val_loss"] > 0
+    assert '"decoder": "' + decoder in r.stdout  # the resolved config is printed
+
+
+@pytest.mark.parametrize("decoder,stop", [("rnn", {"epochs": 1}), ("attention", {"max_steps": 5})])
+def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop):
+    """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume."""
+    # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
+    common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2)
+    straight, split = tmp_path / "straight", tmp_path / "split"
+    assert train(straight, shapes_data, epochs=2, **common).returncode == 0
+    assert train(split, shapes_data, **{"epochs": 2, **common, **stop}).returncode == 0
+    assert load(split / "last.pt")["step"] < load(straight / "last.pt")["step"]
+    r = run_script("train.py", "--resume", split / "last.pt", "--epochs", 2, "--max_steps", 0)
+    assert r.returncode == 0, r.stderr
+    a, b = load(straight / "last.pt"), load(split / "last.pt")
+    for part in ("encoder", "decoder"):
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), (part, k)
+    assert a["step"] == b["step"] and a["best"] == b["best"]
+    assert log_of(straight) == log_of(split)
+
+
+def test_overfits_sixteen_images(tmp_path):
+    data = tmp_path / "data"
+    r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", data,
+                   "--num-images", 20, "--min-word-freq", 0, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    run = tmp_path / "run"
+    r = train(run, data, decoder="attention", epochs=50, dropout=0.0, batch_size=16, decoder_lr=1e-2,
+              emb_dim=32, decoder_dim=64, alpha_c=0.0, patience=0, lr_decay_patience=0, log_every=100)
+    assert r.returncode == 0, r.stderr
+    epochs = log_of(run, "epoch")
+    assert epochs[0]["train_ce"] > 2.0 and epochs[-1]["train_ce"] < 0.3, [e["train_ce"] for e in epochs]
+
+
+def test_bf16_autocast_on_cpu(tmp_path, shapes_data):
+    r = train(tmp_path / "run", shapes_data, decoder="attention", epochs=1, amp="true", amp_dtype="bfloat16")
+    assert r.returncode == 0, r.stderr
+    (epoch,) = log_of(tmp_path / "run", "epoch")
+    assert epoch["train_loss"] == epoch["train_loss"] and epoch["val_loss"] < 10  # finite
+
+
+def test_early_stopping(tmp_path, shapes_data):
+    # A learning rate too small to change any caption: BLEU-4 stays put after the first epoch.
+    # (attention: no BatchNorm statistics in the decoder to move the validation loss either)
+    r = train(tmp_path / "run", shapes_data, decoder="attention", epochs=6, patience=2, decoder_lr=1e-12)
+    assert r.returncode == 0, r.stderr
+    epochs = log_of(tmp_path / "run", "epoch")
+    assert len(epochs) == 3 and [e["best"] for e in epochs] == [True, False, False]
+    assert "early stop" in r.stdout
+
+
+def test_refusals(tmp_path, shapes_data):
+    def refused(r, *needles):
+        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
+        assert all(n in r.stderr for n in needles), r.stderr
+
+    run = tmp_path / "run"
+    refused(train(run, shapes_data, epochs=1, decoder="transformer"), "decoder", "transformer")
+    refused(train(run, shapes_data, epochs=1, batch_size=0), "batch_size")
+    refused(train(run, shapes_data, epochs=1, bacth_size=4), "unknown config key", "bacth_size")
+    refused(train(run, shapes_data, epochs="two"), "epochs must be int")
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("decoder: rnn\nlearning_rate: 0.1\n")
+    refused(run_script("train.py", "--config", bad), "bad.yaml", "learning_rate")
+    assert train(run, shapes_data, epochs=1).returncode == 0
+    refused(train(run, shapes_data, epochs=1), "already holds a run", "--overwrite")
+    assert train(run, shapes_data, "--overwrite", epochs=1).returncode == 0
+    refused(run_script("train.py", "--resume", tmp_path / "nope.pt"), "nope.pt", "not found")
+    refused(train(tmp_path / "other", tmp_path / "nowhere", epochs=1), "nowhere")
+    # a checkpoint from another vocabulary
+    words = shapes_data / "WORDMAP_shapes_5_cap_per_img_0_min_word_freq.json"
+    other = tmp_path / "otherdata"
+    other.mkdir()
+    for f in shapes_data.glob("*_shapes_*"):
+        (other / f.name).write_bytes(f.read_bytes())
+    wm = json.loads(words.read_text())
+    wm["zebra"] = len(wm)
+    (other / words.name).write_text(json.dumps(wm))
+    refused(run_script("train.py", "--resume", run / "last.pt", "--data_folder", other), "word map")
+
+
+def test_every_shipped_config_loads():
+    """Each configs/*.yaml only uses known keys with the right types."""
+    import glob
+    import os
+
+    from tests.conftest import ROOT
+    from utils import default_config, merge_config, read_yaml
+    paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
+    assert len(paths) == 5
+    for path in paths:
+        merge_config(default_config(), read_yaml(path), path)
