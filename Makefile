@@ -1,7 +1,11 @@
 # make install | test | lint | demo. Everything runs in .venv, created on first use.
 PY := .venv/bin/python
 STAMP := .venv/.installed-requirements
-SHAPES := data/shapes/WORDMAP_shapes_5_cap_per_img_5_min_word_freq.json
+DATA := data/shapes
+SHAPES := $(DATA)/WORDMAP_shapes_5_cap_per_img_5_min_word_freq.json
+ENCODER := $(DATA)/encoder_resnet18_stages2.pt
+# Runs a stage and prints one line with its wall time.
+STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
 .PHONY: install test lint demo clean
 
@@ -19,27 +23,35 @@ test: install
 lint: install
 	$(PY) -m ruff check .
 
-# Each stage runs only when its output is missing or older than what it is made from, so a
-# second `make demo` reuses the data and the trained runs (`make clean` starts over).
+# The demo: every stage runs only when its output is missing or older than what it is made from, so
+# a second `make demo` reuses the data, the encoder and the trained runs (`make clean` starts over).
 $(SHAPES): shapes.py create_input_files.py | install
-	$(PY) create_input_files.py --dataset shapes --output-folder data/shapes --overwrite
+	$(call STAGE,prepare shapes data,$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --overwrite)
+
+$(ENCODER): $(SHAPES) pretrain_encoder.py
+	$(call STAGE,pretrain the encoder,$(PY) pretrain_encoder.py --output-folder $(DATA))
 
 # .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
-runs/demo-%/.trained: $(SHAPES) configs/shapes.yaml
-	$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite
+runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
+	$(call STAGE,train $*,$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite)
 	touch $@
 
 runs/demo-%/eval_TEST.json: runs/demo-%/.trained
-	$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5
+	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
 
-.SECONDARY:  # keep the intermediate files of the chain above
+runs/demo-%/captions/.done: runs/demo-%/.trained
+	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
+		--folder $(DATA)/samples --beam-size 3 --out runs/demo-$*/captions)
+	touch $@
 
-demo: install runs/demo-rnn/eval_TEST.json runs/demo-attention/eval_TEST.json
-	$(PY) caption.py --checkpoint runs/demo-attention/best.pt --folder data/shapes/samples --beam-size 3 \
-		--out runs/demo-attention/captions
-	$(PY) caption.py --checkpoint runs/demo-rnn/best.pt --folder data/shapes/samples --beam-size 3 \
-		--out runs/demo-rnn/captions
-	@echo "demo done: results in runs/demo-*/eval_TEST.json, overlays in runs/demo-*/captions/"
+reports/demo/report.md: runs/demo-rnn/eval_TEST.json runs/demo-attention/eval_TEST.json compare.py
+	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out reports/demo)
+
+.SECONDARY:  # keep the intermediate files of the chains above
+
+demo: install reports/demo/report.md runs/demo-rnn/captions/.done runs/demo-attention/captions/.done
+	@echo "demo done: report in reports/demo/report.md, results in runs/demo-*/eval_TEST.json," \
+		"overlays in runs/demo-*/captions/"
 
 clean:
-	rm -rf data/shapes runs/demo-rnn runs/demo-attention .pytest_cache .ruff_cache
+	rm -rf $(DATA) runs/demo-rnn runs/demo-attention reports/demo .pytest_cache .ruff_cache

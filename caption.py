@@ -9,23 +9,17 @@ decoder) the image under its caption. --out is a folder (default captions/), or 
 there is one image. Images are read and resized exactly as in data preparation.
 """
 import argparse
-import math
 import os
 
-import matplotlib
 import numpy as np
 import torch
 
-matplotlib.use("Agg")  # files only, no screen
-import matplotlib.pyplot as plt  # noqa: E402
-from skimage.transform import resize  # noqa: E402
-
 from datasets import load_image, to_words
 from models import decode, load_model
-from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli
+from utils import InputError, load_checkpoint, pick_device, run_cli
+from visualize import DPI, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
-PANEL_PX, COLUMNS, DPI = 200, 6, 100  # every panel is PANEL_PX square, COLUMNS to a row
 
 
 def image_paths(args):
@@ -48,39 +42,6 @@ def read(path, size):
         return load_image(path, size)
     except Exception as e:  # Pillow's many ways of saying "not an image"
         raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
-
-
-def figure(image, words, alphas):
-    """The image, then one panel per word with its attention overlaid (or the caption as a title)."""
-    panels = 1 + (len(words) if alphas is not None else 0)
-    cols, rows = min(panels, COLUMNS), math.ceil(panels / COLUMNS)
-    fig, axes = plt.subplots(rows, cols, figsize=(cols * PANEL_PX / DPI, rows * PANEL_PX / DPI), dpi=DPI,
-                             squeeze=False)
-    picture = image.transpose(1, 2, 0)
-    for ax in axes.flat:
-        ax.axis("off")
-    axes[0, 0].imshow(picture)
-    if alphas is None:
-        axes[0, 0].set_title(_wrap(" ".join(words)), fontsize=8)
-    grid = int(round(alphas.shape[1] ** 0.5)) if alphas is not None else 0
-    for k, word in enumerate(words if alphas is not None else []):
-        ax = axes.flat[k + 1]
-        amap = resize(alphas[k].reshape(grid, grid).numpy(), picture.shape[:2], order=3, mode="edge")
-        ax.imshow(picture)
-        ax.imshow(np.clip(amap, 0, None), alpha=0.6, cmap="Greys_r")
-        ax.set_title(word, fontsize=10)
-    fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.9 if alphas is None else 0.92, wspace=0.05)
-    return fig, panels
-
-
-def _wrap(text, width=32):
-    lines, line = [], ""
-    for w in text.split():
-        if line and len(line) + len(w) > width:
-            lines.append(line)
-            line = ""
-        line = f"{line} {w}".strip()
-    return "\n".join(lines + [line])
 
 
 def main():
@@ -120,13 +81,10 @@ def main():
             words = to_words(out.seqs[j], rev)
             print(f"{path}: {' '.join(words)}")
             alphas = out.alphas[j][: len(words)] if out.alphas is not None else None
-            fig, panels = figure(read(path, max(256, ckpt["image_size"])), words, alphas)
+            fig, panels = caption_figure(read(path, max(256, ckpt["image_size"])), words, alphas)
             target = args.out if to_file else os.path.join(args.out, names[start + j])
             os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            with atomic_path(target) as tmp:
-                fig.savefig(tmp, format="png", dpi=DPI,
-                            metadata={"Title": " ".join(words), "Description": f"{panels} panels"})
-            plt.close(fig)
+            save(fig, target, dpi=DPI, metadata={"Title": " ".join(words), "Description": f"{panels} panels"})
     print(f"saved {len(paths)} PNG(s) {'as ' + args.out if to_file else 'in ' + args.out + '/'}")
 
 

@@ -90,7 +90,8 @@ class CaptionDataset(Dataset):
     TRAIN yields (image, caption, caplen), one item per (image, caption) pair. VAL and TEST yield
     (image, caption, caplen, all_captions, image_index), one item per image (its first caption), so an
     epoch of evaluation visits each image once. Images are uint8 3 x H x W: normalise per batch on the
-    device, which is several times faster than per sample in the workers.
+    device, which is several times faster than per sample in the workers. After use_features(path) (a
+    .npy file of N x P x D float16, see train.py's feature cache) items carry features, not images.
     """
 
     def __init__(self, data_folder, data_name, split):
@@ -115,26 +116,32 @@ class CaptionDataset(Dataset):
         # One tensor rather than lists of lists: forked workers then share it without copying.
         self.captions = torch.tensor(captions, dtype=torch.int32)
         self.caplens = torch.tensor(caplens, dtype=torch.int32)
-        self._h5, self._pid = None, None
+        self._h5, self._pid, self.features = None, None, None
+
+    def use_features(self, path):
+        """From now on yield the cached encoder features in `path` (.npy) instead of the images."""
+        self.features, self._pid = path, None
 
     def __len__(self):
         return len(self.captions) if self.split == "TRAIN" else self.num_images
 
     def _images(self):
-        # h5py handles cannot cross a fork or a pickle: each process opens the file itself.
+        # h5py handles (and memory maps) cannot cross a fork or a pickle: each process opens its own.
         if self._pid != os.getpid():
             self._h5, self._pid = h5py.File(self.h5_path, "r"), os.getpid()
-        return self._h5["images"]
+            self._feats = np.load(self.features, mmap_mode="r") if self.features else None
+        return self._feats if self.features else self._h5["images"]
 
     def __getstate__(self):
-        return {**self.__dict__, "_h5": None, "_pid": None}
+        return {**self.__dict__, "_h5": None, "_pid": None, "_feats": None}
 
     def __getitem__(self, i):
         if self.split == "TRAIN":
             img_idx, cap_idx = i // self.cpi, i
         else:
             img_idx, cap_idx = i, i * self.cpi
-        image = torch.from_numpy(self._images()[img_idx])
+        image = self._images()[img_idx]
+        image = torch.from_numpy(np.array(image) if self.features else image)  # memmaps are read-only
         caption = self.captions[cap_idx].long()
         caplen = self.caplens[cap_idx].long()
         if self.split == "TRAIN":

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 import shapes
 from datasets import CaptionDataset, data_path, load_word_map, to_words
-from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy
+from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy, scene_measures
 from models import beam_search, decode, load_model
 from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
 
@@ -155,6 +155,9 @@ def main():
                                        {i: " ".join(words[i]) for i in ids}, spice=args.spice)
         unavailable.update(missing)
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], [words[i] for i in ids])
+        if boxes is not None:
+            scores.update(scene_measures([words[i] for i in ids], [references[i] for i in ids],
+                                         [boxes[i] for i in ids]))
         if want_alphas:
             acc, chance, counted = pointing_accuracy([words[i] for i in ids], [alphas[i] for i in ids],
                                                      [boxes[i] for i in ids], base.image_size, POINTING_WORDS)
@@ -174,6 +177,12 @@ def main():
         if want_alphas:
             row += f" {r['pointing']:7.1%} (ch {r['pointing_chance']:4.1%})" if r["pointing"] is not None else " n/a"
         print(row + f" {r['images_per_s']:8.1f}")
+    if boxes is not None:
+        scene = [c for c in results[f"beam{args.beam_size[0]}"] if c.startswith(("exact", "phrase", "relation_a"))]
+        print("\nscene measures (shapes)\n" + f"{'beam':>4s} " + " ".join(f"{c.replace('_', ' '):>22s}" for c in scene))
+        for k in args.beam_size:
+            r = results[f"beam{k}"]
+            print(f"{k:4d} " + " ".join(f"{r[c]:22.1%}" if r[c] is not None else f"{'n/a':>22s}" for c in scene))
     for metric, reason in unavailable.items():
         print(f"{metric} unavailable: {reason}")
 

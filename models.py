@@ -11,6 +11,7 @@ same logits as stepping (tested).
 """
 import math
 import os
+from collections import OrderedDict
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +21,7 @@ from torch import nn
 
 from utils import InputError
 
+TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
@@ -65,21 +67,30 @@ class Encoder(nn.Module):
 
     Takes uint8 images B x 3 x H x W and normalises them itself, so every caller feeds the same
     thing. Returns B x P x D features, P = encoded_size ** 2 grid cells, D = the last stage's width
-    (2048 for resnet101 with 4 stages)."""
+    (2048 for resnet101 with 4 stages), plus 2 when `coords` appends each cell's x and y in [-1, 1]:
+    pooled ResNet features hardly say where a cell is, and words like "left of" need it."""
 
-    def __init__(self, arch="resnet101", weights="imagenet", encoded_size=14, stages=4):
+    def __init__(self, arch="resnet101", weights="imagenet", encoded_size=14, stages=4, coords=False):
         super().__init__()
         if stages not in (1, 2, 3, 4):
             raise InputError(f"encoder_stages must be 1 to 4, got {stages}")
         resnet, missing = load_resnet(arch, weights)
-        layers = [resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4][:stages]
-        self.net = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool, *layers)
-        kept = ("conv1.", "bn1.") + tuple(f"layer{i}." for i in range(1, stages + 1))
+        # Named like torchvision's ResNet, so self.net.state_dict() is itself a (partial) ResNet state_dict.
+        names = TRUNK[: 4 + stages]
+        self.net = nn.Sequential(OrderedDict((name, getattr(resnet, name)) for name in names))
+        layers = list(self.net.children())[4:]
+        kept = tuple(f"{name}." for name in names)
         lost = sorted(k for k in missing if k.startswith(kept))
         if lost:
             raise InputError(f"{weights} lacks weights the encoder needs, such as {lost[0]}")
         self.pool = nn.AdaptiveAvgPool2d(encoded_size)
         self.dim = [m for m in layers[-1].modules() if isinstance(m, nn.BatchNorm2d)][-1].num_features
+        self.coords = coords
+        if coords:
+            self.dim += 2
+            ramp = torch.linspace(-1, 1, encoded_size)
+            grid = torch.stack([ramp.expand(encoded_size, -1), ramp[:, None].expand(-1, encoded_size)])
+            self.register_buffer("grid", grid.flatten(1).t().contiguous(), persistent=False)  # P x 2 (x, y)
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1) * 255, persistent=False)
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) * 255, persistent=False)
         self.fine_tune(False)
@@ -109,8 +120,10 @@ class Encoder(nn.Module):
 
     def forward(self, images):
         x = (images.float() - self.mean) / self.std
-        x = self.pool(self.net(x))  # B x D x S x S
-        return x.flatten(2).transpose(1, 2)  # B x P x D
+        x = self.pool(self.net(x)).flatten(2).transpose(1, 2)  # B x P x D
+        if self.coords:
+            x = torch.cat([x, self.grid.to(x.dtype).expand(x.size(0), -1, -1)], dim=2)
+        return x
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -221,7 +234,8 @@ def build_decoder(cfg, vocab_size, encoder_dim):
 
 
 def build_encoder(cfg):
-    return Encoder(cfg["encoder"], cfg["encoder_weights"], cfg["encoded_size"], cfg["encoder_stages"])
+    return Encoder(cfg["encoder"], cfg["encoder_weights"], cfg["encoded_size"], cfg["encoder_stages"],
+                   cfg["coord_channels"])
 
 
 def load_model(ckpt, device):

@@ -9,6 +9,8 @@ has something to gain, because relations need the whole image.
 Everything is a pure function of a seed: make_scene(rng) -> scene (plain dict, picklable),
 render(scene) -> image + per-pixel object map, captions(scene) -> token lists, boxes(scene, objmap).
 """
+import re
+
 import numpy as np
 
 SHAPES = ("circle", "square", "triangle", "diamond")
@@ -23,10 +25,12 @@ COLOURS = {  # well apart in hue, so a little jitter never makes two colours mee
 SIZES = {"small": 0.10, "large": 0.17}  # half-width of the object as a fraction of the image side
 BACKGROUNDS = ("plain", "noisy")
 NUMBERS = ("zero", "one", "two", "three")
+RELATIONS = ("to the left of", "to the right of", "above", "below")
 MAX_OBJECTS = 3
 # Scenes are drawn again until every caption they produce is unambiguous: objects apart by GAP,
 # left-to-right order clear by ORDER, and each neighbour pair clearly horizontal or vertical by AXIS.
-GAP, ORDER, AXIS = 0.03, 0.05, 0.08  # fractions of the image side
+# ORDER and AXIS exceed an 8 x 8 grid cell, so an encoder grid that coarse can still tell.
+GAP, ORDER, AXIS = 0.03, 0.15, 0.15  # fractions of the image side
 
 
 def article(word):
@@ -116,23 +120,21 @@ def relation(a, b):
 
 
 def captions(scene):
-    """All reference captions of a scene (six templates), as token lists."""
+    """All reference captions of a scene (six templates), as token lists. With several objects four of
+    the six state relations, so the most likely caption, the one a model learns to say, has them."""
     objs = scene["objects"]
     n, names = len(objs), [f"{article(phrase(o))} {phrase(o)}" for o in objs]
     listing = names[0] if n == 1 else " , ".join(names[:-1]) + " and " + names[-1]
     count = "there is one shape" if n == 1 else f"there are {NUMBERS[n]} shapes"
-    texts = [
-        listing,
-        f"{count} : {listing}",
-        f"{listing} on a {scene['background']} background",
-        f"an image of {listing}",
-    ]
     if n == 1:
-        texts += [f"a picture showing {listing}", f"a single {phrase(objs[0])}"]
+        texts = [listing, f"{count} : {listing}", f"{listing} on a {scene['background']} background",
+                 f"an image of {listing}", f"a picture showing {listing}", f"a single {phrase(objs[0])}"]
     else:
         pairs = [(names[i], *relation(objs[i], objs[i + 1]), names[i + 1]) for i in range(n - 1)]
-        texts.append(" and ".join(f"{a} {rel} {b}" for a, rel, _, b in pairs))
-        texts.append(" and ".join(f"{b} {inv} {a}" for a, _, inv, b in reversed(pairs)))
+        chain = " and ".join(f"{a} {rel} {b}" for a, rel, _, b in pairs)
+        backwards = " and ".join(f"{b} {inv} {a}" for a, _, inv, b in reversed(pairs))
+        texts = [listing, f"{count} : {listing}", chain, f"{chain} on a {scene['background']} background",
+                 f"an image of {chain}", backwards]
     return [t.split() for t in texts]
 
 
@@ -160,3 +162,26 @@ def pixel_labels(scene, objmap):
 def scene_seed(seed, index):
     """The generator of image `index`: independent of how images are spread over processes."""
     return np.random.default_rng([seed, index])
+
+
+# ----------------------------------------------------------------------------- reading captions back
+
+_PHRASE = rf"({'|'.join(SIZES)}) ({'|'.join(COLOURS)}) ({'|'.join(SHAPES)})"
+_STATEMENT = rf"an? {_PHRASE} ({'|'.join(RELATIONS)}) an? {_PHRASE}"
+
+
+def parse(words):
+    """A caption's object phrases [(size, colour, shape)] and relation statements
+    [((size, colour, shape), relation, (size, colour, shape))], in order."""
+    text = " ".join(words)
+    phrases = re.findall(_PHRASE, text)
+    statements = [(m[:3], m[3], m[4:]) for m in re.findall(_STATEMENT, text)]
+    return phrases, statements
+
+
+def relation_holds(box_a, relation, box_b):
+    """Does "a <relation> b" describe these boxes: the centres differ mostly along that direction?"""
+    dx = (box_b[0] + box_b[2] - box_a[0] - box_a[2]) / 2
+    dy = (box_b[1] + box_b[3] - box_a[1] - box_a[3]) / 2  # image y grows downwards
+    return {"to the left of": dx > abs(dy), "to the right of": -dx > abs(dy),
+            "above": dy > abs(dx), "below": -dy > abs(dx)}[relation]

@@ -7,16 +7,19 @@
 configs/default.yaml holds every key and its default; --config FILE overlays a YAML file and any
 key can be given as --key value. The run folder gets config.yaml, log.jsonl, last.pt and best.pt.
 """
+import hashlib
 import json
 import math
 import os
 import random
 import resource
+import shutil
 import sys
 import time
 from contextlib import nullcontext
 
 import torch
+import numpy as np
 from torch.utils.data import DataLoader, Sampler, Subset
 from tqdm import tqdm
 
@@ -119,18 +122,26 @@ class Trainer:
         self.epoch, self.micro, self.step = 0, 0, 0  # micro: micro-batches done in this epoch
         self.best, self.bad_epochs, self.log_lines = [-math.inf, -math.inf], 0, 0
         self.sums = torch.zeros(4, dtype=torch.float64)  # this epoch's training loss sums so far
+        self.window = torch.zeros(4, dtype=torch.float64)  # and since the last log line
         if ckpt:
             self.dec_opt.load_state_dict(ckpt["decoder_optimizer"])
             # Fine-tuning switched on at resume starts a fresh encoder optimiser.
             if self.enc_opt and ckpt.get("encoder_optimizer"):
                 self.enc_opt.load_state_dict(ckpt["encoder_optimizer"])
             self.scaler.load_state_dict(ckpt["scaler"])
-            for k in ("epoch", "micro", "step", "best", "bad_epochs", "log_lines", "sums"):
+            for k in ("epoch", "micro", "step", "best", "bad_epochs", "log_lines", "sums", "window"):
                 setattr(self, k, ckpt[k])
             torch.set_rng_state(ckpt["rng"]["torch"])
             if device.type == "cuda" and ckpt["rng"]["cuda"]:
                 torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
             random.setstate(ckpt["rng"]["python"])
+
+    def features(self, x):
+        """Encoder features of a batch of uint8 images, or a batch of cached features as they are."""
+        if x.dtype != torch.uint8:
+            return x.float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder.frozen):
+            return self.encoder(x)
 
     @property
     def optimizers(self):
@@ -144,7 +155,7 @@ class Trainer:
             "encoder_optimizer": self.enc_opt.state_dict() if self.enc_opt else None,
             "scaler": self.scaler.state_dict(),
             "epoch": self.epoch, "micro": self.micro, "step": self.step, "best": self.best,
-            "bad_epochs": self.bad_epochs, "log_lines": self.log_lines, "sums": self.sums,
+            "bad_epochs": self.bad_epochs, "log_lines": self.log_lines, "sums": self.sums, "window": self.window,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
@@ -188,6 +199,38 @@ def tensorboard_writer(cfg):
     return SummaryWriter(cfg["out"])
 
 
+@torch.no_grad()
+def feature_cache(t, dataset, amp):
+    """Encode every image of a split once with the frozen encoder, into a float16 .npy file under
+    {data_folder}/cache/ named by a hash of the encoder's weights and settings: later epochs, and
+    later runs with the same encoder, read features instead of running the encoder again."""
+    cfg, encoder = t.cfg, t.encoder.eval()
+    images_file = os.stat(dataset.h5_path)  # prepared again means cached again
+    key = hashlib.sha1(repr([cfg[k] for k in ("encoder", "encoder_stages", "encoded_size", "coord_channels")]
+                            + [dataset.h5_path, images_file.st_size, images_file.st_mtime_ns]).encode())
+    for name, value in encoder.state_dict().items():
+        key.update(name.encode() + value.cpu().numpy().tobytes())
+    path = os.path.join(cfg["data_folder"], "cache", f"{dataset.split}_{cfg['data_name']}_{key.hexdigest()[:12]}.npy")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images, n, size = dataset._images(), dataset.num_images, cfg["batch_size"]
+    shape = (n,) + tuple(t.features(torch.from_numpy(images[:1]).to(t.device)).shape[1:])
+    need, free = 2 * math.prod(shape), shutil.disk_usage(os.path.dirname(path)).free
+    if need > 0.9 * free:
+        raise InputError(f"caching {dataset.split} features needs {need / 2**30:.1f} GiB in {os.path.dirname(path)}, "
+                         f"{free / 2**30:.1f} GiB are free: free some, or set cache_features: false")
+    with atomic_path(path) as tmp:
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        for s in tqdm(range(0, n, size), desc=f"cache {dataset.split} features", unit="batch", leave=False):
+            with amp:
+                cache[s:s + size] = t.features(torch.from_numpy(images[s:s + size]).to(t.device)).float().cpu().numpy()
+        cache.flush()
+        del cache
+    print(f"cached {dataset.split} encoder features: {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")
+    return path
+
+
 def batches_in_groups(loader, size):
     """Micro-batches grouped for one optimiser step each."""
     group = []
@@ -207,8 +250,9 @@ def train_epoch(t, loader, log, amp):
     alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
     params = [p for p in list(t.encoder.parameters()) + list(t.decoder.parameters()) if p.requires_grad]
     if t.micro == 0:  # a run resumed mid-epoch keeps the sums of the part before
-        t.sums = torch.zeros(4, dtype=torch.float64)
+        t.sums, t.window = torch.zeros(4, dtype=torch.float64), torch.zeros(4, dtype=torch.float64)
     sums = t.sums.to(device)  # loss x tokens, ce sum, top-5 hits, tokens: synced only to log
+    window = t.window.to(device)  # the same since the last log line
     images_seen, t0 = 0, time.time()
     bar = tqdm(total=len(loader), desc=f"train {t.epoch + 1}/{cfg['epochs']}", unit="batch", leave=False)
     for group in batches_in_groups(loader, cfg["accumulation_steps"]):
@@ -220,13 +264,14 @@ def train_epoch(t, loader, log, amp):
             images = images.to(device, non_blocking=True)
             captions, caplens = captions.to(device, non_blocking=True), caplens.to(device, non_blocking=True)
             with amp:
-                with torch.set_grad_enabled(not t.encoder.frozen):
-                    features = t.encoder(images)
+                features = t.features(images)
                 logits, alphas = t.decoder(features, captions, caplens)
                 loss, ce_sum, hits, tokens = caption_loss(logits, alphas, captions, caplens, alpha_c,
                                                           group_tokens, group_images)
             t.scaler.scale(loss).backward()
-            sums += torch.stack([loss.detach() * group_tokens, ce_sum, hits.float(), tokens.float()]).double()
+            step_sums = torch.stack([loss.detach() * group_tokens, ce_sum, hits.float(), tokens.float()]).double()
+            sums += step_sums
+            window += step_sums
             images_seen += len(images)
             bar.update(1)
         for opt in t.optimizers:
@@ -241,7 +286,8 @@ def train_epoch(t, loader, log, amp):
         t.micro += len(group)
         t.step += 1
         if t.step % cfg["log_every"] == 0:
-            loss_sum, ce, hits, tokens = sums.tolist()
+            loss_sum, ce, hits, tokens = window.tolist()
+            window.zero_()
             rate = images_seen / (time.time() - t0)
             log.write({"kind": "step", "epoch": t.epoch + 1, "step": t.step, "loss": loss_sum / tokens,
                        "ce": ce / tokens, "top5": hits / tokens, "lr": t.dec_opt.param_groups[0]["lr"],
@@ -249,7 +295,7 @@ def train_epoch(t, loader, log, amp):
             bar.set_postfix(loss=f"{ce / tokens:.3f}", top5=f"{hits / tokens:.3f}", img_s=f"{rate:.0f}")
         stop = cfg["max_steps"] and t.step >= cfg["max_steps"]
         if stop or cfg["checkpoint_every"] and t.step % cfg["checkpoint_every"] == 0:
-            t.sums, t.log_lines = sums.cpu(), log.lines
+            t.sums, t.window, t.log_lines = sums.cpu(), window.cpu(), log.lines
             t.save(os.path.join(cfg["out"], "last.pt"))
         if stop:
             bar.close()
@@ -273,7 +319,7 @@ def validate(t, loader, amp):
     for images, _, _, all_captions, _ in tqdm(loader, desc="validate", unit="batch", leave=False):
         images, all_captions = images.to(device), all_captions.to(device)
         with amp:
-            features = t.encoder(images)
+            features = t.features(images)
             cpi = all_captions.size(1)
             captions = all_captions.flatten(0, 1)
             lengths = (captions != t.word_map["<pad>"]).sum(1)
@@ -307,6 +353,13 @@ def main():
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
     t = Trainer(cfg, ckpt, word_map, train_set.image_size, device)
+    if cfg["cache_features"] is True and cfg["fine_tune_encoder"]:
+        raise InputError("cache_features: true needs a frozen encoder (fine_tune_encoder: false)")
+    if cfg["cache_features"] is True or cfg["cache_features"] == "auto" and t.encoder.frozen:
+        amp = amp_context(cfg, device)
+        train_set.use_features(feature_cache(t, train_set, amp))
+        val_base = val_set.dataset if isinstance(val_set, Subset) else val_set
+        val_base.use_features(feature_cache(t, val_base, amp))
     log = Log(os.path.join(cfg["out"], "log.jsonl"), t.log_lines if ckpt else 0, tensorboard_writer(cfg))
     amp = amp_context(cfg, device)
     pin = device.type == "cuda"

@@ -74,6 +74,7 @@ CHOICES = {
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
+    "cache_features": ("auto", True, False),
 }
 AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
             "train_captions_per_image": 0, "val_beam_size": 1,
@@ -104,6 +105,8 @@ def default_config():
 def _coerce(key, value, default, source):
     """`value` (from YAML, or a string from the command line) as the type of the default."""
     kind = type(default)
+    if key == "cache_features" and isinstance(value, str) and value.lower() in TRUE + FALSE:
+        value = value.lower() in TRUE  # cache_features: true on the command line
     try:
         if kind is bool and isinstance(value, str) and value.lower() in TRUE + FALSE:
             value = value.lower() in TRUE
@@ -116,7 +119,9 @@ def _coerce(key, value, default, source):
     except ValueError:
         pass
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if default is None:
+    if key in CHOICES:
+        ok = True  # checked against the choices below
+    elif default is None:
         ok = value is None or isinstance(value, str)
     if not ok:
         expected = "a string or null" if default is None else kind.__name__

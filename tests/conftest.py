@@ -6,6 +6,7 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES_NAME = "shapes_5_cap_per_img_0_min_word_freq"
+ENCODER = "encoder_resnet18_stages1.pt"
 # A model small enough that a test run takes seconds: resnet18 stem + layer1, a 4x4 grid.
 TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stages": 1, "encoded_size": 4,
         "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "batch_size": 8, "workers": 0,
@@ -19,16 +20,22 @@ def run_script(script, *args, **kw):
 
 
 def train_args(out, data, **overrides):
-    cfg = dict(TINY, data_folder=data, out=out, **overrides)
+    """train.py's arguments for a TINY run on `data`, with the encoder the shapes_data fixture pretrained."""
+    cfg = dict(TINY, data_folder=data, out=out, encoder_weights=os.path.join(data, ENCODER))
+    cfg.update(overrides)
     return [a for k, v in cfg.items() for a in (f"--{k}", v)]
 
 
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
-    """64 shapes images (TRAIN 52, VAL 6, TEST 6) prepared once for the whole session."""
+    """64 shapes images (TRAIN 52, VAL 6, TEST 6) and a briefly pretrained one-stage encoder, made once
+    for the whole session."""
     folder = tmp_path_factory.mktemp("shapes")
     r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", folder,
                    "--num-images", 64, "--min-word-freq", 0, "--workers", 1)
+    assert r.returncode == 0, r.stderr
+    r = run_script("pretrain_encoder.py", "--output-folder", folder, "--stages", 1, "--encoded-size", 4,
+                   "--steps", 30, "--batch-size", 8)
     assert r.returncode == 0, r.stderr
     return folder
 

@@ -71,3 +71,26 @@ def test_pointing_accuracy_by_hand():
     maps[5, 3] = 1  # "blue": bottom-right: hit ("square" is not in vocab: not counted)
     acc, chance, counted = pointing_accuracy([words], [maps], [objects], 64, vocab)
     assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)
+
+
+def test_scene_measures_on_true_and_corrupted_captions():
+    import shapes
+    from metrics import describes_scene, scene_measures
+    refs, objects = [], []
+    for i in range(60):
+        scene = shapes.make_scene(shapes.scene_seed(3, i), 64)
+        refs.append(shapes.captions(scene))
+        objects.append(shapes.boxes(scene, shapes.render(scene)[1]))
+    relational = [r[2] for r in refs if len(r[2]) > 6]  # with several objects, the third template is a chain
+    assert relational
+    perfect = scene_measures([r[2] for r in refs], refs, objects)
+    assert perfect["exact_match"] == 1.0 and perfect["phrase_precision"] == 1.0
+    assert perfect["relation_accuracy"] == 1.0 and perfect["relation_statements"] > 20
+    assert all(describes_scene(r[2], o) for r, o in zip(refs, objects, strict=True))
+    swap = {"left": "right", "right": "left", "above": "below", "below": "above"}
+    flipped = [[swap.get(w, w) for w in r[2]] for r in refs]
+    bad = scene_measures(flipped, refs, objects)
+    assert bad["relation_accuracy"] == 0.0 and bad["phrase_precision"] == 1.0
+    assert bad["exact_match"] == perfect["exact_match_1_objects"] * sum(len(o) == 1 for o in objects) / 60
+    recoloured = [[{"red": "blue", "blue": "red"}.get(w, w) for w in r[0]] for r in refs]
+    assert scene_measures(recoloured, refs, objects)["phrase_precision"] < 1.0

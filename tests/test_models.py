@@ -101,7 +101,7 @@ def test_encoder_shapes_fine_tune_and_frozen_batchnorm():
     assert enc(images).shape == (2, 9, 128)
     enc.fine_tune(True)
     trainable = {n.split(".")[1] for n, p in enc.named_parameters() if p.requires_grad}
-    assert trainable == {"5"}  # only layer2 of conv1, bn1, relu, maxpool, layer1, layer2
+    assert trainable == {"layer2"}  # of conv1, bn1, relu, maxpool, layer1, layer2
     enc.train()
     stem_bn = enc.net[1]
     assert not stem_bn.training and enc.net[5].training
@@ -116,7 +116,8 @@ def test_weights_from_a_file(tmp_path):
     state = {k: v for k, v in net.state_dict().items() if not k.startswith(("fc.", "layer3.", "layer4."))}
     torch.save(state, tmp_path / "trunk.pt")
     enc = Encoder("resnet18", str(tmp_path / "trunk.pt"), encoded_size=2, stages=2)
-    torch.testing.assert_close(enc.net[0].weight, net.conv1.weight)
+    torch.testing.assert_close(enc.net.conv1.weight, net.conv1.weight)
+    assert set(enc.net.state_dict()) == set(state)  # the trunk's state_dict is a ResNet state_dict
     with pytest.raises(InputError, match="lacks weights"):
         Encoder("resnet18", str(tmp_path / "trunk.pt"), encoded_size=2, stages=3)
     with pytest.raises(InputError, match="not found"):

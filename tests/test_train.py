@@ -44,7 +44,8 @@ def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
 def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop):
     """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume."""
     # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
-    common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2)
+    common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2,
+                  encoder_weights="none")
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train(straight, shapes_data, epochs=2, **common).returncode == 0
     assert train(split, shapes_data, **{"epochs": 2, **common, **stop}).returncode == 0
@@ -66,7 +67,8 @@ def test_overfits_sixteen_images(tmp_path):
     assert r.returncode == 0, r.stderr
     run = tmp_path / "run"
     r = train(run, data, decoder="attention", epochs=50, dropout=0.0, batch_size=16, decoder_lr=1e-2,
-              emb_dim=32, decoder_dim=64, alpha_c=0.0, patience=0, lr_decay_patience=0, log_every=100)
+              emb_dim=32, decoder_dim=64, alpha_c=0.0, patience=0, lr_decay_patience=0, log_every=100,
+              encoder_weights="none")
     assert r.returncode == 0, r.stderr
     epochs = log_of(run, "epoch")
     assert epochs[0]["train_ce"] > 2.0 and epochs[-1]["train_ce"] < 0.3, [e["train_ce"] for e in epochs]
@@ -130,3 +132,27 @@ def test_every_shipped_config_loads():
     assert len(paths) == 5
     for path in paths:
         merge_config(default_config(), read_yaml(path), path)
+
+
+def test_cached_features_give_the_same_loss_curve(tmp_path, shapes_data):
+    """A frozen encoder's features, cached once as float16, train like re-encoding every epoch."""
+    common = dict(decoder="attention", epochs=2, encoded_size=3)  # a grid no other test caches
+    assert train(tmp_path / "encode", shapes_data, cache_features="false", **common).returncode == 0
+    before = set((shapes_data / "cache").glob("*.npy"))  # other tests' caches: other encoder settings
+    r = train(tmp_path / "cached", shapes_data, cache_features="auto", **common)
+    assert r.returncode == 0, r.stderr
+    caches = sorted(set((shapes_data / "cache").glob("*.npy")) - before)
+    assert [c.name.split("_")[0] for c in caches] == ["TRAIN", "VAL"] and "cached TRAIN" in r.stdout
+    a, b = log_of(tmp_path / "encode"), log_of(tmp_path / "cached")
+    assert len(a) == len(b) > 10
+    for x, y in zip(a, b, strict=True):
+        for k in ("loss", "ce", "val_loss", "val_bleu4"):
+            if k in x:
+                assert y[k] == pytest.approx(x[k], rel=2e-3, abs=2e-3), (k, x, y)
+    stamp = [c.stat().st_mtime_ns for c in caches]
+    r = train(tmp_path / "again", shapes_data, cache_features="true", **common)
+    assert r.returncode == 0 and "cached TRAIN" not in r.stdout  # found, not rebuilt
+    assert [c.stat().st_mtime_ns for c in caches] == stamp
+    r = train(tmp_path / "bad", shapes_data, cache_features="true", fine_tune_encoder="true", encoder_stages=2,
+              encoder_weights="none")
+    assert r.returncode == 2 and "frozen" in r.stderr

@@ -1,0 +1,345 @@
+"""Compare two or more training runs side by side: quality, cost, training curves, attention.
+
+    python compare.py runs/demo-rnn runs/demo-attention --out reports/demo
+
+Reads each run's config.yaml, log.jsonl and eval results (eval_TEST.json, from eval.py) and writes
+report.md with curves.png, metrics.png, attention.png and errors.png. The first run is the baseline:
+every metric of the others is also given as a margin over it. Everything in the summary is computed
+from those numbers.
+"""
+import argparse
+import json
+import os
+import platform
+import time
+from functools import cached_property
+
+import matplotlib.pyplot as plt
+import torch
+import yaml
+
+from datasets import CaptionDataset, data_path, to_words
+from metrics import describes_scene
+from models import decode, load_model
+from utils import InputError, atomic_path, load_checkpoint, run_cli
+from visualize import attention_grid, save
+
+QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
+           "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
+           "phrase_precision", "relation_accuracy")
+PERCENT = {"pointing", "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
+           "phrase_precision", "relation_accuracy", "val_top5"}
+
+
+class Run:
+    """What one run folder says about itself."""
+
+    def __init__(self, folder, split):
+        self.folder, self.name = folder, os.path.basename(os.path.normpath(folder))
+        for needed in ("config.yaml", "log.jsonl"):
+            if not os.path.isfile(os.path.join(folder, needed)):
+                raise InputError(f"{folder} is not a run folder: {needed} is missing (train.py writes it)")
+        with open(os.path.join(folder, "config.yaml")) as f:
+            self.cfg = yaml.safe_load(f)
+        with open(os.path.join(folder, "log.jsonl")) as f:
+            records = [json.loads(line) for line in f if line.strip()]
+        self.steps = [r for r in records if r["kind"] == "step"]
+        self.epochs = [r for r in records if r["kind"] == "epoch"]
+        self.eval = None
+        path = os.path.join(folder, f"eval_{split}.json")
+        if os.path.isfile(path):
+            with open(path) as f:
+                self.eval = json.load(f)
+        self.best = max(self.epochs, key=lambda e: (e["val_bleu4"], -e["val_loss"])) if self.epochs else None
+        patience = self.cfg["patience"]
+        bad = 0
+        for e in self.epochs:
+            bad = 0 if e["best"] else bad + 1
+        self.stopped_early = bool(patience and bad >= patience and len(self.epochs) < self.cfg["epochs"])
+
+    @property
+    def label(self):
+        return f"{self.name} ({self.cfg['decoder']})"
+
+    def beams(self):
+        return sorted(int(k[4:]) for k in self.eval["results"]) if self.eval else []
+
+    def quality(self, beam):
+        """Metrics at one beam size (None where not measured), plus validation loss / top-5 at the best epoch."""
+        res = (self.eval or {}).get("results", {}).get(f"beam{beam}", {})
+        out = {k: res.get(k) for k in QUALITY}
+        out["pointing_chance"] = res.get("pointing_chance")
+        out["val_loss"] = self.best["val_loss"] if self.best else None
+        out["val_top5"] = self.best["val_top5"] if self.best else None
+        return out
+
+    @cached_property
+    def cost(self):
+        ckpt = load_checkpoint(os.path.join(self.folder, "best.pt")) if self.has_checkpoint else None
+        median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+        decoding = {}
+        if self.eval:
+            decoding = {k: v["images_per_s"] for k, v in self.eval["results"].items()}
+        return {
+            "parameters": sum(v.numel() for v in ckpt["decoder"].values()) if ckpt else None,
+            "train_images_per_s": median([e["images_per_s"] for e in self.epochs]),
+            "epoch_time_s": median([e["epoch_time_s"] for e in self.epochs]),
+            "train_time_s": sum(e["epoch_time_s"] for e in self.epochs),
+            "peak_memory_mb": max((e["peak_memory_mb"] for e in self.epochs), default=None),
+            "decoding": decoding,
+            "epochs": len(self.epochs),
+            "best_epoch": self.best["epoch"] if self.best else None,
+        }
+
+    @property
+    def has_checkpoint(self):
+        return os.path.isfile(os.path.join(self.folder, "best.pt"))
+
+
+def label(key):
+    """exact_match_2_objects -> "exact match, 2 objects"."""
+    if key.startswith("exact_match_"):
+        n = key.split("_")[2]
+        return f"exact match, {n} object{'s' if n != '1' else ''}"
+    return key.replace("_", " ")
+
+
+def fmt(key, value):
+    if value is None:
+        return "n/a"
+    if key in PERCENT:
+        return f"{value:.1%}"
+    if key == "parameters":
+        return f"{value / 1e6:.2f} M"
+    if key in ("train_images_per_s", "epoch_time_s", "train_time_s", "peak_memory_mb"):
+        return f"{value:.1f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def fmt_margin(key, value):
+    if value is None:
+        return "n/a"
+    if key in PERCENT:
+        return f"{value * 100:+.1f} pts"
+    return f"{value:+.4f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def curves(runs, path):
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in runs:
+        if run.steps:
+            ax1.plot([s["step"] for s in run.steps], [s["loss"] for s in run.steps], label=run.label, lw=1)
+        if run.epochs:
+            ax2.plot([e["epoch"] for e in run.epochs], [e["val_loss"] for e in run.epochs], "o-", label=run.label)
+            ax3.plot([e["epoch"] for e in run.epochs], [e["val_bleu4"] for e in run.epochs], "o-", label=run.label)
+    for ax, title, ylabel, xlabel in ((ax1, "training loss", "loss (mean since the previous point)", "optimiser step"),
+                                      (ax2, "validation loss", "cross-entropy per word", "epoch"),
+                                      (ax3, "validation BLEU-4", "BLEU-4 (decoded)", "epoch")):
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=100)
+
+
+def bars(runs, beam, path):
+    keys = [k for k in QUALITY if any(r.quality(beam)[k] is not None for r in runs)]
+    fig, ax = plt.subplots(figsize=(max(8, len(keys) * 0.9), 4.5))
+    width = 0.8 / len(runs)
+    for i, run in enumerate(runs):
+        q = run.quality(beam)
+        values = [(q[k] or 0) / (10 if k == "CIDEr" else 1) for k in keys]
+        ax.bar([x + i * width for x in range(len(keys))], values, width, label=run.label)
+    ax.set_xticks([x + width * (len(runs) - 1) / 2 for x in range(len(keys))])
+    ax.set_xticklabels([label(k).replace("CIDEr", "CIDEr / 10") for k in keys], rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("score (fractions; CIDEr divided by 10)")
+    ax.set_title(f"TEST metrics at beam {beam}")
+    ax.set_ylim(0, 1.2)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(runs))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save(fig, path, dpi=100)
+
+
+def captions_of(run, beam):
+    res = run.eval["results"][f"beam{beam}"]
+    with open(os.path.join(run.folder, res["captions_file"])) as f:
+        return {c["image_id"]: c["caption"] for c in json.load(f)}
+
+
+def summary(runs, beam):
+    """Sentences computed from the numbers: who wins what, by how much."""
+    base, lines = runs[0], []
+    qb = base.quality(beam)
+    for run in runs[1:]:
+        q = run.quality(beam)
+        won = [k for k in QUALITY if q[k] is not None and qb[k] is not None and q[k] > qb[k]]
+        lost = [k for k in QUALITY if q[k] is not None and qb[k] is not None and q[k] < qb[k]]
+        compared = len(won) + len(lost) + sum(q[k] == qb[k] for k in QUALITY if q[k] is not None and qb[k] is not None)
+        trails = f" and trails on {len(lost)} ({', '.join(map(label, lost))})" if lost else ""
+        lines.append(f"- **{run.label}** beats **{base.label}** on {len(won)} of {compared} quality measures at "
+                     f"beam {beam}{trails}.")
+        gaps = sorted(((q[k] - qb[k], k) for k in won), key=lambda g: -abs(g[0]) / (10 if g[1] == "CIDEr" else 1))
+        if gaps:
+            lines.append("  Largest gains: " + ", ".join(f"{label(k)} {fmt_margin(k, d)}" for d, k in gaps[:4]) + ".")
+        cb, c = base.cost, run.cost
+        if cb["train_images_per_s"] and c["train_images_per_s"]:
+            ratio = cb["train_images_per_s"] / c["train_images_per_s"]
+            lines.append(f"  It trains {ratio:.1f}x {'slower' if ratio > 1 else 'faster'} "
+                         f"({c['train_images_per_s']:.0f} vs {cb['train_images_per_s']:.0f} images/s)"
+                         + (f" with {c['parameters'] / cb['parameters']:.2f}x the decoder parameters"
+                            if c["parameters"] and cb["parameters"] else "") + ".")
+        key = f"beam{beam}"
+        if key in c["decoding"] and key in cb["decoding"]:
+            lines.append(f"  Decoding at beam {beam}: {c['decoding'][key]:.0f} vs {cb['decoding'][key]:.0f} images/s.")
+        if q["pointing"] is not None:
+            lines.append(f"  Its attention points at the named object for {q['pointing']:.1%} of colour and shape "
+                         f"words, {q['pointing'] / q['pointing_chance']:.1f}x the chance level "
+                         f"({q['pointing_chance']:.1%}).")
+    return lines
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="run folders; the first is the baseline")
+    p.add_argument("--out", required=True, help="report folder")
+    p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
+    p.add_argument("--beam-size", "--beam_size", type=int, default=3, help="beam used for overlays and errors")
+    p.add_argument("--images", type=int, default=4, help="rows of attention overlays")
+    args = p.parse_args()
+    if len(args.runs) < 2:
+        p.error("give at least two run folders")
+    runs = [Run(folder, args.split) for folder in args.runs]
+    os.makedirs(args.out, exist_ok=True)
+    evaluated = [r for r in runs if r.eval]
+    beams = sorted(set.intersection(*(set(r.beams()) for r in evaluated))) if evaluated else []
+    beam = args.beam_size if args.beam_size in beams else (beams[0] if beams else args.beam_size)
+
+    md = [f"# Comparison: {' vs '.join(r.label for r in runs)}", "",
+          f"Generated by `python compare.py {' '.join(args.runs)} --out {args.out}` on {time.strftime('%Y-%m-%d')}, "
+          f"{platform.machine()} {platform.system()}, torch {torch.__version__}. Baseline: {runs[0].label}; "
+          f"split {args.split}.", ""]
+    for run in runs:
+        if not run.eval:
+            md.append(f"- **{run.label}: no eval results yet** - run `python eval.py --checkpoint "
+                      f"{os.path.join(run.folder, 'best.pt')} --split {args.split}`, then compare again.")
+        if run.stopped_early:
+            md.append(f"- {run.label} stopped early after {len(run.epochs)} of {run.cfg['epochs']} epochs "
+                      f"(patience {run.cfg['patience']}); its best epoch was {run.best['epoch']}.")
+    md += ["", "## Summary", ""] + (summary([runs[0]] + [r for r in runs[1:] if r.eval], beam)
+                                    if runs[0].eval and len(evaluated) > 1 else ["Not enough eval results."])
+
+    md += ["", "## Quality", ""]
+    for b in beams:
+        keys = [k for k in QUALITY if any(r.quality(b)[k] is not None for r in runs)] + ["val_loss", "val_top5"]
+        rows = []
+        for run in runs:
+            q = run.quality(b)
+            rows.append([run.label] + [fmt(k, q[k]) + (f" (chance {q['pointing_chance']:.1%})"
+                                                         if k == "pointing" and q[k] is not None else "")
+                                       for k in keys])
+        for run in runs[1:]:
+            q, qb = run.quality(b), runs[0].quality(b)
+            rows.append([f"margin {run.name} - {runs[0].name}"] +
+                        [fmt_margin(k, q[k] - qb[k] if q[k] is not None and qb[k] is not None else None)
+                         for k in keys])
+        md += [f"### beam {b}", "", table(["run"] + [label(k) for k in keys], rows), ""]
+    md += ["val loss and val top-5 are teacher-forced, at the best epoch. exact match: the caption equals one of the "
+           "references; phrase precision: share of \"size colour shape\" phrases that name a real object; relation "
+           "accuracy: share of \"X left of / right of / above / below Y\" statements true of the boxes; pointing: "
+           "share of colour and shape words whose most attended cell lies on such an object.", ""]
+
+    md += ["## Cost", ""]
+    rows = []
+    for run in runs:
+        c = run.cost
+        decoding = ", ".join(f"{k[4:]}: {v:.0f}" for k, v in sorted(c["decoding"].items())) or "n/a"
+        stop = f"{c['epochs']} (best {c['best_epoch']}{', stopped early' if run.stopped_early else ''})"
+        rows.append([run.label] + [fmt(k, c[k]) for k in ("parameters", "train_images_per_s", "epoch_time_s",
+                                                              "train_time_s", "peak_memory_mb")] + [decoding, stop])
+    md += [table(["run", "decoder parameters", "train images/s", "epoch time (s)", "train time (s)",
+                  "peak memory (MiB)", "decoding images/s by beam", "epochs"], rows), "",
+           "Training images/s and epoch time are medians over epochs; peak memory is the process's (CPU) or "
+           "CUDA's maximum allocation.", ""]
+
+    curves(runs, os.path.join(args.out, "curves.png"))
+    md += ["## Training curves", "", "![training and validation curves](curves.png)", ""]
+    if beams:
+        bars(runs, beam, os.path.join(args.out, "metrics.png"))
+        md += [f"## Metrics at beam {beam}", "", "![metrics](metrics.png)", ""]
+
+    attention = [r for r in runs if r.cfg["decoder"] == "attention" and r.has_checkpoint]
+    if attention and evaluated:
+        md += interpretability(runs, attention[0], evaluated, beam, args)
+    with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
+        f.write("\n".join(md) + "\n")
+    print(f"report: {os.path.join(args.out, 'report.md')}")
+
+
+def interpretability(runs, att, evaluated, beam, args):
+    """attention.png: where the attention run looked for each word, with the other runs' captions for
+    the same images; errors.png and a list: TEST images on which the runs disagree."""
+    ckpt = load_checkpoint(os.path.join(att.folder, "best.pt"))
+    encoder, decoder = load_model(ckpt, torch.device("cpu"))
+    dataset = CaptionDataset(att.cfg["data_folder"], att.cfg["data_name"], args.split)
+    rev = {v: k for k, v in ckpt["word_map"].items()}
+    captions = {r.name: captions_of(r, beam) for r in evaluated if f"beam{beam}" in r.eval["results"]}
+    ids = list(range(min(args.images, len(dataset))))
+    images = torch.stack([dataset[i][0] for i in ids])
+    with torch.no_grad():
+        out = decode(decoder, encoder(images), ckpt["word_map"], beam, att.cfg["max_decode_len"])
+    rows = []
+    for j, i in enumerate(ids):
+        words = to_words(out.seqs[j], rev)
+        rows.append((images[j].numpy(), f"TEST {i}", words, out.alphas[j][: len(words)]))
+    attention_grid(rows, os.path.join(args.out, "attention.png"))
+    md = ["## Where the attention decoder looks", "",
+          f"One row per TEST image: the image, then {att.label}'s attention for each word it generated "
+          f"(beam {beam}); light means attended.", "", "![attention overlays](attention.png)", ""]
+    md += [table(["image"] + list(captions), [[f"TEST {i}"] + [c.get(i, "n/a") for c in captions.values()]
+                                              for i in ids]), ""]
+
+    # Errors: images on which the runs say different things and at least one is wrong: false of the scene
+    # where the data has boxes (shapes), else matching none of the references.
+    names = list(captions)
+    refs = {i: [" ".join(to_words(c, rev)) for c in dataset.image_captions(i).tolist()]
+            for i in sorted(captions[names[0]])}
+    boxes_file = data_path(att.cfg["data_folder"], "BOXES", att.cfg["data_name"], args.split)
+    if os.path.exists(boxes_file):
+        with open(boxes_file) as f:
+            boxes = json.load(f)
+        right = lambda i, c: c is not None and describes_scene(c.split(), boxes[i])  # noqa: E731
+        rule = "false of the scene (an object missed or invented, or a wrong relation)"
+    else:
+        right = lambda i, c: c in refs[i]  # noqa: E731
+        rule = "matching no reference"
+    disagree = [i for i in refs if len({captions[n].get(i) for n in names}) > 1
+                and not all(right(i, captions[n].get(i)) for n in names)][:5]
+    if disagree:
+        fig, axes = plt.subplots(1, len(disagree), figsize=(3.2 * len(disagree), 3.6), squeeze=False)
+        for ax, i in zip(axes[0], disagree, strict=True):
+            ax.imshow(dataset[i][0].numpy().transpose(1, 2, 0))
+            ax.set_title(f"TEST {i}", fontsize=9)
+            ax.axis("off")
+        fig.tight_layout()
+        save(fig, os.path.join(args.out, "errors.png"), dpi=100)
+        md += ["## Typical errors", "", f"The first {len(disagree)} TEST images on which the runs' captions differ "
+               f"and one is wrong (beam {beam}); captions in *italics* are {rule}.", "",
+               "![images where the decoders disagree](errors.png)", "",
+               table(["image", "a reference"] + names,
+                     [[f"TEST {i}", refs[i][0]] + [c if right(i, c) else f"*{c}*"
+                                                    for c in (captions[n].get(i) for n in names)]
+                      for i in disagree]), ""]
+    return md
+
+
+if __name__ == "__main__":
+    run_cli(main)
