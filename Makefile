@@ -31,27 +31,32 @@ $(SHAPES): shapes.py create_input_files.py | install
 $(ENCODER): $(SHAPES) pretrain_encoder.py
 	$(call STAGE,pretrain the encoder,$(PY) pretrain_encoder.py --output-folder $(DATA))
 
+# Static pattern rules: their targets are ordinary files, so a missing one is always made (implicit
+# rules would treat them as intermediate and skip them when reports/demo/report.md looks up to date).
+DECODERS := rnn attention
+TRAINED := $(DECODERS:%=runs/demo-%/.trained)
+EVALS := $(DECODERS:%=runs/demo-%/eval_TEST.json)
+CAPTIONS := $(DECODERS:%=runs/demo-%/captions/.done)
+
 # .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
-runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
+$(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	$(call STAGE,train $*,$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite)
 	touch $@
 
-runs/demo-%/eval_TEST.json: runs/demo-%/.trained
+$(EVALS): runs/demo-%/eval_TEST.json: runs/demo-%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
 
-runs/demo-%/captions/.done: runs/demo-%/.trained
+$(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
 		--folder $(DATA)/samples --beam-size 3 --out runs/demo-$*/captions)
 	touch $@
 
-reports/demo/report.md: runs/demo-rnn/eval_TEST.json runs/demo-attention/eval_TEST.json compare.py
+reports/demo/report.md: $(EVALS) compare.py
 	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out reports/demo)
 
-.SECONDARY:  # keep the intermediate files of the chains above
-
-demo: install reports/demo/report.md runs/demo-rnn/captions/.done runs/demo-attention/captions/.done
+demo: install reports/demo/report.md $(CAPTIONS)
 	@echo "demo done: report in reports/demo/report.md, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
 
 clean:
-	rm -rf $(DATA) runs/demo-rnn runs/demo-attention reports/demo .pytest_cache .ruff_cache
+	rm -rf $(DATA) runs/demo-rnn runs/demo-attention .pytest_cache .ruff_cache

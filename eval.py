@@ -145,15 +145,17 @@ def main():
                         pin_memory=device.type == "cuda")
     options = {"length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat}
     want_alphas = boxes is not None and cfg["decoder"] == "attention"
-    results, unavailable, files = {}, {}, []
+    results, captions, timings, files = {}, {}, {}, []
     for k in args.beam_size:
         t0 = time.perf_counter()
-        words, alphas = caption_split(loader, encoder, decoder, device, word_map, k, max_len, options, want_alphas)
-        seconds = time.perf_counter() - t0
-        ids = sorted(words)
-        scores, missing = coco_metrics({i: [" ".join(r) for r in references[i]] for i in ids},
-                                       {i: " ".join(words[i]) for i in ids}, spice=args.spice)
-        unavailable.update(missing)
+        captions[k] = caption_split(loader, encoder, decoder, device, word_map, k, max_len, options, want_alphas)
+        timings[k] = time.perf_counter() - t0
+    ids = sorted(captions[args.beam_size[0]][0])
+    scores_by_beam, unavailable = coco_metrics({i: [" ".join(r) for r in references[i]] for i in ids},
+                                               {k: {i: " ".join(captions[k][0][i]) for i in ids} for k in captions},
+                                               spice=args.spice)
+    for k, (words, alphas) in captions.items():
+        scores = scores_by_beam[k]
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], [words[i] for i in ids])
         if boxes is not None:
             scores.update(scene_measures([words[i] for i in ids], [references[i] for i in ids],
@@ -164,8 +166,8 @@ def main():
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
         captions_file = f"{stem}_captions_beam{k}.json"
         files.append((captions_file, [{"image_id": i, "caption": " ".join(words[i])} for i in ids]))
-        results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": seconds, "images_per_s": len(ids) / seconds,
-                               "captions_file": os.path.basename(captions_file)}
+        results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": timings[k],
+                               "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file)}
 
     header = f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
     header += f" {'pointing':>16s}" if want_alphas else ""

@@ -76,36 +76,46 @@ def _spice_missing():
     return None
 
 
-def coco_metrics(references, hypotheses, spice=False):
-    """coco-caption scores, as papers report them. references: {id: [sentence, ...]}, hypotheses:
-    {id: sentence}. Returns (scores, unavailable): scores maps BLEU-1..4, METEOR, ROUGE-L, CIDEr (and
-    SPICE) to floats or None; unavailable maps the metrics that could not run to the reason."""
+def coco_metrics(references, systems, spice=False):
+    """coco-caption scores, as papers report them, for one or more sets of captions of the same images
+    (say, one per beam size: the references are tokenised once and Java started once per tool).
+
+    references: {id: [sentence, ...]}; systems: {name: {id: sentence}}. Returns (scores, unavailable):
+    scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
+    unavailable maps the metrics that could not run to the reason."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
-    ids = sorted(hypotheses)
+    ids = sorted(next(iter(systems.values())))
     gts = ptb_tokenize({i: references[i] for i in ids})
-    res = ptb_tokenize({i: [hypotheses[i]] for i in ids})
-    res = {i: [c[0] if c[0].strip() else "<empty>"] for i, c in res.items()}  # CIDEr fails on an empty one
-    scores, unavailable = {}, {}
-    bleu, _ = Bleu(4).compute_score(gts, res, verbose=0)
-    scores.update({f"BLEU-{n + 1}": b for n, b in enumerate(bleu)})
-    if java_available():
+    tokens = ptb_tokenize({(name, i): [hyps[i]] for name, hyps in systems.items() for i in ids})
+    unavailable = {}
+    java = java_available()
+    if not java:
+        unavailable["METEOR"] = "needs Java (not found on PATH)"
+    if spice and _spice_missing():
+        unavailable["SPICE"] = _spice_missing()
+    meteor = None
+    if java:
         from pycocoevalcap.meteor.meteor import Meteor
-        scores["METEOR"], _ = Meteor().compute_score(gts, res)
-    else:
-        scores["METEOR"], unavailable["METEOR"] = None, "needs Java (not found on PATH)"
-    scores["ROUGE-L"], _ = Rouge().compute_score(gts, res)
-    scores["CIDEr"], _ = Cider().compute_score(gts, res)
-    if spice:
-        reason = _spice_missing()
-        if reason is None:
-            from pycocoevalcap.spice.spice import Spice
-            scores["SPICE"], _ = Spice().compute_score(gts, res)
-        else:
-            scores["SPICE"], unavailable["SPICE"] = None, reason
-    return {k: (float(v) if v is not None else None) for k, v in scores.items()}, unavailable
+        meteor = Meteor()
+    results = {}
+    for name in systems:
+        # CIDEr fails on an empty caption
+        res = {i: [tokens[(name, i)][0] if tokens[(name, i)][0].strip() else "<empty>"] for i in ids}
+        scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
+        scores["METEOR"] = meteor.compute_score(gts, res)[0] if meteor else None
+        scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
+        scores["CIDEr"] = Cider().compute_score(gts, res)[0]
+        if spice:
+            if "SPICE" in unavailable:
+                scores["SPICE"] = None
+            else:
+                from pycocoevalcap.spice.spice import Spice
+                scores["SPICE"] = Spice().compute_score(gts, res)[0]
+        results[name] = {k: (float(v) if v is not None else None) for k, v in scores.items()}
+    return results, unavailable
 
 
 def nltk_bleu4(references, hypotheses):

@@ -6,7 +6,12 @@ import pytest
 import torch
 
 import metrics
-from metrics import coco_metrics, corpus_bleu, nltk_bleu4, pointing_accuracy, ptb_tokenize
+from metrics import corpus_bleu, nltk_bleu4, pointing_accuracy, ptb_tokenize
+
+
+def coco_metrics(references, hypotheses, spice=False):
+    scores, unavailable = metrics.coco_metrics(references, {"run": hypotheses}, spice=spice)
+    return scores["run"], unavailable
 
 
 def test_corpus_bleu_equals_nltk():
@@ -53,6 +58,16 @@ def test_with_java():
     assert 0.3 < scores["METEOR"] < 1.0 and "METEOR" not in unavailable
     if metrics._spice_missing():  # offline: CoreNLP cannot be fetched, and that is reported, not raised
         assert scores["SPICE"] is None and "CoreNLP" in unavailable["SPICE"]
+
+
+def test_several_systems_at_once_score_as_each_alone():
+    refs = {0: ["a cat on a mat", "a cat sits"], 1: ["a dog runs", "the dog is running"]}
+    systems = {"a": {0: "a cat", 1: "a dog runs"}, "b": {0: "a cat on the mat", 1: "dog"}}
+    together, _ = metrics.coco_metrics(refs, systems)
+    for name, hyps in systems.items():
+        alone, _ = coco_metrics(refs, hyps)
+        for k, v in alone.items():  # CIDEr-D's idf comes from the references, so it is the same too
+            assert together[name][k] == pytest.approx(v, abs=1e-9), (name, k)
 
 
 def test_empty_hypothesis_does_not_crash():
