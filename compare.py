@@ -43,14 +43,15 @@ class Run:
             self.cfg = yaml.safe_load(f)
         with open(os.path.join(folder, "log.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        self.steps = [r for r in records if r["kind"] == "step"]
+        self.steps = [r for r in records if r["kind"] == "step" and "loss" in r]  # not all-skipped windows
         self.epochs = [r for r in records if r["kind"] == "epoch"]
         self.eval = None
         path = os.path.join(folder, f"eval_{split}.json")
         if os.path.isfile(path):
             with open(path) as f:
                 self.eval = json.load(f)
-        self.best = max(self.epochs, key=lambda e: (e["val_bleu4"], -e["val_loss"])) if self.epochs else None
+        improved = [e for e in self.epochs if e["best"]]  # best.pt is the last epoch train.py marked best
+        self.best = improved[-1] if improved else None
         patience = self.cfg["patience"]
         bad = 0
         for e in self.epochs:
@@ -89,7 +90,18 @@ class Run:
             "decoding": decoding,
             "epochs": len(self.epochs),
             "best_epoch": self.best["epoch"] if self.best else None,
+            "loss_noise": self.loss_noise(),
         }
+
+    def loss_noise(self):
+        """Standard deviation of the change of the logged training loss from one log line to the next,
+        over the second half of training: how jagged the curve is (compare runs with the same log_every)."""
+        losses = [s["loss"] for s in self.steps[len(self.steps) // 2:]]
+        changes = [b - a for a, b in zip(losses, losses[1:], strict=False)]
+        if len(changes) < 2:
+            return None
+        mean = sum(changes) / len(changes)
+        return (sum((c - mean) ** 2 for c in changes) / (len(changes) - 1)) ** 0.5
 
     @property
     def has_checkpoint(self):
@@ -263,12 +275,14 @@ def main():
         c = run.cost
         decoding = ", ".join(f"{k[4:]}: {v:.0f}" for k, v in sorted(c["decoding"].items())) or "n/a"
         stop = f"{c['epochs']} (best {c['best_epoch']}{', stopped early' if run.stopped_early else ''})"
-        rows.append([run.label] + [fmt(k, c[k]) for k in ("parameters", "train_images_per_s", "epoch_time_s",
-                                                              "train_time_s", "peak_memory_mb")] + [decoding, stop])
+        noise = "n/a" if c["loss_noise"] is None else f"{c['loss_noise']:.4f} (every {run.cfg['log_every']})"
+        keys = ("parameters", "train_images_per_s", "epoch_time_s", "train_time_s", "peak_memory_mb")
+        rows.append([run.label] + [fmt(k, c[k]) for k in keys] + [decoding, stop, noise])
     md += [table(["run", "decoder parameters", "train images/s", "epoch time (s)", "train time (s)",
-                  "peak memory (MiB)", "decoding images/s by beam", "epochs"], rows), "",
+                  "peak memory (MiB)", "decoding images/s by beam", "epochs", "loss noise (log lines)"], rows), "",
            "Training images/s and epoch time are medians over epochs; peak memory is the process's (CPU) or "
-           "CUDA's maximum allocation.", ""]
+           "CUDA's maximum allocation. Loss noise: standard deviation of the change in training loss from one log "
+           "line to the next over the second half of training (lower: a smoother curve).", ""]
 
     curves(runs, os.path.join(args.out, "curves.png"))
     md += ["## Training curves", "", "![training and validation curves](curves.png)", ""]

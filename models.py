@@ -298,6 +298,7 @@ def _finish(seq, length, score, alphas):
 def greedy(decoder, features, word_map, max_len=50):
     """The most likely word at every step, for a batch. At most max_len words, then <end> is forced."""
     start, end = word_map["<start>"], word_map["<end>"]
+    never = [word_map["<pad>"], start]  # never targets in training, yet an untrained model may pick them
     B, P = features.shape[:2]
     L, dev = max_len + 1, features.device
     state = decoder.init_state(features)
@@ -310,6 +311,7 @@ def greedy(decoder, features, word_map, max_len=50):
     for t in range(L):
         logits, state, alpha = decoder.step(words, state, features)
         logp = torch.log_softmax(logits.float(), dim=1)
+        logp[:, never] = -math.inf
         if t == max_len:
             logp = _only(logp, end)
         s, words = logp.max(1)
@@ -358,6 +360,7 @@ def beam_search(decoder, features, word_map, beam_size=3, max_len=50, length_pen
     if beam_size < 1 or length_penalty < 0:
         raise ValueError("beam_size must be >= 1 and length_penalty >= 0")
     start, end = word_map["<start>"], word_map["<end>"]
+    never = [word_map["<pad>"], start]
     B, P = features.shape[:2]
     K, L, dev = beam_size, max_len + 1, features.device
     out_seq = torch.zeros(B, L, dtype=torch.long, device=dev)
@@ -377,6 +380,7 @@ def beam_search(decoder, features, word_map, beam_size=3, max_len=50, length_pen
         n = ids.numel()
         logits, state, alpha = decoder.step(words, state, feats)
         logp = torch.log_softmax(logits.float(), dim=1)
+        logp[:, never] = -math.inf
         if t == max_len:
             logp = _only(logp, end)
         elif block_ngram_repeat:

@@ -1,6 +1,8 @@
 """Small helpers shared by the scripts: user-facing errors and atomic file writes."""
+import errno
 import json
 import os
+import shutil
 import sys
 from contextlib import contextmanager
 
@@ -30,11 +32,30 @@ def atomic_path(path):
         yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())  # the data is on disk before the name points at it
-    except BaseException:
+    except BaseException as e:
+        full = disk_full(e, os.path.dirname(os.path.abspath(path)))
         if os.path.exists(tmp):
             os.remove(tmp)
+        if full:
+            raise InputError(f"no space left on the device while writing {path}: free some space and run again "
+                             "(what was there before is untouched)") from None
         raise
     os.replace(tmp, path)
+
+
+def disk_full(error, folder):
+    """ENOSPC, also as HDF5 reports it (in the message) and torch.save (only "unexpected pos": then
+    the free space of the folder, measured before the partial file is removed, decides)."""
+    if isinstance(error, OSError) and error.errno == errno.ENOSPC:
+        return True
+    if not isinstance(error, OSError | RuntimeError):
+        return False
+    if "No space left on device" in str(error):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < 2**24
+    except OSError:
+        return False
 
 
 def load_checkpoint(path):
@@ -79,7 +100,8 @@ CHOICES = {
 AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
             "train_captions_per_image": 0, "val_beam_size": 1,
             "max_decode_len": 1, "encoded_size": 1, "emb_dim": 1, "decoder_dim": 1, "attention_dim": 1,
-            "patience": 0, "lr_decay_patience": 0, "checkpoint_every": 0, "log_every": 1, "val_max_images": 0,
+            "patience": 0, "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
+            "val_max_images": 0,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 

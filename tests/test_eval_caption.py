@@ -3,7 +3,6 @@ import json
 import math
 
 import pytest
-import torch
 from PIL import Image
 
 from tests.conftest import run_script
@@ -28,13 +27,10 @@ def test_eval(trained, tmp_path, decoder):
     assert "BLEU-4" in r.stdout and "CIDEr" in r.stdout
 
 
-def test_eval_decoding_benchmark_and_refusals(trained, tmp_path):
-    ckpt = trained("attention")
-    r = run_script("eval.py", "--checkpoint", ckpt, "--benchmark-decoding", 6, "--beam-size", 3)
+def test_eval_decoding_benchmark(trained):
+    r = run_script("eval.py", "--checkpoint", trained("attention"), "--benchmark-decoding", 6, "--beam-size", 3)
     assert r.returncode == 0, r.stderr
     assert "True" in r.stdout.splitlines()[-1]  # batched and one-at-a-time captions agree
-    r = run_script("eval.py", "--checkpoint", ckpt, "--data_folder", tmp_path)
-    assert r.returncode == 2 and "WORDMAP" in r.stderr and "Traceback" not in r.stderr
 
 
 def photos(folder, n=2):
@@ -67,23 +63,3 @@ def test_caption_plain_decoder_and_single_file(trained, tmp_path):
                    "--out", tmp_path / "one.png")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "one.png").size == (200, 200)
-
-
-def test_caption_refusals(trained, tmp_path):
-    ckpt = trained("rnn")
-
-    def refused(r, *needles):
-        assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr
-        assert all(n in r.stderr for n in needles), r.stderr
-
-    (tmp_path / "notes.jpg").write_text("not an image")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "notes.jpg"), "notes.jpg")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "gone.jpg"), "gone.jpg")
-    (tmp_path / "empty").mkdir()
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--folder", tmp_path / "empty"), "no images")
-    bad = torch.load(ckpt, weights_only=True)
-    bad["word_map"]["zebra"] = len(bad["word_map"])
-    torch.save(bad, tmp_path / "mixed.pt")
-    src = photos(tmp_path / "in", 1)
-    refused(run_script("caption.py", "--checkpoint", tmp_path / "mixed.pt", "--folder", src), "vocabular")
-    assert not (tmp_path / "captions").exists()

@@ -1,0 +1,91 @@
+"""train.py under torchrun: 2 gloo processes on the CPU against one process at the same global batch."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from tests.conftest import ROOT, run_script, train_args
+
+# Dropout off, so both runs draw no random numbers in training and must agree up to float summation order.
+COMMON = dict(decoder="attention", dropout=0.0, epochs=2, accumulation_steps=2, log_every=1)
+TOLERANCE = 1e-4  # relative, on every logged training loss
+
+
+def torchrun(nproc, *args):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def losses(run):
+    with open(run / "log.jsonl") as f:
+        return [r for r in map(json.loads, f)]
+
+
+def stripped(run):
+    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s", "peak_memory_mb")}
+            for r in losses(run)]
+
+
+def load(path):
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+@pytest.fixture(scope="module")
+def two_process_run(shapes_data, tmp_path_factory):
+    out = tmp_path_factory.mktemp("ddp") / "run"
+    r = torchrun(2, *train_args(out, shapes_data, batch_size=4, **COMMON))
+    assert r.returncode == 0, r.stderr[-3000:]
+    return out, r
+
+
+def test_two_processes_match_one_at_the_same_global_batch(two_process_run, shapes_data, tmp_path):
+    ddp, r = two_process_run
+    assert "ranks agree: identical parameters on all 2 processes" in r.stdout
+    assert r.stdout.count("epoch 1:") == 1  # only rank 0 prints and logs
+    single = tmp_path / "single"
+    s = run_script("train.py", *train_args(single, shapes_data, batch_size=8, **COMMON))
+    assert s.returncode == 0, s.stderr
+    a, b = losses(single), losses(ddp)
+    assert [x["step"] for x in a] == [x["step"] for x in b]  # same number of steps and log lines
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "ce", "train_loss", "val_loss", "val_bleu4"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=TOLERANCE, abs=1e-6), (x["step"], key)
+    wa, wb = load(single / "last.pt")["decoder"], load(ddp / "last.pt")["decoder"]
+    for k in wa:
+        if k == "attention.full_att.bias":
+            continue  # softmax ignores it: its gradient is rounding noise, which Adam scales up to lr-sized steps
+        assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
+
+
+def test_resume_under_torchrun_with_the_same_or_another_world_size(two_process_run, shapes_data, tmp_path):
+    straight, _ = two_process_run
+    split = tmp_path / "split"
+    r = torchrun(2, *train_args(split, shapes_data, batch_size=4, max_steps=5, **COMMON))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert load(split / "last.pt")["step"] == 5
+    r = torchrun(2, "--resume", split / "last.pt", "--max_steps", 0)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = load(straight / "last.pt"), load(split / "last.pt")
+    assert a["step"] == b["step"]
+    for k in a["decoder"]:
+        assert torch.equal(a["decoder"][k], b["decoder"][k]), k
+    assert stripped(straight) == stripped(split)  # the log too, without duplicated lines
+
+    # A 2-process checkpoint continued by one process at batch 8: the same global batch, so the same
+    # samples in the same order.
+    one = tmp_path / "one"
+    r = torchrun(2, *train_args(one, shapes_data, batch_size=4, max_steps=5, **COMMON))
+    assert r.returncode == 0, r.stderr[-3000:]
+    r = run_script("train.py", "--resume", one / "last.pt", "--max_steps", 0, "--batch_size", 8)
+    assert r.returncode == 0, r.stderr
+    c = load(one / "last.pt")
+    assert c["step"] == a["step"]
+    for k in a["decoder"]:
+        if k != "attention.full_att.bias":  # see above
+            assert torch.allclose(a["decoder"][k], c["decoder"][k], rtol=1e-3, atol=1e-5), k
