@@ -7,7 +7,7 @@ ENCODER := $(DATA)/encoder_resnet18_stages2.pt
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test lint demo clean
+.PHONY: install test lint demo bench study gpu-wheels clean
 
 install: $(STAMP)
 
@@ -57,6 +57,33 @@ reports/demo/report.md: $(EVALS) compare.py
 demo: install reports/demo/report.md $(CAPTIONS)
 	@echo "demo done: report in reports/demo/report.md, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
+
+# The CPU benchmark matrix on the shapes model and vocabulary (docs/benchmarks.md quotes docs/bench_cpu.json).
+bench: install
+	$(PY) bench.py --config configs/shapes.yaml --image-size 64 --vocab 44 --profile --out docs/bench_cpu.json
+
+# The optimisation study: the plain decoder on shapes, 15 epochs, one change per run against study-fp32.
+# best.pt and early stopping follow validation BLEU-4, the seed's rule.
+STUDY_RUNS := fp32 bf16 acc4 early
+STUDY_ARGS := --decoder rnn --config configs/shapes.yaml --epochs 15 --patience 0 --log_every 5 \
+	--early_stop_metric bleu4
+STUDY_fp32 :=
+STUDY_bf16 := --amp true --amp_dtype bfloat16
+STUDY_acc4 := --batch_size 8 --accumulation_steps 4
+STUDY_early := --patience 1
+STUDY_EVALS := $(STUDY_RUNS:%=runs/study-%/eval_TEST.json)
+
+$(STUDY_EVALS): runs/study-%/eval_TEST.json: $(ENCODER) configs/shapes.yaml
+	$(call STAGE,study: train $*,$(PY) train.py $(STUDY_ARGS) $(STUDY_$*) --out runs/study-$* --overwrite)
+	$(call STAGE,study: evaluate $*,$(PY) eval.py --checkpoint runs/study-$*/best.pt --beam-size 3)
+
+study: install $(STUDY_EVALS)
+	$(call STAGE,study: compare,$(PY) compare.py $(STUDY_RUNS:%=runs/study-%) --out reports/study --beam-size 3)
+
+# PyYAML wheels for a GPU machine whose image lacks it: scripts/gpu_bench.sh installs from .wheels/.
+gpu-wheels: install
+	for v in 3.10 3.11 3.12 3.13; do $(PY) -m pip download -q pyyaml --only-binary=:all: --no-deps \
+		--python-version $$v --platform manylinux2014_x86_64 -d .wheels; done
 
 clean:
 	rm -rf $(DATA) runs/demo-rnn runs/demo-attention .pytest_cache .ruff_cache

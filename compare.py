@@ -205,7 +205,8 @@ def summary(runs, beam):
         cb, c = base.cost, run.cost
         if cb["train_images_per_s"] and c["train_images_per_s"]:
             ratio = cb["train_images_per_s"] / c["train_images_per_s"]
-            lines.append(f"  It trains {ratio:.1f}x {'slower' if ratio > 1 else 'faster'} "
+            pace = f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+            lines.append(f"  It trains {pace} "
                          f"({c['train_images_per_s']:.0f} vs {cb['train_images_per_s']:.0f} images/s)"
                          + (f" with {c['parameters'] / cb['parameters']:.2f}x the decoder parameters"
                             if c["parameters"] and cb["parameters"] else "") + ".")

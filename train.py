@@ -86,6 +86,10 @@ def resolve_config(argv):
         cfg = merge_config(cfg, read_yaml(config_file), config_file)
     cfg = merge_config(cfg, pairs, "command line")
     if ckpt:
+        missing = [k for k in ("samples", "decoder_optimizer", "rng", "sums") if k not in ckpt]
+        if missing:
+            raise InputError(f"{resume} cannot be resumed: it lacks {missing[0]!r} (written by an older train.py, or "
+                             "not by train.py); eval.py and caption.py can still use it")
         for key in MODEL_KEYS:
             if cfg[key] != ckpt["config"][key]:
                 raise InputError(f"{resume} was trained with {key} {ckpt['config'][key]!r}, the config asks for "

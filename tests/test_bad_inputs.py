@@ -263,6 +263,13 @@ def test_resume_refuses_another_vocabulary_decoder_or_encoder(run, tmp_path, sha
     assert files(run) == before
 
 
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path, run):
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    del ckpt["samples"]  # as in a checkpoint of an older train.py
+    torch.save(ckpt, tmp_path / "old.pt")
+    refused(run_script("train.py", "--resume", tmp_path / "old.pt"), "old.pt", "cannot be resumed", "'samples'")
+
+
 def test_malicious_checkpoint_runs_no_code(tmp_path, run):
     marker = tmp_path / "pwned"
 

@@ -1,0 +1,311 @@
+"""Benchmark the real training step and decoding on synthetic data: images/s and peak memory.
+
+    python bench.py --config configs/shapes.yaml --image-size 64 --vocab 44 --out bench_cpu.json  # shapes
+    python bench.py --device cuda --out bench_gpu.json                                 # the seed model
+    python bench.py --tiny                                                             # seconds: a smoke run
+
+Training: decoder x precision (fp32, fp16 with the gradient scaler, bf16) x encoder (frozen, fine-tuned,
+cached features) x accumulation steps, each timed through train.train_step, the function train.py
+runs, on batches that start on the host as the DataLoader delivers them (uint8 images or fp16 cached
+features). --batch-size is the effective batch: with accumulation N each micro-batch holds
+batch_size / N images, so the memory column shows what accumulation saves at an equal batch.
+Decoding: batched vs one image at a time at each beam size, on random features with an untrained
+decoder made never to say <end>: every caption runs to --decode-len words in both, so both do the
+same work (the worst case for early stopping). Each figure is the median of --runs timed runs after
+warm-up (spread: min-max).
+"""
+import argparse
+import functools
+import itertools
+import json
+import os
+import platform
+import statistics
+import time
+from datetime import date
+
+import torch
+
+import train
+from datasets import SPECIAL_TOKENS
+from models import decode
+from utils import InputError, atomic_path, default_config, merge_config, pick_device, read_yaml, run_cli
+
+PRECISIONS = {"fp32": dict(amp=False), "fp16": dict(amp=True, amp_dtype="float16"),
+              "bf16": dict(amp=True, amp_dtype="bfloat16")}
+ENCODERS = ("frozen", "finetune", "cached")
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML overlay on configs/default.yaml (the model; default: the seed's)")
+    p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
+    p.add_argument("--decoder", nargs="+", default=["rnn", "attention"], choices=("rnn", "attention"))
+    p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
+    p.add_argument("--encoder-mode", nargs="+", default=list(ENCODERS), choices=ENCODERS)
+    p.add_argument("--accumulation", nargs="+", type=int, default=[1, 2])
+    p.add_argument("--batch-size", nargs="+", type=int, default=[32], help="effective batch sizes")
+    p.add_argument("--image-size", type=int, default=256)
+    p.add_argument("--vocab", type=int, default=9490, help="words (COCO's Karpathy vocabulary: 9490)")
+    p.add_argument("--caption-len", type=int, default=24, help="longest caption in a batch, in tokens")
+    p.add_argument("--steps", type=int, default=3, help="optimiser steps per timed run")
+    p.add_argument("--runs", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN autotuning, allocator)")
+    p.add_argument("--beam-size", nargs="+", type=int, default=[1, 3, 5])
+    p.add_argument("--decode-images", type=int, default=128, help="images decoded in batches")
+    p.add_argument("--decode-single", type=int, default=16, help="images decoded one at a time")
+    p.add_argument("--decode-len", type=int, default=20)
+    p.add_argument("--data-folder", help="also time the DataLoader over this prepared TRAIN split")
+    p.add_argument("--data-name")
+    p.add_argument("--profile", action="store_true", help="write torch.profiler tables beside --out: each "
+                   "decoder's first training configuration, and one batch of decoding at the largest beam")
+    p.add_argument("--tiny", action="store_true", help="a tiny model and 2 runs: checks the script in seconds")
+    p.add_argument("--out", help="results JSON (default: print only)")
+    args = p.parse_args()
+    if min(args.batch_size + args.accumulation + args.beam_size) < 1 or args.runs < 1 or args.steps < 1:
+        p.error("batch sizes, accumulation steps, beam sizes, --runs and --steps must be at least 1")
+    return args
+
+
+def model_config(args):
+    cfg = default_config()
+    if args.config:
+        cfg = merge_config(cfg, read_yaml(args.config), args.config)
+    cfg = merge_config(cfg, {"device": args.device, "workers": 0, "encoder_weights": "none",
+                             "max_decode_len": args.decode_len}, "bench.py")
+    if args.tiny:
+        cfg = merge_config(cfg, {"encoder": "resnet18", "encoder_stages": 2, "encoded_size": 4, "emb_dim": 16,
+                                 "decoder_dim": 32, "attention_dim": 16, "coord_channels": False}, "--tiny")
+        args.image_size, args.vocab, args.caption_len, args.runs, args.steps = 32, 50, 8, 2, 1
+        args.batch_size, args.decode_images, args.decode_single, args.warmup = [4], 8, 2, 1
+    return cfg
+
+
+class PeakMemory:
+    """Peak memory of what runs inside: allocated CUDA memory, or on CPU the process's peak resident
+    set (which includes Python and torch themselves), reset through /proc/self/clear_refs."""
+
+    def __init__(self, device):
+        self.device = device
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats(self.device)
+        else:
+            try:
+                with open("/proc/self/clear_refs", "w") as f:
+                    f.write("5")
+            except OSError:
+                pass  # not Linux: the peak since start
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
+        else:
+            self.mb = train.peak_memory_mb(self.device)
+            if os.path.exists("/proc/self/status"):
+                with open("/proc/self/status") as f:
+                    self.mb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, runs, warmup):
+    """Seconds per call: median, min and max over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)
+
+
+def word_map_of(size):
+    words = [f"w{i}" for i in range(size - len(SPECIAL_TOKENS))]
+    return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
+
+
+def micro_batches(t, n, micro, args, cached, feature_shape):
+    """`n` micro-batches on the host, as the DataLoader hands them over (pinned on CUDA)."""
+    g = torch.Generator().manual_seed(0)
+    batches = []
+    for _ in range(n):
+        if cached:
+            x = torch.randn((micro,) + feature_shape, generator=g).half()
+        else:
+            x = torch.randint(0, 256, (micro, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+        lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (micro,), generator=g)
+        lens[0] = args.caption_len
+        caps = torch.randint(1, len(t.word_map) - 3, (micro, args.caption_len), generator=g)
+        caps[:, 0] = t.word_map["<start>"]
+        caps[torch.arange(micro), lens - 1] = t.word_map["<end>"]
+        caps[torch.arange(args.caption_len)[None] >= lens[:, None]] = 0
+        batch = (x, caps, lens)
+        if t.device.type == "cuda":
+            batch = tuple(b.pin_memory() for b in batch)
+        batches.append(batch)
+    return batches
+
+
+def run_steps(t, group, amp, n):
+    for _ in range(n):
+        train.train_step(t, group, amp)
+
+
+def bench_training(args, base, device, word_map):
+    rows, profiled = [], set()
+    matrix = itertools.product(args.decoder, args.precision, args.encoder_mode, args.batch_size, args.accumulation)
+    for decoder, precision, mode, batch, acc in matrix:
+        if precision == "fp16" and device.type != "cuda" or batch % acc:
+            continue  # CPU autocast in fp16 is slow and train.py does not use it
+        cfg = dict(base, decoder=decoder, fine_tune_encoder=mode == "finetune", batch_size=batch // acc,
+                   accumulation_steps=acc, **PRECISIONS[precision])
+        torch.manual_seed(0)
+        t = train.Trainer(cfg, None, word_map, args.image_size, device)
+        shape = feature_shape(t, args) if mode == "cached" else None
+        t.encoder.train()
+        t.decoder.train()
+        group = micro_batches(t, acc, batch // acc, args, mode == "cached", shape)
+        steps = functools.partial(run_steps, t, group, train.amp_context(cfg, device), args.steps)
+        with PeakMemory(device) as mem:
+            med, lo, hi = timed(steps, device, args.runs, args.warmup)
+        images = batch * args.steps
+        row = {"decoder": decoder, "precision": precision, "encoder": mode, "batch": batch, "accumulation": acc,
+               "micro_batch": batch // acc, "images_per_s": images / med, "images_per_s_min": images / hi,
+               "images_per_s_max": images / lo, "peak_memory_mb": mem.mb}
+        rows.append(row)
+        print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc}: {row['images_per_s']:8.1f} img/s, "
+              f"{mem.mb:7.0f} MiB", flush=True)
+        if args.profile and args.out and decoder not in profiled:
+            profile(args, steps, device, f"{decoder}_{precision}_{mode}")
+            profiled.add(decoder)
+    return rows
+
+
+def feature_shape(t, args):
+    with torch.no_grad():
+        probe = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8, device=t.device)
+        return tuple(t.encoder.eval()(probe).shape[1:])
+
+
+def profile(args, fn, device, name):
+    acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA]
+                                                     if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=acts) as prof:
+        fn()
+        sync(device)
+    key = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    path = os.path.splitext(args.out)[0] + f"_profile_{name}.txt"
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write(prof.key_averages().table(sort_by=key, row_limit=25))
+    print(f"profile: {path}")
+
+
+def decode_all(decoder, features, word_map, size, beam, max_len):
+    for i in range(0, len(features), size):
+        decode(decoder, features[i:i + size], word_map, beam, max_len)
+
+
+def bench_decoding(args, base, device, word_map):
+    rows = []
+    size, single = min(args.batch_size), min(args.decode_single, args.decode_images)
+    for decoder_name, k in itertools.product(args.decoder, args.beam_size):
+        torch.manual_seed(0)
+        t = train.Trainer(dict(base, decoder=decoder_name, amp=False), None, word_map, args.image_size, device)
+        features = torch.randn((args.decode_images,) + feature_shape(t, args), device=device)
+        decoder, runs = t.decoder.eval(), max(1, args.runs // 2)
+        with torch.no_grad():  # an untrained model says <end> at random; this one never does (equal work)
+            decoder.fc.bias[word_map["<end>"]] = -1e4
+        b = timed(functools.partial(decode_all, decoder, features, word_map, size, k, args.decode_len), device, runs, 1)
+        s = timed(functools.partial(decode_all, decoder, features[:single], word_map, 1, k, args.decode_len),
+                  device, runs, 1)
+        if args.profile and args.out and k == max(args.beam_size):
+            profile(args, functools.partial(decode_all, decoder, features[:size], word_map, size, k, args.decode_len),
+                    device, f"decode_{decoder_name}_beam{k}")
+        row = {"decoder": decoder_name, "beam": k, "batch": size, "batched_images_per_s": len(features) / b[0],
+               "single_images_per_s": single / s[0]}
+        row["speedup"] = row["batched_images_per_s"] / row["single_images_per_s"]
+        rows.append(row)
+        print(f"decode {decoder_name:9s} beam {k}: batched {row['batched_images_per_s']:8.1f} img/s, one at a "
+              f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x", flush=True)
+    return rows
+
+
+def bench_data(args, cfg):
+    """The training DataLoader over real prepared images (uint8, workers as configured)."""
+    from torch.utils.data import DataLoader
+
+    from datasets import CaptionDataset
+    dataset = CaptionDataset(args.data_folder, args.data_name, "TRAIN")
+    loader = DataLoader(dataset, batch_size=max(args.batch_size), shuffle=True, num_workers=cfg["workers"],
+                        pin_memory=torch.cuda.is_available(), persistent_workers=False)
+    n, t0 = 0, time.perf_counter()
+    for i, (images, _, _) in enumerate(loader):
+        n += len(images)
+        if i == 200:
+            break
+    rate = n / (time.perf_counter() - t0)
+    print(f"data: {rate:.0f} img/s reading {dataset.h5_path} with {cfg['workers']} workers")
+    return {"images_per_s": rate, "workers": cfg["workers"], "image_size": dataset.image_size, "images": n}
+
+
+def markdown(result):
+    lines = [f"{result['card']}, torch {result['torch']}, {result['date']}; model: {result['model']}", "",
+             "| decoder | precision | encoder | batch (micro x acc) | images/s (min-max) | peak memory MiB |",
+             "|---|---|---|---|---|---|"]
+    for r in result["training"]:
+        lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
+                     f"{r['accumulation']}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
+                     f"{r['images_per_s_max']:.1f}) | {r['peak_memory_mb']:.0f} |")
+    lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up |", "|---|---|---|---|---|"]
+    for r in result["decoding"]:
+        lines.append(f"| {r['decoder']} | {r['beam']} | {r['batched_images_per_s']:.1f} | "
+                     f"{r['single_images_per_s']:.1f} | {r['speedup']:.1f}x |")
+    if result.get("data"):
+        d = result["data"]
+        lines += ["", f"DataLoader over prepared {d['image_size']} px images, {d['workers']} workers: "
+                  f"{d['images_per_s']:.0f} images/s"]
+    return "\n".join(lines)
+
+
+def main():
+    args = parse_args()
+    cfg = model_config(args)
+    if args.out:
+        os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+    device = pick_device(args.device)
+    if args.data_folder and not args.data_name:
+        raise InputError("--data-folder needs --data-name (the base name of the prepared files)")
+    torch.backends.cudnn.benchmark = True
+    word_map = word_map_of(args.vocab)
+    card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
+        f"CPU {platform.machine()} x{os.cpu_count()} ({torch.get_num_threads()} threads)"
+    result = {"card": card, "torch": torch.__version__, "date": date.today().isoformat(),
+              "model": f"{cfg['encoder']} stages {cfg['encoder_stages']}, {args.image_size} px, "
+                       f"{cfg['encoded_size']}x{cfg['encoded_size']} grid, emb {cfg['emb_dim']}, "
+                       f"decoder {cfg['decoder_dim']}, attention {cfg['attention_dim']}, vocab {args.vocab}, "
+                       f"captions up to {args.caption_len} tokens",
+              "args": {k: v for k, v in vars(args).items() if k != "out"}}
+    result["training"] = bench_training(args, cfg, device, word_map)
+    result["decoding"] = bench_decoding(args, cfg, device, word_map)
+    if args.data_folder:
+        result["data"] = bench_data(args, cfg)
+    print()
+    print(markdown(result))
+    if args.out:
+        with atomic_path(args.out) as tmp, open(tmp, "w") as f:
+            json.dump(result, f, indent=1)
+        print(f"\nwrote {args.out}")
+
+
+if __name__ == "__main__":
+    run_cli(main)
