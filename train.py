@@ -422,35 +422,34 @@ def train_epoch(t, loader, log, amp, stop):
     sums = t.sums.to(device)  # loss x tokens, ce sum, top-5 hits, tokens: synced only to log
     window = t.window.to(device)  # the same since the last log line
     images_seen, t0 = 0, time.time()
-    bar = tqdm(total=len(loader), desc=f"train {t.epoch + 1}/{cfg['epochs']}", unit="batch", leave=False,
-               disable=t.rank > 0)
-    for group in batches_in_groups(loader, cfg["accumulation_steps"]):
-        step_sums = train_step(t, group, amp)
-        sums += step_sums
-        window += step_sums
-        images_seen += sum(len(b[0]) for b in group) * world
-        bar.update(len(group))
-        if t.step % cfg["log_every"] == 0:
-            loss_sum, ce, hits, tokens = all_sum(window).tolist()
-            window.zero_()
-            rate = images_seen / (time.time() - t0)
-            record = {"kind": "step", "epoch": t.epoch + 1, "step": t.step, "lr": t.dec_opt.param_groups[0]["lr"],
-                      "images_per_s": rate, "skipped_steps": t.skipped}
-            if tokens:  # else every step since the last line was skipped
-                record.update(loss=loss_sum / tokens, ce=ce / tokens, top5=hits / tokens)
-                bar.set_postfix(loss=f"{ce / tokens:.3f}", top5=f"{hits / tokens:.3f}", img_s=f"{rate:.0f}")
-            log.write(record)
-        at_max = cfg["max_steps"] and t.step >= cfg["max_steps"]
-        stopping = stop.agreed(device)
-        if at_max or stopping or cfg["checkpoint_every"] and t.step % cfg["checkpoint_every"] == 0:
-            t.log_lines = log.lines
-            t.save(os.path.join(cfg["out"], "last.pt"), all_sum(sums), all_sum(window))
-        if stopping:
-            raise Stopped
-        if at_max:
-            bar.close()
-            return None
-    bar.close()
+    # A context manager, so that an error (out of memory, a stop) clears the bar before its message.
+    with tqdm(total=len(loader), desc=f"train {t.epoch + 1}/{cfg['epochs']}", unit="batch", leave=False,
+              disable=t.rank > 0) as bar:
+        for group in batches_in_groups(loader, cfg["accumulation_steps"]):
+            step_sums = train_step(t, group, amp)
+            sums += step_sums
+            window += step_sums
+            images_seen += sum(len(b[0]) for b in group) * world
+            bar.update(len(group))
+            if t.step % cfg["log_every"] == 0:
+                loss_sum, ce, hits, tokens = all_sum(window).tolist()
+                window.zero_()
+                rate = images_seen / (time.time() - t0)
+                record = {"kind": "step", "epoch": t.epoch + 1, "step": t.step, "lr": t.dec_opt.param_groups[0]["lr"],
+                          "images_per_s": rate, "skipped_steps": t.skipped}
+                if tokens:  # else every step since the last line was skipped
+                    record.update(loss=loss_sum / tokens, ce=ce / tokens, top5=hits / tokens)
+                    bar.set_postfix(loss=f"{ce / tokens:.3f}", top5=f"{hits / tokens:.3f}", img_s=f"{rate:.0f}")
+                log.write(record)
+            at_max = cfg["max_steps"] and t.step >= cfg["max_steps"]
+            stopping = stop.agreed(device)
+            if at_max or stopping or cfg["checkpoint_every"] and t.step % cfg["checkpoint_every"] == 0:
+                t.log_lines = log.lines
+                t.save(os.path.join(cfg["out"], "last.pt"), all_sum(sums), all_sum(window))
+            if stopping:
+                raise Stopped
+            if at_max:
+                return None
     t.sums, t.window = all_sum(sums).cpu(), all_sum(window).cpu()
     loss_sum, ce, hits, tokens = t.sums.tolist()
     return {"train_loss": loss_sum / max(tokens, 1), "train_ce": ce / max(tokens, 1),

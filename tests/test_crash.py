@@ -152,6 +152,7 @@ def test_out_of_memory_names_the_batch_size(shapes_data, tmp_path, monkeypatch, 
     code, err = run_main(train, train_args(tmp_path / "run", shapes_data, batch_size=8, accumulation_steps=2),
                          monkeypatch, capsys)
     assert code == 2 and "out of memory" in err and "batch_size 8" in err and "--accumulation_steps 4" in err
+    assert err.splitlines()[-1].startswith("error: out of memory")  # the progress bar was cleared first
     assert signal.getsignal(signal.SIGINT) is handler  # train.py's handlers are gone again
 
 
