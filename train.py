@@ -179,6 +179,14 @@ class StopRequest:
         return bool(flag.item())
 
 
+def ignore_stop_signals(worker_id):
+    """DataLoader workers leave Ctrl-C and SIGTERM to the main process, which stops at a step boundary:
+    a terminal's Ctrl-C reaches the whole process group, and a worker that died of it would abort the
+    run before last.pt is saved. They exit when the main process closes the loader or dies."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 class Stopped(Exception):
     """Raised after last.pt is saved because of a stop request."""
 
@@ -548,9 +556,10 @@ def main():
                            cfg["batch_size"], rank, world)
     loader_rng = torch.Generator().manual_seed(cfg["seed"] + rank)  # worker seeds, kept off the global RNG
     train_loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
-                              pin_memory=pin, generator=loader_rng, persistent_workers=cfg["workers"] > 0)
+                              pin_memory=pin, generator=loader_rng, persistent_workers=cfg["workers"] > 0,
+                              worker_init_fn=ignore_stop_signals)
     val_loader = DataLoader(Subset(val_set, range(rank, val_images, world)), batch_size=cfg["batch_size"],
-                            num_workers=cfg["workers"], pin_memory=pin)
+                            num_workers=cfg["workers"], pin_memory=pin, worker_init_fn=ignore_stop_signals)
     if len(EpochSampler(train_set.num_images, train_set.cpi, 0, cfg["train_captions_per_image"], cfg["batch_size"],
                         world=world)) == 0:
         raise InputError(f"an epoch has fewer TRAIN captions than one batch ({cfg['batch_size']} x {world} processes)")

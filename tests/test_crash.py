@@ -109,6 +109,22 @@ def test_signal_saves_last_once_then_resume_finishes(straight, shapes_data, tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_ctrl_c_from_a_terminal_with_loader_workers(shapes_data, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group, DataLoader workers included: they leave it
+    to the main process, which saves once."""
+    run, err = tmp_path / "run", tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        proc = subprocess.Popen([sys.executable, "train.py", *map(str, train_args(run, shapes_data, **dict(
+            RUN, checkpoint_every=0, workers=2)))], cwd=ROOT, stdout=subprocess.DEVNULL, stderr=stderr,
+            start_new_session=True)
+        assert wait_for(proc, lambda: log_lines(run) >= 3)
+        os.killpg(proc.pid, signal.SIGINT)
+        assert proc.wait(timeout=60) == 130
+    text = err.read_text()
+    assert text.count("SIGINT: saving last.pt") == 1 and "Traceback" not in text
+    assert load(run / "last.pt")["step"] >= 3
+
+
 def test_second_ctrl_c_quits_at_once(shapes_data, tmp_path):
     run, err = tmp_path / "run", tmp_path / "stderr.txt"
     big = dict(RUN, checkpoint_every=0, epochs=50, batch_size=64, emb_dim=256, decoder_dim=512, attention_dim=256)
