@@ -226,6 +226,7 @@ class Trainer:
         if cfg["fine_tune_encoder"]:
             params = [p for p in self.encoder.parameters() if p.requires_grad]
             self.enc_opt = torch.optim.Adam(params, lr=cfg["encoder_lr"])
+        self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]  # for clipping
         use_scaler = device.type == "cuda" and cfg["amp"] and cfg["amp_dtype"] == "float16"
         self.scaler = torch.amp.GradScaler("cuda", enabled=use_scaler)
         self.epoch, self.samples, self.step = 0, 0, 0  # samples: captions all ranks took in this epoch
@@ -391,10 +392,9 @@ def train_step(t, group, amp):
                 loss, ce_sum, hits, n = caption_loss(logits, alphas, caps, lens, alpha_c, tokens, images)
             t.scaler.scale(loss).backward()
         sums += torch.stack([loss.detach() * tokens, ce_sum, hits.float(), n.float()]).double()
-    params = [p for o in t.optimizers for g in o.param_groups for p in g["params"]]
     for opt in t.optimizers:
         t.scaler.unscale_(opt)
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(t.params, cfg["grad_clip"] or math.inf)
     if t.scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself, and lowers its scale
         for opt in t.optimizers:
             t.scaler.step(opt)
@@ -468,7 +468,8 @@ def train_epoch(t, loader, log, amp, stop):
 def validate(t, loader, amp, stop):
     """Teacher-forced loss and top-5 over every reference caption, and BLEU-4 of real decoding; under
     torchrun each rank takes its shard of the split and the results are gathered, so every rank gets
-    the same numbers (and takes the same early-stopping decision). None when asked to stop."""
+    the same numbers (and takes the same early-stopping decision). None when a single process is
+    asked to stop; under torchrun, and after the last batch, train_loop stops once the epoch is saved."""
     cfg, device = t.cfg, t.device
     t.encoder.eval()
     t.decoder.eval()
@@ -496,8 +497,6 @@ def validate(t, loader, amp, stop):
         dist.all_gather_object(shards, (references, hypotheses))
         references = [r for refs, _ in shards for r in refs]
         hypotheses = [h for _, hyps in shards for h in hyps]
-    if stop.agreed(device):
-        return None
     ce, hits, tokens = all_sum(sums).tolist()
     return {"val_loss": ce / tokens, "val_top5": hits / tokens, "val_bleu4": corpus_bleu(references, hypotheses)}
 
@@ -540,8 +539,8 @@ def main():
     t = Trainer(cfg, ckpt, word_map, train_set.image_size, device, rank, world)
     if cfg["cache_features"] is True and cfg["fine_tune_encoder"]:
         raise InputError("cache_features: true needs a frozen encoder (fine_tune_encoder: false)")
+    amp = amp_context(cfg, device)
     if cfg["cache_features"] is True or cfg["cache_features"] == "auto" and t.encoder.frozen:
-        amp = amp_context(cfg, device)
         if dist.is_initialized() and local_rank:  # one process per machine writes the cache, the others wait
             dist.barrier()
         train_set.use_features(feature_cache(t, train_set, amp))
@@ -550,7 +549,6 @@ def main():
             dist.barrier()
     log = Log(os.path.join(cfg["out"], "log.jsonl"), t.log_lines if ckpt else 0, tensorboard_writer(cfg) if rank == 0
               else None, enabled=rank == 0)
-    amp = amp_context(cfg, device)
     pin = device.type == "cuda"
     sampler = EpochSampler(train_set.num_images, train_set.cpi, cfg["seed"], cfg["train_captions_per_image"],
                            cfg["batch_size"], rank, world)
@@ -560,8 +558,7 @@ def main():
                               worker_init_fn=ignore_stop_signals)
     val_loader = DataLoader(Subset(val_set, range(rank, val_images, world)), batch_size=cfg["batch_size"],
                             num_workers=cfg["workers"], pin_memory=pin, worker_init_fn=ignore_stop_signals)
-    if len(EpochSampler(train_set.num_images, train_set.cpi, 0, cfg["train_captions_per_image"], cfg["batch_size"],
-                        world=world)) == 0:
+    if len(sampler) == 0:
         raise InputError(f"an epoch has fewer TRAIN captions than one batch ({cfg['batch_size']} x {world} processes)")
 
     stop = StopRequest()
