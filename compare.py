@@ -18,7 +18,7 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from datasets import CaptionDataset, data_path, to_words
+from datasets import CaptionDataset, load_boxes, to_words
 from metrics import describes_scene
 from models import decode, load_model
 from utils import InputError, atomic_path, load_checkpoint, run_cli
@@ -327,10 +327,8 @@ def interpretability(runs, att, evaluated, beam, args):
     names = list(captions)
     refs = {i: [" ".join(to_words(c, rev)) for c in dataset.image_captions(i).tolist()]
             for i in sorted(captions[names[0]])}
-    boxes_file = data_path(att.cfg["data_folder"], "BOXES", att.cfg["data_name"], args.split)
-    if os.path.exists(boxes_file):
-        with open(boxes_file) as f:
-            boxes = json.load(f)
+    boxes = load_boxes(att.cfg["data_folder"], att.cfg["data_name"], args.split)
+    if boxes is not None:
         right = lambda i, c: c is not None and describes_scene(c.split(), boxes[i])  # noqa: E731
         rule = "false of the scene (an object missed or invented, or a wrong relation)"
     else:

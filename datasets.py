@@ -43,6 +43,13 @@ def _read_json(path):
         raise InputError(f"{path} is not valid JSON ({e}); prepare the data again") from None
 
 
+def load_boxes(data_folder, data_name, split):
+    """Each image's objects and boxes ({SPLIT}_BOXES_{name}.json), or None for data without them
+    (everything but shapes)."""
+    path = data_path(data_folder, "BOXES", data_name, split)
+    return _read_json(path) if os.path.exists(path) else None
+
+
 def load_word_map(data_folder, data_name):
     path = data_path(data_folder, "WORDMAP", data_name)
     word_map = _read_json(path)

@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import shapes
-from datasets import CaptionDataset, data_path, load_word_map, to_words
+from datasets import CaptionDataset, load_boxes, load_word_map, to_words
 from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy, scene_measures
 from models import beam_search, decode, load_model
 from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
@@ -69,11 +69,7 @@ def setup(args):
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     device = pick_device(args.device)
     encoder, decoder = load_model(ckpt, device)
-    boxes_file = data_path(folder, "BOXES", name, args.split)
-    boxes = None
-    if os.path.exists(boxes_file):
-        with open(boxes_file) as f:
-            boxes = json.load(f)
+    boxes = load_boxes(folder, name, args.split)
     return ckpt, dataset, encoder, decoder, device, boxes
 
 

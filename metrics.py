@@ -153,13 +153,20 @@ def pointing_accuracy(captions, alphas, boxes, image_size, vocab):
 
 # ----------------------------------------------------------------------------- shapes scenes
 
-def describes_scene(words, objects):
-    """Does a caption name every object of the scene, nothing else, and state only true relations?"""
+def _read_scene(words, objects):
+    """A caption against its scene: the objects by (size, colour, shape) -> box, the object phrases the
+    caption names, and for each relation it states whether the boxes bear it out."""
     import shapes
     where = {(o["size"], o["colour"], o["shape"]): o["box"] for o in objects}
     found, said = shapes.parse(words)
-    return set(found) == set(where) and all(
-        a in where and b in where and shapes.relation_holds(where[a], rel, where[b]) for a, rel, b in said)
+    true = [a in where and b in where and shapes.relation_holds(where[a], rel, where[b]) for a, rel, b in said]
+    return where, found, true
+
+
+def describes_scene(words, objects):
+    """Does a caption name every object of the scene, nothing else, and state only true relations?"""
+    where, found, true = _read_scene(words, objects)
+    return set(found) == set(where) and all(true)
 
 
 def scene_measures(captions, references, boxes):
@@ -167,20 +174,17 @@ def scene_measures(captions, references, boxes):
     exact match (the caption is one of the references), also by number of objects; object-phrase
     precision (share of "size colour shape" phrases naming a real object); relation accuracy (share
     of "X left of / right of / above / below Y" statements true of the boxes)."""
-    import shapes
     exact, by_count = [], {}
     phrases = phrases_ok = statements = statements_ok = 0
     for words, refs, objects in zip(captions, references, boxes, strict=True):
         hit = words in refs
         exact.append(hit)
         by_count.setdefault(len(objects), []).append(hit)
-        where = {(o["size"], o["colour"], o["shape"]): o["box"] for o in objects}
-        found, said = shapes.parse(words)
+        where, found, true = _read_scene(words, objects)
         phrases += len(found)
         phrases_ok += sum(p in where for p in found)
-        statements += len(said)
-        statements_ok += sum(a in where and b in where and shapes.relation_holds(where[a], rel, where[b])
-                             for a, rel, b in said)
+        statements += len(true)
+        statements_ok += sum(true)
     out = {"exact_match": sum(exact) / len(exact)}
     out.update({f"exact_match_{n}_objects": sum(v) / len(v) for n, v in sorted(by_count.items())})
     out["phrase_precision"] = phrases_ok / phrases if phrases else None
