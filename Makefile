@@ -1,4 +1,13 @@
-# make install | test | lint | demo. Everything runs in .venv, created on first use.
+# Targets (everything runs in .venv, created on first use):
+#   install     the Python packages of requirements.txt (again only when it changes)
+#   test        the whole test suite, what CI runs (6.5 to 10.5 minutes on 2 cores)
+#   test-fast   the in-process tests only, for the edit-and-test loop (under a minute)
+#   lint        ruff
+#   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
+#   bench       the CPU benchmark matrix into docs/bench_cpu.json
+#   study       the optimisation study (fp32, bf16, accumulation, early stopping) into reports/study/
+#   gpu-wheels  PyYAML wheels for a GPU machine without internet (.wheels/)
+#   clean       remove the demo's data and runs
 PY := .venv/bin/python
 STAMP := .venv/.installed-requirements
 DATA := data/shapes
@@ -7,7 +16,7 @@ ENCODER := $(DATA)/encoder_resnet18_stages2.pt
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test lint demo bench study gpu-wheels clean
+.PHONY: install test test-fast lint demo bench study gpu-wheels clean
 
 install: $(STAMP)
 
@@ -19,6 +28,9 @@ $(STAMP): requirements.txt
 
 test: install
 	$(PY) -m pytest
+
+test-fast: install
+	$(PY) -m pytest -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .
@@ -63,7 +75,7 @@ bench: install
 	$(PY) bench.py --config configs/shapes.yaml --image-size 64 --vocab 44 --profile --out docs/bench_cpu.json
 
 # The optimisation study: the plain decoder on shapes, 15 epochs, one change per run against study-fp32.
-# best.pt and early stopping follow validation BLEU-4, the seed's rule.
+# best.pt and early stopping follow validation BLEU-4, the reference experiment's rule.
 STUDY_RUNS := fp32 bf16 acc4 early
 STUDY_ARGS := --decoder rnn --config configs/shapes.yaml --epochs 15 --patience 0 --log_every 5 \
 	--early_stop_metric bleu4

@@ -1,7 +1,7 @@
 """Benchmark the real training step and decoding on synthetic data: images/s and peak memory.
 
     python bench.py --config configs/shapes.yaml --image-size 64 --vocab 44 --out bench_cpu.json  # shapes
-    python bench.py --device cuda --out bench_gpu.json                                 # the seed model
+    python bench.py --device cuda --out bench_gpu.json                          # the reference model, ResNet-101
     python bench.py --tiny                                                             # seconds: a smoke run
 
 Training: decoder x precision (fp32, fp16 with the gradient scaler, bf16) x encoder (frozen, fine-tuned,
@@ -14,7 +14,6 @@ decoder made never to say <end>: every caption runs to --decode-len words in bot
 same work (the worst case for early stopping). Each figure is the median of --runs timed runs after
 warm-up (spread: min-max).
 """
-import argparse
 import functools
 import itertools
 import json
@@ -27,9 +26,11 @@ from datetime import date
 import torch
 
 import train
-from datasets import SPECIAL_TOKENS
-from models import decode
-from utils import InputError, atomic_path, default_config, merge_config, pick_device, read_yaml, run_cli
+from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
+from hardware import amp_context, peak_memory_mb
+from models import DecodeOptions, decode
+from config import default_config, merge_config, read_yaml
+from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
 
 PRECISIONS = {"fp32": dict(amp=False), "fp16": dict(amp=True, amp_dtype="float16"),
               "bf16": dict(amp=True, amp_dtype="bfloat16")}
@@ -37,8 +38,9 @@ ENCODERS = ("frozen", "finetune", "cached")
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--config", help="YAML overlay on configs/default.yaml (the model; default: the seed's)")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--config", help="YAML overlay on configs/default.yaml (the model; default: the reference "
+                   "experiment's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
     p.add_argument("--decoder", nargs="+", default=["rnn", "attention"], choices=("rnn", "attention"))
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
@@ -104,7 +106,7 @@ class PeakMemory:
         if self.device.type == "cuda":
             self.mb = torch.cuda.max_memory_allocated(self.device) / 2**20
         else:
-            self.mb = train.peak_memory_mb(self.device)
+            self.mb = peak_memory_mb(self.device)
             if os.path.exists("/proc/self/status"):
                 with open("/proc/self/status") as f:
                     self.mb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
@@ -134,7 +136,7 @@ def word_map_of(size):
     return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
 
 
-def micro_batches(t, n, micro, args, cached, feature_shape):
+def micro_batches(run, n, micro, args, cached, feature_shape):
     """`n` micro-batches on the host, as the DataLoader hands them over (pinned on CUDA)."""
     g = torch.Generator().manual_seed(0)
     batches = []
@@ -145,20 +147,20 @@ def micro_batches(t, n, micro, args, cached, feature_shape):
             x = torch.randint(0, 256, (micro, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
         lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (micro,), generator=g)
         lens[0] = args.caption_len
-        caps = torch.randint(1, len(t.word_map) - 3, (micro, args.caption_len), generator=g)
-        caps[:, 0] = t.word_map["<start>"]
-        caps[torch.arange(micro), lens - 1] = t.word_map["<end>"]
+        caps = torch.randint(1, len(run.word_map) - 3, (micro, args.caption_len), generator=g)
+        caps[:, 0] = run.word_map["<start>"]
+        caps[torch.arange(micro), lens - 1] = run.word_map["<end>"]
         caps[torch.arange(args.caption_len)[None] >= lens[:, None]] = 0
-        batch = (x, caps, lens)
-        if t.device.type == "cuda":
-            batch = tuple(b.pin_memory() for b in batch)
+        batch = TrainItem(x, caps, lens)
+        if run.device.type == "cuda":
+            batch = TrainItem(*(b.pin_memory() for b in batch))
         batches.append(batch)
     return batches
 
 
-def run_steps(t, group, amp, n):
+def run_steps(run, group, amp, n):
     for _ in range(n):
-        train.train_step(t, group, amp)
+        train.train_step(run, group, amp)
 
 
 def bench_training(args, base, device, word_map):
@@ -170,18 +172,25 @@ def bench_training(args, base, device, word_map):
         cfg = dict(base, decoder=decoder, fine_tune_encoder=mode == "finetune", batch_size=batch // acc,
                    accumulation_steps=acc, **PRECISIONS[precision])
         torch.manual_seed(0)
-        t = train.Trainer(cfg, None, word_map, args.image_size, device)
-        shape = feature_shape(t, args) if mode == "cached" else None
-        t.encoder.train()
-        t.decoder.train()
-        group = micro_batches(t, acc, batch // acc, args, mode == "cached", shape)
-        steps = functools.partial(run_steps, t, group, train.amp_context(cfg, device), args.steps)
-        with PeakMemory(device) as mem:
-            med, lo, hi = timed(steps, device, args.runs, args.warmup)
-        images = batch * args.steps
+        run = train.build_run(cfg, word_map, args.image_size, device)
+        shape = feature_shape(run, args) if mode == "cached" else None
+        run.encoder.train()
+        run.decoder.train()
+        group = micro_batches(run, acc, batch // acc, args, mode == "cached", shape)
+        steps = functools.partial(run_steps, run, group, amp_context(cfg, device), args.steps)
         row = {"decoder": decoder, "precision": precision, "encoder": mode, "batch": batch, "accumulation": acc,
-               "micro_batch": batch // acc, "images_per_s": images / med, "images_per_s_min": images / hi,
-               "images_per_s_max": images / lo, "peak_memory_mb": mem.mb}
+               "micro_batch": batch // acc}
+        try:
+            with PeakMemory(device) as mem:
+                med, lo, hi = timed(steps, device, args.runs, args.warmup)
+        except RuntimeError as e:  # a kernel this machine lacks: say which, and go on with the others
+            rows.append({**row, "error": str(e).splitlines()[0][:200]})
+            print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc}: cannot run here "
+                  f"({rows[-1]['error']})", flush=True)
+            continue
+        images = batch * args.steps
+        row.update({"images_per_s": images / med, "images_per_s_min": images / hi, "images_per_s_max": images / lo,
+                    "peak_memory_mb": mem.mb})
         rows.append(row)
         print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc}: {row['images_per_s']:8.1f} img/s, "
               f"{mem.mb:7.0f} MiB", flush=True)
@@ -191,10 +200,10 @@ def bench_training(args, base, device, word_map):
     return rows
 
 
-def feature_shape(t, args):
+def feature_shape(run, args):
     with torch.no_grad():
-        probe = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8, device=t.device)
-        return tuple(t.encoder.eval()(probe).shape[1:])
+        probe = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8, device=run.device)
+        return tuple(run.encoder.eval()(probe).shape[1:])
 
 
 def profile(args, fn, device, name):
@@ -210,9 +219,9 @@ def profile(args, fn, device, name):
     print(f"profile: {path}")
 
 
-def decode_all(decoder, features, word_map, size, beam, max_len):
+def decode_all(decoder, features, vocab, size, beam, max_len):
     for i in range(0, len(features), size):
-        decode(decoder, features[i:i + size], word_map, beam, max_len)
+        decode(decoder, features[i:i + size], vocab, DecodeOptions(beam, max_len))
 
 
 def bench_decoding(args, base, device, word_map):
@@ -220,18 +229,18 @@ def bench_decoding(args, base, device, word_map):
     size, single, runs = min(args.batch_size), min(args.decode_single, args.decode_images), max(1, args.runs // 2)
     for decoder_name in args.decoder:  # one model and one set of features per decoder, for every beam size
         torch.manual_seed(0)
-        t = train.Trainer(dict(base, decoder=decoder_name, amp=False), None, word_map, args.image_size, device)
-        features = torch.randn((args.decode_images,) + feature_shape(t, args), device=device)
-        decoder = t.decoder.eval()
+        run = train.build_run(dict(base, decoder=decoder_name, amp=False), word_map, args.image_size, device)
+        features = torch.randn((args.decode_images,) + feature_shape(run, args), device=device)
+        decoder, vocab = run.decoder.eval(), Vocabulary(word_map)
         with torch.no_grad():  # an untrained model says <end> at random; this one never does (equal work)
             decoder.fc.bias[word_map["<end>"]] = -1e4
         for k in args.beam_size:
-            batched = functools.partial(decode_all, decoder, features, word_map, size, k, args.decode_len)
+            batched = functools.partial(decode_all, decoder, features, vocab, size, k, args.decode_len)
             b = timed(batched, device, runs, 1)
-            s = timed(functools.partial(decode_all, decoder, features[:single], word_map, 1, k, args.decode_len),
+            s = timed(functools.partial(decode_all, decoder, features[:single], vocab, 1, k, args.decode_len),
                       device, runs, 1)
             if args.profile and args.out and k == max(args.beam_size):
-                profile(args, functools.partial(decode_all, decoder, features[:size], word_map, size, k,
+                profile(args, functools.partial(decode_all, decoder, features[:size], vocab, size, k,
                                                 args.decode_len), device, f"decode_{decoder_name}_beam{k}")
             row = {"decoder": decoder_name, "beam": k, "batch": size, "batched_images_per_s": len(features) / b[0],
                    "single_images_per_s": single / s[0]}
@@ -265,6 +274,10 @@ def markdown(result):
              "| decoder | precision | encoder | batch (micro x acc) | images/s (min-max) | peak memory MiB |",
              "|---|---|---|---|---|---|"]
     for r in result["training"]:
+        if "error" in r:
+            lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
+                         f"{r['accumulation']}) | cannot run here: {r['error']} | |")
+            continue
         lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
                      f"{r['accumulation']}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
                      f"{r['images_per_s_max']:.1f}) | {r['peak_memory_mb']:.0f} |")

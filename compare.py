@@ -7,7 +7,6 @@ report.md with curves.png, metrics.png, attention.png and errors.png. The first 
 every metric of the others is also given as a margin over it. Everything in the summary is computed
 from those numbers.
 """
-import argparse
 import json
 import os
 import platform
@@ -18,10 +17,10 @@ import matplotlib.pyplot as plt
 import torch
 import yaml
 
-from datasets import CaptionDataset, load_boxes, to_words
+from datasets import CaptionDataset, Vocabulary, load_boxes
 from metrics import describes_scene
-from models import decode, load_model
-from utils import InputError, atomic_path, load_checkpoint, run_cli
+from models import DecodeOptions, caption_images, load_model
+from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, run_cli
 from visualize import attention_grid, save
 
 QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
@@ -221,11 +220,11 @@ def summary(runs, beam):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("runs", nargs="+", help="run folders; the first is the baseline")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
-    p.add_argument("--beam-size", "--beam_size", type=int, default=3, help="beam used for overlays and errors")
+    p.add_argument("--beam-size", type=int, default=3, help="beam used for overlays and errors")
     p.add_argument("--images", type=int, default=4, help="rows of attention overlays")
     args = p.parse_args()
     if len(args.runs) < 2:
@@ -305,16 +304,12 @@ def interpretability(runs, att, evaluated, beam, args):
     ckpt = load_checkpoint(os.path.join(att.folder, "best.pt"))
     encoder, decoder = load_model(ckpt, torch.device("cpu"))
     dataset = CaptionDataset(att.cfg["data_folder"], att.cfg["data_name"], args.split)
-    rev = {v: k for k, v in ckpt["word_map"].items()}
+    vocab = Vocabulary(ckpt["word_map"])
     captions = {r.name: captions_of(r, beam) for r in evaluated if f"beam{beam}" in r.eval["results"]}
     ids = list(range(min(args.images, len(dataset))))
-    images = torch.stack([dataset[i][0] for i in ids])
-    with torch.no_grad():
-        out = decode(decoder, encoder(images), ckpt["word_map"], beam, att.cfg["max_decode_len"])
-    rows = []
-    for j, i in enumerate(ids):
-        words = to_words(out.seqs[j], rev)
-        rows.append((images[j].numpy(), f"TEST {i}", words, out.alphas[j][: len(words)]))
+    images = torch.stack([dataset[i].image for i in ids])
+    out = caption_images(encoder, decoder, vocab, images, DecodeOptions(beam, att.cfg["max_decode_len"]))
+    rows = [(images[j].numpy(), f"TEST {i}", c.words, c.alphas) for j, (i, c) in enumerate(zip(ids, out, strict=True))]
     attention_grid(rows, os.path.join(args.out, "attention.png"))
     md = ["## Where the attention decoder looks", "",
           f"One row per TEST image: the image, then {att.label}'s attention for each word it generated "
@@ -325,7 +320,7 @@ def interpretability(runs, att, evaluated, beam, args):
     # Errors: images on which the runs say different things and at least one is wrong: false of the scene
     # where the data has boxes (shapes), else matching none of the references.
     names = list(captions)
-    refs = {i: [" ".join(to_words(c, rev)) for c in dataset.image_captions(i).tolist()]
+    refs = {i: [" ".join(vocab.decode(c)) for c in dataset.image_captions(i).tolist()]
             for i in sorted(captions[names[0]])}
     boxes = load_boxes(att.cfg["data_folder"], att.cfg["data_name"], args.split)
     if boxes is not None:
@@ -339,7 +334,7 @@ def interpretability(runs, att, evaluated, beam, args):
     if disagree:
         fig, axes = plt.subplots(1, len(disagree), figsize=(3.2 * len(disagree), 3.6), squeeze=False)
         for ax, i in zip(axes[0], disagree, strict=True):
-            ax.imshow(dataset[i][0].numpy().transpose(1, 2, 0))
+            ax.imshow(dataset[i].image.numpy().transpose(1, 2, 0))
             ax.set_title(f"TEST {i}", fontsize=9)
             ax.axis("off")
         fig.tight_layout()

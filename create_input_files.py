@@ -6,7 +6,6 @@ or the built-in shapes generator. The file layout is sgrvinod's tutorial's (see 
         --image-folder IMG_DIR --output-folder data/coco
     python create_input_files.py --dataset shapes --output-folder data/shapes
 """
-import argparse
 import json
 import os
 import random
@@ -21,8 +20,8 @@ from PIL import Image
 from tqdm import tqdm
 
 import shapes
-from datasets import SPECIAL_TOKENS, SPLITS, base_name, data_path, load_image
-from utils import InputError, atomic_path, run_cli, write_json
+from datasets import SPECIAL_TOKENS, SPLITS, Vocabulary, base_name, data_path, load_image
+from utils import ArgumentParser, InputError, atomic_path, run_cli, write_json
 
 KARPATHY_SPLITS = {"train": "TRAIN", "restval": "TRAIN", "val": "VAL", "test": "TEST"}
 
@@ -79,8 +78,10 @@ def make_shapes(num_images, seed, image_size, imap):
 
 
 def build_word_map(captions, min_word_freq):
-    """Words seen more than min_word_freq times in TRAIN (the tutorial's rule, so vocabularies match),
-    most frequent first; <pad> = 0 and the other special tokens at the end, as in the tutorial."""
+    """Words seen more than min_word_freq times in TRAIN, most frequent first; <pad> = 0 and the other
+    special tokens at the end, as in the tutorial. The tutorial counts words over every split and
+    numbers them in order of first appearance, so its vocabularies differ from these (its COCO word
+    map has 9490 entries); data prepared there still loads here, and the other way round."""
     freq = Counter(w for c in captions for w in c)
     words = sorted((w for w, n in freq.items() if n > min_word_freq), key=lambda w: (-freq[w], w))
     words = [w for w in words if w not in SPECIAL_TOKENS]
@@ -89,12 +90,6 @@ def build_word_map(captions, min_word_freq):
         word_map[t] = len(word_map) + 1
     word_map["<pad>"] = 0
     return word_map
-
-
-def encode(tokens, word_map, max_len):
-    unk = word_map["<unk>"]
-    ids = [word_map["<start>"]] + [word_map.get(w, unk) for w in tokens] + [word_map["<end>"]]
-    return ids + [word_map["<pad>"]] * (max_len + 2 - len(ids))
 
 
 def sample_captions(caps, k, rng):
@@ -168,6 +163,7 @@ def prepare(items, args, name, imap):
             items[split] = [(p, c) for p, c in items[split] if p not in missing]
 
     word_map = build_word_map([c for _, caps in items["TRAIN"] for c in caps], args.min_word_freq)
+    vocab = Vocabulary(word_map)
     rng = random.Random(args.seed)
     os.makedirs(out, exist_ok=True)
     summary = []
@@ -185,7 +181,7 @@ def prepare(items, args, name, imap):
             skipped[split] += len(split_bad)
             captions = [c for i in kept for c in sampled[i]]
             write_json(tmp(data_path(out, "CAPTIONS", name, split)),
-                       [encode(c, word_map, args.max_len) for c in captions])
+                       [vocab.encode(c, args.max_len) for c in captions])
             write_json(tmp(data_path(out, "CAPLENS", name, split)), [len(c) + 2 for c in captions])
             if args.dataset == "shapes":
                 write_json(tmp(data_path(out, "BOXES", name, split)), boxes)
@@ -207,10 +203,8 @@ def prepare(items, args, name, imap):
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    def arg(name, **kw):  # --image-size and --image_size mean the same, as in train.py
-        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
-
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    arg = p.add_argument
     arg("--dataset", required=True, choices=["coco", "flickr8k", "flickr30k", "shapes"])
     arg("--karpathy-json", help="Karpathy's dataset_{coco,flickr8k,flickr30k}.json")
     arg("--image-folder", help="folder the JSON's file names are relative to")

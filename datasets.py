@@ -5,16 +5,21 @@ The layout is sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning's, so data prepare
 {SPLIT}_CAPTIONS_{name}.json (encoded, padded to max_len + 2), {SPLIT}_CAPLENS_{name}.json and
 WORDMAP_{name}.json. The shapes dataset adds {SPLIT}_BOXES_{name}.json.
 """
+import hashlib
 import json
+import math
 import os
+import shutil
+from typing import NamedTuple
 
 import h5py
 import numpy as np
 import torch
 from PIL import Image, ImageOps
 from torch.utils.data import Dataset
+from tqdm import tqdm
 
-from utils import InputError
+from utils import InputError, atomic_path
 
 SPLITS = ("TRAIN", "VAL", "TEST")
 SPECIAL_TOKENS = ("<pad>", "<unk>", "<start>", "<end>")
@@ -50,6 +55,10 @@ def load_boxes(data_folder, data_name, split):
     return _read_json(path) if os.path.exists(path) else None
 
 
+def load_vocabulary(data_folder, data_name):
+    return Vocabulary(load_word_map(data_folder, data_name))
+
+
 def load_word_map(data_folder, data_name):
     path = data_path(data_folder, "WORDMAP", data_name)
     word_map = _read_json(path)
@@ -62,10 +71,29 @@ def load_word_map(data_folder, data_name):
     return word_map
 
 
-def to_words(ids, rev_word_map):
-    """Token ids -> words, without <start>, <end> and <pad>."""
-    skip = ("<start>", "<end>", "<pad>")
-    return [rev_word_map[i] for i in ids if rev_word_map[i] not in skip]
+class Vocabulary:
+    """The word map both ways. Ids of the special tokens: pad (always 0), unk, start, end."""
+
+    def __init__(self, word_map):
+        self.word_map = word_map
+        self.words = {i: w for w, i in word_map.items()}
+        self.pad, self.unk, self.start, self.end = (word_map[t] for t in SPECIAL_TOKENS)
+        self._silent = {self.pad, self.start, self.end}
+
+    def __len__(self):
+        return len(self.word_map)
+
+    def __eq__(self, other):
+        return isinstance(other, Vocabulary) and self.word_map == other.word_map
+
+    def encode(self, tokens, max_len):
+        """Words -> <start> ids <end>, padded to max_len + 2; unknown words become <unk>."""
+        ids = [self.start] + [self.word_map.get(w, self.unk) for w in tokens] + [self.end]
+        return ids + [self.pad] * (max_len + 2 - len(ids))
+
+    def decode(self, ids):
+        """Token ids -> words, without <start>, <end> and <pad>."""
+        return [self.words[i] for i in ids if i not in self._silent]
 
 
 def to_rgb(im):
@@ -91,14 +119,27 @@ def load_image(path, size):
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 
+class TrainItem(NamedTuple):
+    """One (image, caption) pair of TRAIN. The DataLoader batches it field by field."""
+    image: torch.Tensor  # uint8 3 x H x W, or float16 P x D cached features
+    caption: torch.Tensor  # max_len + 2 token ids: <start> ... <end> <pad> ...
+    length: torch.Tensor  # tokens in caption, <start> and <end> included
+
+
+class EvalItem(NamedTuple):
+    """One image of VAL or TEST with everything evaluation uses."""
+    image: torch.Tensor  # uint8 3 x H x W, or float16 P x D cached features
+    captions: torch.Tensor  # captions_per_image x (max_len + 2): all its encoded captions
+    index: torch.Tensor  # its index in the split
+
+
 class CaptionDataset(Dataset):
     """One prepared split.
 
-    TRAIN yields (image, caption, caplen), one item per (image, caption) pair. VAL and TEST yield
-    (image, caption, caplen, all_captions, image_index), one item per image (its first caption), so an
+    TRAIN yields a TrainItem per (image, caption) pair; VAL and TEST an EvalItem per image, so an
     epoch of evaluation visits each image once. Images are uint8 3 x H x W: normalise per batch on the
     device, which is several times faster than per sample in the workers. After use_features(path) (a
-    .npy file of N x P x D float16, see train.py's feature cache) items carry features, not images.
+    .npy file of N x P x D float16, see feature_cache) items carry features, not images.
     """
 
     def __init__(self, data_folder, data_name, split):
@@ -143,18 +184,46 @@ class CaptionDataset(Dataset):
         return {**self.__dict__, "_h5": None, "_pid": None, "_feats": None}
 
     def __getitem__(self, i):
-        if self.split == "TRAIN":
-            img_idx, cap_idx = i // self.cpi, i
-        else:
-            img_idx, cap_idx = i, i * self.cpi
+        img_idx = i // self.cpi if self.split == "TRAIN" else i
         image = self._images()[img_idx]
         image = torch.from_numpy(np.array(image) if self.features else image)  # memmaps are read-only
-        caption = self.captions[cap_idx].long()
-        caplen = self.caplens[cap_idx].long()
         if self.split == "TRAIN":
-            return image, caption, caplen
-        return image, caption, caplen, self.image_captions(img_idx), img_idx
+            return TrainItem(image, self.captions[i].long(), self.caplens[i].long())
+        return EvalItem(image, self.image_captions(img_idx), torch.tensor(img_idx))
 
     def image_captions(self, img_idx):
         """All captions of one image: captions_per_image x (max_len + 2)."""
         return self.captions[img_idx * self.cpi:(img_idx + 1) * self.cpi].long()
+
+
+@torch.no_grad()
+def feature_cache(dataset, encoder, cfg, device, amp):
+    """Encode every image of a split once with the frozen encoder, into a float16 .npy file under
+    {data_folder}/cache/ named by a hash of the encoder's weights and settings: later epochs, and
+    later runs with the same encoder, read features instead of running the encoder again. Returns
+    the file's path."""
+    encoder.eval()
+    images_file = os.stat(dataset.h5_path)  # prepared again means cached again
+    key = hashlib.sha1(repr([cfg[k] for k in ("encoder", "encoder_stages", "encoded_size", "coord_channels")]
+                            + [dataset.h5_path, images_file.st_size, images_file.st_mtime_ns]).encode())
+    for name, value in encoder.state_dict().items():
+        key.update(name.encode() + value.cpu().numpy().tobytes())
+    path = os.path.join(cfg["data_folder"], "cache", f"{dataset.split}_{cfg['data_name']}_{key.hexdigest()[:12]}.npy")
+    if os.path.exists(path):
+        return path
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    images, n, size = dataset._images(), dataset.num_images, cfg["batch_size"]
+    shape = (n,) + tuple(encoder(torch.from_numpy(images[:1]).to(device)).shape[1:])  # N x P x D
+    need, free = 2 * math.prod(shape), shutil.disk_usage(os.path.dirname(path)).free
+    if need > 0.9 * free:
+        raise InputError(f"caching {dataset.split} features needs {need / 2**30:.1f} GiB in {os.path.dirname(path)}, "
+                         f"{free / 2**30:.1f} GiB are free: free some, or set cache_features: false")
+    with atomic_path(path) as tmp:
+        cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
+        for s in tqdm(range(0, n, size), desc=f"cache {dataset.split} features", unit="batch", leave=False):
+            with amp:
+                cache[s:s + size] = encoder(torch.from_numpy(images[s:s + size]).to(device)).float().cpu().numpy()
+        cache.flush()
+        del cache
+    print(f"cached {dataset.split} encoder features: {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")
+    return path

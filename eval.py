@@ -9,7 +9,6 @@ Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, 
 captions file per beam size in the COCO results format ([{"image_id": i, "caption": "..."}], i the
 image's index in the split's HDF5 file).
 """
-import argparse
 import json
 import os
 import time
@@ -19,37 +18,31 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import shapes
-from datasets import CaptionDataset, load_boxes, load_word_map, to_words
+from config import add_decoding_arguments, decoding_options
+from datasets import CaptionDataset, Vocabulary, load_boxes, load_word_map
 from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy, scene_measures
-from models import beam_search, decode, load_model
-from utils import InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
+from models import beam_search, caption_images, load_model
+from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
 POINTING_WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
 
 
 def parse_args():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-
-    def arg(name, **kw):  # --beam-size and --beam_size mean the same
-        p.add_argument(*dict.fromkeys([name, "--" + name[2:].replace("-", "_")]), **kw)
-
-    arg("--checkpoint", required=True)
-    arg("--split", default="TEST", choices=["TEST", "VAL"])
-    arg("--beam-size", type=int, nargs="+", default=[1, 3, 5])
-    arg("--batch-size", type=int, default=64)
-    arg("--out", help="results JSON (default: eval_{SPLIT}.json beside the checkpoint)")
-    arg("--data-folder", help="where the prepared data is now (default: the checkpoint's)")
-    arg("--data-name", help="the prepared data's base name (default: the checkpoint's)")
-    arg("--max-len", type=int, help="most words in a caption (default: the checkpoint's max_decode_len)")
-    arg("--length-penalty", type=float, default=0.0, help="0: plain log-probability sum")
-    arg("--block-ngram-repeat", type=int, default=0, help="forbid repeating n-grams of this size (0: off)")
-    arg("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
-    arg("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
-    arg("--device", default="auto", choices=["auto", "cpu", "cuda"])
-    arg("--workers", type=int, default=2)
-    arg("--benchmark-decoding", type=int, default=0, metavar="N",
-        help="time batched vs one-image-at-a-time decoding on N images, check they agree, and exit")
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
+    add_decoding_arguments(p, beam_size=[1, 3, 5])
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--out", help="results JSON (default: eval_{SPLIT}.json beside the checkpoint)")
+    p.add_argument("--data-folder", help="where the prepared data is now (default: the checkpoint's)")
+    p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
+    p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
+    p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--workers", type=int, default=2)
+    p.add_argument("--benchmark-decoding", type=int, default=0, metavar="N",
+                   help="time batched vs one-image-at-a-time decoding on N images, check they agree, and exit")
     args = p.parse_args()
     if min(args.beam_size) < 1 or args.batch_size < 1 or args.length_penalty < 0:
         p.error("beam sizes and --batch-size must be at least 1, --length-penalty at least 0")
@@ -73,24 +66,25 @@ def setup(args):
     return ckpt, dataset, encoder, decoder, device, boxes
 
 
-def benchmark_decoding(args, dataset, encoder, decoder, word_map, max_len, device):
+def benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device):
     """Batched vs one-image-at-a-time beam search on the same images: images/s, and whether the
     captions agree (they must: same search, same scores)."""
-    images = torch.stack([dataset[i][0] for i in range(min(args.benchmark_decoding, len(dataset)))]).to(device)
+    images = torch.stack([dataset[i].image for i in range(min(args.benchmark_decoding, len(dataset)))]).to(device)
     with torch.no_grad():
         features = encoder(images)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     print(f"{'beam':>4s} {'batched img/s':>14s} {'one at a time img/s':>20s} {'speed-up':>9s} {'same captions':>14s}")
     rows = []
     for k in args.beam_size:
+        options = decoding_options(args, cfg, k)
         sync()
         t0 = time.perf_counter()
-        batched = [beam_search(decoder, features[i:i + args.batch_size], word_map, k, max_len)
+        batched = [beam_search(decoder, features[i:i + args.batch_size], vocab, options)
                    for i in range(0, len(features), args.batch_size)]
         sync()
         t_batched = time.perf_counter() - t0
         t0 = time.perf_counter()
-        single = [beam_search(decoder, features[i:i + 1], word_map, k, max_len) for i in range(len(features))]
+        single = [beam_search(decoder, features[i:i + 1], vocab, options) for i in range(len(features))]
         sync()
         t_single = time.perf_counter() - t0
         same = [s for b in batched for s in b.seqs] == [s.seqs[0] for s in single]
@@ -101,57 +95,51 @@ def benchmark_decoding(args, dataset, encoder, decoder, word_map, max_len, devic
     return rows
 
 
-@torch.no_grad()
-def caption_split(loader, encoder, decoder, device, word_map, beam_size, max_len, options, want_alphas):
-    """Decode every image once: {image index: words}, and {image index: attention maps} if asked."""
-    rev = {v: k for k, v in word_map.items()}
-    words, alphas = {}, {}
-    for images, _, _, _, index in tqdm(loader, desc=f"beam {beam_size}", unit="batch", leave=False):
-        features = encoder(images.to(device, non_blocking=True))
-        out = decode(decoder, features, word_map, beam_size, max_len, **options)
-        for j, i in enumerate(index.tolist()):
-            words[i] = to_words(out.seqs[j], rev)
-            if want_alphas and out.alphas is not None:
-                alphas[i] = out.alphas[j][: len(words[i])]
-    return words, alphas
+def caption_split(loader, encoder, decoder, device, vocab, options):
+    """Decode every image once: {image index: Caption}."""
+    captions = {}
+    for batch in tqdm(loader, desc=f"beam {options.beam_size}", unit="batch", leave=False):
+        out = caption_images(encoder, decoder, vocab, batch.image.to(device, non_blocking=True), options)
+        captions.update(zip(batch.index.tolist(), out, strict=True))
+    return captions
 
 
 def main():
     args = parse_args()
     t_start = time.time()
     ckpt, dataset, encoder, decoder, device, boxes = setup(args)
-    word_map, cfg = ckpt["word_map"], ckpt["config"]
+    vocab, cfg = Vocabulary(ckpt["word_map"]), ckpt["config"]
     max_len = args.max_len or cfg["max_decode_len"]
     if args.benchmark_decoding:
-        benchmark_decoding(args, dataset, encoder, decoder, word_map, max_len, device)
+        benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device)
         return
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
 
-    rev = {v: k for k, v in word_map.items()}
     references = {}  # image index -> its reference captions as word lists
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     for i in range(len(dataset)):
-        references[i] = [to_words(c, rev) for c in base.image_captions(i).tolist()]
+        references[i] = [vocab.decode(c) for c in base.image_captions(i).tolist()]
     if not java_available():
         print("note: java not found: PTB tokenisation falls back to nltk's Treebank tokenizer; METEOR unavailable")
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    options = {"length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat}
     want_alphas = boxes is not None and cfg["decoder"] == "attention"
     results, captions, timings, files = {}, {}, {}, []
     for k in args.beam_size:
         t0 = time.perf_counter()
-        captions[k] = caption_split(loader, encoder, decoder, device, word_map, k, max_len, options, want_alphas)
+        captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
         timings[k] = time.perf_counter() - t0
-    ids = sorted(captions[args.beam_size[0]][0])
+    ids = sorted(captions[args.beam_size[0]])
     scores_by_beam, unavailable = coco_metrics({i: [" ".join(r) for r in references[i]] for i in ids},
-                                               {k: {i: " ".join(captions[k][0][i]) for i in ids} for k in captions},
+                                               {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions},
                                                spice=args.spice)
-    for k, (words, alphas) in captions.items():
+    for k, caps in captions.items():
         scores = scores_by_beam[k]
+        words = {i: c.words for i, c in caps.items()}
+        alphas = {i: c.alphas for i, c in caps.items()}
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], [words[i] for i in ids])
         if boxes is not None:
             scores.update(scene_measures([words[i] for i in ids], [references[i] for i in ids],
@@ -186,7 +174,8 @@ def main():
 
     report = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "images": len(dataset),
               "data_folder": args.data_folder or cfg["data_folder"], "data_name": args.data_name or cfg["data_name"],
-              "decoder": cfg["decoder"], "epoch": ckpt["epoch"], "max_len": max_len, **options,
+              "decoder": cfg["decoder"], "epoch": ckpt["epoch"], "max_len": max_len,
+              "length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat,
               "results": results, "unavailable": unavailable, "config": cfg,
               "seconds": time.time() - t_start}
     for path, captions in files:

@@ -119,7 +119,7 @@ def coco_metrics(references, systems, spice=False):
 
 
 def nltk_bleu4(references, hypotheses):
-    """nltk's corpus_bleu on token lists: the number sgrvinod's tutorial (and the seed) report."""
+    """nltk's corpus_bleu on token lists: the number sgrvinod's tutorial (and the reference experiment) report."""
     from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
     return float(nltk_corpus_bleu(references, hypotheses))
 

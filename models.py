@@ -13,12 +13,14 @@ import math
 import os
 from collections import OrderedDict
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 import torchvision
 from torch import nn
 
+from hardware import fp32_lstm_under_bf16
 from utils import InputError
 
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
@@ -97,7 +99,7 @@ class Encoder(nn.Module):
 
     def fine_tune(self, on=True):
         """Train conv blocks 2-4 (layer2..layer4) or nothing; the stem and layer1 stay frozen, as in
-        the seed."""
+        the reference experiment."""
         if on and len(self.net) < 6:
             raise InputError("fine_tune_encoder: true trains ResNet blocks 2-4, but encoder_stages 1 keeps none")
         for p in self.net.parameters():
@@ -130,8 +132,8 @@ class Encoder(nn.Module):
 
 class RNNDecoder(nn.Module):
     """Show and Tell: the image enters only through the initial LSTM state (Linear + BatchNorm of the
-    mean-pooled encoding). One LSTM layer: stepped one word at a time it is exactly an LSTMCell, and
-    under teacher forcing it runs the whole sequence in one fused call."""
+    mean-pooled encoding). One nn.LSTM layer, stepped one word at a time when decoding (as a cell
+    would be) and run over the whole sequence in one fused call under teacher forcing."""
 
     image_state = ()  # state entries that depend on the image only, not on the words so far
 
@@ -148,16 +150,23 @@ class RNNDecoder(nn.Module):
         mean = features.mean(1)
         return {"h": self.init_h(mean), "c": self.init_c(mean)}
 
+    def _lstm(self, x, h, c):
+        """x: B x T x E, h and c: B x H -> outputs B x T x H, (1 x B x H, 1 x B x H)."""
+        hc = (h.unsqueeze(0).contiguous(), c.unsqueeze(0).contiguous())
+        if fp32_lstm_under_bf16(x):
+            with torch.autocast("cpu", enabled=False):
+                return self.lstm(x.float(), tuple(s.float() for s in hc))
+        return self.lstm(x, hc)
+
     def step(self, prev_words, state, features):
-        x = self.embedding(prev_words).unsqueeze(1)
-        out, (h, c) = self.lstm(x, (state["h"].unsqueeze(0).contiguous(), state["c"].unsqueeze(0).contiguous()))
+        out, (h, c) = self._lstm(self.embedding(prev_words).unsqueeze(1), state["h"], state["c"])
         return self.fc(self.dropout(out[:, 0])), {"h": h[0], "c": c[0]}, None
 
     def forward(self, features, captions, lengths):
         """captions: B x L with <start> first; returns logits B x T x V for T = max(lengths) - 1."""
         state = self.init_state(features)
-        x = self.embedding(captions[:, : int(lengths.max()) - 1])
-        out, _ = self.lstm(x, (state["h"].unsqueeze(0), state["c"].unsqueeze(0)))
+        x = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
+        out, _ = self._lstm(x, state["h"], state["c"])
         return self.fc(self.dropout(out)), None
 
 
@@ -216,7 +225,7 @@ class AttentionDecoder(nn.Module):
         batch runs every step (finished captions are masked in the loss): shrinking the batch as
         captions end costs more in bookkeeping than it saves."""
         state = self.init_state(features)
-        emb = self.embedding(captions[:, : int(lengths.max()) - 1])
+        emb = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
         hs, alphas = [], []
         for t in range(emb.size(1)):
             h, state, alpha = self._cell(emb[:, t], state, features)
@@ -257,17 +266,24 @@ def load_model(ckpt, device):
 
 # ----------------------------------------------------------------------------- loss
 
+class CaptionLoss(NamedTuple):
+    loss: torch.Tensor  # what backward() takes
+    ce_sum: torch.Tensor  # cross-entropy summed over the tokens (detached)
+    top5_hits: torch.Tensor  # tokens whose target is among the 5 most likely words
+    tokens: torch.Tensor  # real tokens in the batch
+
+
 def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=None, norm_images=None):
     """Cross-entropy over real tokens only (the targets after <start>, up to and including <end>),
     plus the doubly stochastic term alpha_c * ((1 - sum_t alpha_t) ** 2).mean() for attention.
 
     Both are sums divided by norm_tokens and norm_images x P (default: this batch's own), so that the
-    micro-batches of one accumulated step can share the whole step's normalisers. Returns the loss
-    and, as tensors that stay on the device, the cross-entropy sum, top-5 hits and token count."""
+    micro-batches of one accumulated step can share the whole step's normalisers. Everything but the
+    loss is a detached tensor that stays on the device."""
     T = logits.size(1)
     targets = captions[:, 1 : T + 1]
-    mask = torch.arange(T, device=logits.device)[None] < (lengths - 1)[:, None]
-    picked, wanted = logits[mask].float(), targets[mask]
+    mask = torch.arange(T, device=logits.device)[None] < (lengths - 1)[:, None]  # B x T
+    picked, wanted = logits[mask].float(), targets[mask]  # N x V, N
     tokens = mask.sum()
     ce_sum = F.cross_entropy(picked, wanted, reduction="sum")
     loss = ce_sum / (norm_tokens if norm_tokens is not None else tokens)
@@ -276,10 +292,51 @@ def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=Non
         images = norm_images if norm_images is not None else alphas.size(0)
         loss = loss + alpha_c * ((1.0 - attended) ** 2).sum() / (images * alphas.size(2))
     hits = (picked.topk(min(5, picked.size(1)), dim=1).indices == wanted[:, None]).any(1).sum()
-    return loss, ce_sum.detach(), hits, tokens
+    return CaptionLoss(loss, ce_sum.detach(), hits, tokens)
+
+
+class LossSums:
+    """Sums of loss terms over batches: the loss x its normalising token count, the cross-entropy,
+    the top-5 hits and the tokens. One float64 tensor on the device, so adding needs no host sync
+    and the ranks sum it in one all-reduce; per_token() reads it."""
+
+    def __init__(self, values=None, device="cpu"):
+        self.values = torch.zeros(4, dtype=torch.float64, device=device) if values is None else values
+
+    @classmethod
+    def of(cls, loss, norm_tokens=None):
+        """The sums of one CaptionLoss (its loss counted norm_tokens times: default, its own tokens)."""
+        norm = loss.tokens if norm_tokens is None else norm_tokens
+        return cls(torch.stack([loss.loss.detach() * norm, loss.ce_sum, loss.top5_hits.float(),
+                                loss.tokens.float()]).double())
+
+    def __iadd__(self, other):
+        self.values += other.values
+        return self
+
+    def to(self, device):
+        return LossSums(self.values.to(device))
+
+    def per_token(self):
+        """{"loss", "ce", "top5"} averaged over the tokens, or {} when there were none."""
+        loss, ce, hits, tokens = self.values.tolist()
+        return {"loss": loss / tokens, "ce": ce / tokens, "top5": hits / tokens} if tokens else {}
 
 
 # ----------------------------------------------------------------------------- decoding
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    """How captions are searched for: what eval.py, caption.py and validation pass around."""
+    beam_size: int = 1
+    max_len: int = 50  # words at most; then <end> is forced
+    length_penalty: float = 0.0  # scores are divided by length ** length_penalty (0: plain sums)
+    block_ngram_repeat: int = 0  # forbid repeating an n-gram of this size (0: off)
+
+    def __post_init__(self):
+        if self.beam_size < 1 or self.max_len < 1 or self.length_penalty < 0 or self.block_ngram_repeat < 0:
+            raise InputError(f"decoding needs beam size and max length >= 1 and the others >= 0, got {self}")
+
 
 @dataclass
 class Decoded:
@@ -288,39 +345,87 @@ class Decoded:
     alphas: list | None  # per image: len(seq) x P attention maps, one per generated token
 
 
+@dataclass
+class Caption:
+    words: list  # without <start> and <end>
+    score: float  # the search's score of the whole caption, <end> included
+    alphas: torch.Tensor | None  # len(words) x P: where the attention decoder looked for each word
+
+
+def decode(decoder, features, vocab, options=DecodeOptions()):
+    """Greedy for beam 1, beam search otherwise: the one entry point to search. features: B x P x D."""
+    if options.beam_size == 1 and not options.length_penalty and not options.block_ngram_repeat:
+        return greedy(decoder, features, vocab, options.max_len)
+    return beam_search(decoder, features, vocab, options)
+
+
+@torch.no_grad()
+def caption_images(encoder, decoder, vocab, images, options=DecodeOptions()):
+    """Images (uint8 B x 3 x H x W, or encoder features B x P x D as the feature cache holds them) ->
+    one Caption each. Validation, eval.py, caption.py and compare.py all caption through here."""
+    features = encoder(images) if images.dtype == torch.uint8 else images.float()
+    out = decode(decoder, features, vocab, options)
+    captions = []
+    for j, seq in enumerate(out.seqs):
+        words = vocab.decode(seq)
+        alphas = out.alphas[j][: len(words)] if out.alphas is not None else None
+        captions.append(Caption(words, float(out.scores[j]), alphas))
+    return captions
+
+
 def _finish(seq, length, score, alphas):
     seqs = [s[:n].tolist() for s, n in zip(seq.cpu(), length.cpu(), strict=True)]
     maps = None if alphas is None else [a[:n].float().cpu() for a, n in zip(alphas, length.cpu(), strict=True)]
     return Decoded(seqs, score.float().cpu(), maps)
 
 
+def _next_word_logp(logits, vocab, t, max_len, history=None, block_ngram_repeat=0):
+    """Log-probabilities of the next word (rows x V): never <pad> or <start> (never targets in
+    training, yet an untrained model may pick them), only <end> at the max_len cut-off, and no word
+    that would repeat an n-gram of `history` (rows x t+1, <start> first) when blocking is on."""
+    logp = torch.log_softmax(logits.float(), dim=1)
+    logp[:, [vocab.pad, vocab.start]] = -math.inf
+    if t == max_len:
+        forced = torch.full_like(logp, -math.inf)
+        forced[:, vocab.end] = logp[:, vocab.end]
+        return forced
+    if block_ngram_repeat:
+        logp = _block_ngrams(logp, history, block_ngram_repeat)
+    return logp
+
+
+def _block_ngrams(logp, history, n):
+    """Forbid the words that would repeat an n-gram already in each hypothesis."""
+    if history.size(1) < n:
+        return logp
+    windows = history.unfold(1, n, 1)  # rows x W x n
+    prefix = history[:, -(n - 1):] if n > 1 else history[:, :0]  # rows x n-1
+    match = (windows[:, :, : n - 1] == prefix[:, None]).all(2)  # rows x W
+    counts = torch.zeros_like(logp, dtype=torch.long).scatter_add_(1, windows[:, :, -1], match.long())
+    return logp.masked_fill(counts > 0, -math.inf)
+
+
 @torch.no_grad()
-def greedy(decoder, features, word_map, max_len=50):
+def greedy(decoder, features, vocab, max_len=50):
     """The most likely word at every step, for a batch. At most max_len words, then <end> is forced."""
-    start, end = word_map["<start>"], word_map["<end>"]
-    never = [word_map["<pad>"], start]  # never targets in training, yet an untrained model may pick them
     B, P = features.shape[:2]
     L, dev = max_len + 1, features.device
     state = decoder.init_state(features)
-    words = torch.full((B,), start, dtype=torch.long, device=dev)
+    words = torch.full((B,), vocab.start, dtype=torch.long, device=dev)  # B: the last word of each caption
     seq = torch.zeros(B, L, dtype=torch.long, device=dev)
     length = torch.full((B,), L, dtype=torch.long, device=dev)
     score = torch.zeros(B, device=dev)
     done = torch.zeros(B, dtype=torch.bool, device=dev)
-    alphas = None
+    alphas = None  # B x L x P
     for t in range(L):
-        logits, state, alpha = decoder.step(words, state, features)
-        logp = torch.log_softmax(logits.float(), dim=1)
-        logp[:, never] = -math.inf
-        if t == max_len:
-            logp = _only(logp, end)
-        s, words = logp.max(1)
-        score += torch.where(done, 0.0, s)
+        logits, state, alpha = decoder.step(words, state, features)  # B x V, ..., B x P or None
+        best, words = _next_word_logp(logits, vocab, t, max_len).max(1)
+        score += torch.where(done, 0.0, best)
         seq[:, t] = words
         if alpha is not None:
             alphas = alphas if alphas is not None else torch.zeros(B, L, P, device=dev)
             alphas[:, t] = alpha.float()
-        ended = ~done & (words == end)
+        ended = ~done & (words == vocab.end)
         length[ended] = t + 1
         done |= ended
         if bool(done.all()):
@@ -328,119 +433,117 @@ def greedy(decoder, features, word_map, max_len=50):
     return _finish(seq, length, score, alphas)
 
 
-def _only(logp, token):
-    """Log-probabilities where nothing but `token` can be chosen (the max_len cut-off)."""
-    forced = torch.full_like(logp, -math.inf)
-    forced[:, token] = logp[:, token]
-    return forced
-
-
-def _block_ngrams(logp, history, n):
-    """Forbid the words that would repeat an n-gram already in each hypothesis."""
-    if history.size(1) < n:
-        return logp
-    windows = history.unfold(1, n, 1)  # R x W x n
-    prefix = history[:, -(n - 1):] if n > 1 else history[:, :0]
-    match = (windows[:, :, : n - 1] == prefix[:, None]).all(2)
-    counts = torch.zeros_like(logp, dtype=torch.long).scatter_add_(1, windows[:, :, -1], match.long())
-    return logp.masked_fill(counts > 0, -math.inf)
-
-
 @torch.no_grad()
-def beam_search(decoder, features, word_map, beam_size=3, max_len=50, length_penalty=0.0, block_ngram_repeat=0):
+def beam_search(decoder, features, vocab, options):
     """Beam search over a batch of images at once.
 
     Each image keeps beam_size live hypotheses. At every step the 2 * beam_size best extensions are
-    ranked: those ending in <end> among the first beam_size are moved aside as finished, the best
+    ranked: those ending in <end> among the first beam_size are set aside as finished, the best
     beam_size others stay live, so the beam never runs short. An image stops when no live hypothesis
     can beat its best finished one (their log-probability can only fall), or at max_len words, where
-    <end> is forced; the batch stops when every image has stopped, and stopped images leave the batch.
-    Scores are sums of log-probabilities, divided by length ** length_penalty when that is not 0.
-    """
-    if beam_size < 1 or length_penalty < 0:
-        raise ValueError("beam_size must be >= 1 and length_penalty >= 0")
-    start, end = word_map["<start>"], word_map["<end>"]
-    never = [word_map["<pad>"], start]
-    B, P = features.shape[:2]
-    K, L, dev = beam_size, max_len + 1, features.device
-    out_seq = torch.zeros(B, L, dtype=torch.long, device=dev)
-    out_len = torch.full((B,), L, dtype=torch.long, device=dev)
-    out_score = torch.full((B,), -math.inf, device=dev)
-    out_alpha = None
+    <end> is forced; stopped images leave the batch, and the search ends when none is left. Scores are
+    sums of log-probabilities, divided by length ** length_penalty when that is not 0.
 
-    ids = torch.arange(B, device=dev)  # images still searching
-    state = {k: v.repeat_interleave(K, 0) for k, v in decoder.init_state(features).items()}
-    feats = features.repeat_interleave(K, 0)
-    words = torch.full((B * K,), start, dtype=torch.long, device=dev)
-    seq = torch.zeros(B, K, L, dtype=torch.long, device=dev)
-    alp = None
-    score = torch.full((B, K), -math.inf, device=dev)
+    The words of the live hypotheses are reordered at every step (n-gram blocking reads them); the
+    attention maps are not: each step stores its maps and the beam every live hypothesis came from
+    (a backpointer), and each image's maps are traced back once, at the end.
+    """
+    K, max_len, penalty = options.beam_size, options.max_len, options.length_penalty
+    B, P = features.shape[:2]
+    L, dev = max_len + 1, features.device
+    # Each image's best finished hypothesis so far, and where it ended (for tracing its maps back).
+    best_seq = torch.zeros(B, L, dtype=torch.long, device=dev)
+    best_len = torch.full((B,), L, dtype=torch.long, device=dev)
+    best_score = torch.full((B,), -math.inf, device=dev)
+    best_step = torch.zeros(B, dtype=torch.long, device=dev)
+    best_beam = torch.zeros(B, dtype=torch.long, device=dev)
+
+    # The live hypotheses of the n images still searching: n x K of them, flattened to n*K rows.
+    ids = torch.arange(B, device=dev)  # n: the images still searching
+    state = {k: v.repeat_interleave(K, 0) for k, v in decoder.init_state(features).items()}  # n*K x ...
+    feats = features.repeat_interleave(K, 0)  # n*K x P x D
+    words = torch.full((B * K,), vocab.start, dtype=torch.long, device=dev)  # n*K: last word of each
+    tokens = torch.zeros(B, K, L, dtype=torch.long, device=dev)  # n x K x L: the words so far
+    score = torch.full((B, K), -math.inf, device=dev)  # n x K
     score[:, 0] = 0.0  # one live start; the other beams fill up at the first step
+    parent = torch.zeros(L, B, K, dtype=torch.long, device=dev)  # step x image x beam: beam it came from
+    attention = None  # L x B x K x P: each step's maps, by image
     for t in range(L):
         n = ids.numel()
-        logits, state, alpha = decoder.step(words, state, feats)
-        logp = torch.log_softmax(logits.float(), dim=1)
-        logp[:, never] = -math.inf
-        if t == max_len:
-            logp = _only(logp, end)
-        elif block_ngram_repeat:
-            history = torch.cat([torch.full((n * K, 1), start, device=dev), seq.view(n * K, L)[:, :t]], 1)
-            logp = _block_ngrams(logp, history, block_ngram_repeat)
+        logits, state, alpha = decoder.step(words, state, feats)  # n*K x V, ..., n*K x P or None
+        history = None
+        if options.block_ngram_repeat:  # n*K x t+1, <start> first
+            history = torch.cat([torch.full((n * K, 1), vocab.start, device=dev), tokens.view(n * K, L)[:, :t]], 1)
+        logp = _next_word_logp(logits, vocab, t, max_len, history, options.block_ngram_repeat)  # n*K x V
         if alpha is not None:
-            if alp is None:
-                alp = torch.zeros(n, K, L, P, device=dev)
-                out_alpha = torch.zeros(B, L, P, device=dev)
-            alp[:, :, t] = alpha.float().view(n, K, P)
+            attention = attention if attention is not None else torch.zeros(L, B, K, P, device=dev)
+            attention[t, ids] = alpha.float().view(n, K, P)
         V = logp.size(1)
-        cand = (score.view(n * K, 1) + logp).view(n, K * V)
-        top_s, top_i = cand.topk(min(2 * K, K * V), dim=1)
-        beam, tok = top_i // V, top_i % V  # floor division: beam index and word
+        extensions = (score.view(n * K, 1) + logp).view(n, K * V)  # n x K*V: every one-word extension
+        top_score, top = extensions.topk(min(2 * K, K * V), dim=1)  # n x 2K
+        top_beam, top_word = top // V, top % V  # floor division: which beam, which word
 
-        # Finished: <end> among the first K candidates; keep the best per image if it beats the old.
-        ranks = torch.arange(top_s.size(1), device=dev)[None]
-        fin = top_s.masked_fill((tok != end) | (ranks >= K), -math.inf) / float(t + 1) ** length_penalty
-        best, at = fin.max(1)
-        improved = best > out_score[ids]
-        rows = torch.arange(n, device=dev)
-        b = beam.gather(1, at[:, None]).squeeze(1)
-        new_seq = seq[rows, b].clone()
-        new_seq[:, t] = end
-        upd = ids[improved]
-        out_seq[upd] = new_seq[improved]
-        out_len[upd] = t + 1
-        out_score[upd] = best[improved]
-        if alp is not None:
-            out_alpha[upd] = alp[rows, b][improved]
+        # Finished: the best candidate ending in <end> among the first K replaces a worse result.
+        ended_score, at = _best_ended(top_score, top_word, vocab.end, K, (t + 1) ** penalty)  # n, n
+        better = ended_score > best_score[ids]
+        beam = top_beam.gather(1, at[:, None]).squeeze(1)  # n
+        seq = tokens[torch.arange(n, device=dev), beam]  # n x L (a copy)
+        seq[:, t] = vocab.end
+        won = ids[better]
+        best_seq[won], best_len[won], best_score[won] = seq[better], t + 1, ended_score[better]
+        best_step[won], best_beam[won] = t, beam[better]
 
         # Live: the best K candidates that did not end.
-        live_s = top_s.masked_fill(tok == end, -math.inf)
-        keep_s, sel = live_s.topk(K, dim=1)
-        beam, tok = beam.gather(1, sel), tok.gather(1, sel)
-        src = (rows[:, None] * K + beam).view(-1)  # beams only ever move within their own image
-        state = {k: v if k in decoder.image_state else v[src] for k, v in state.items()}
-        seq = seq.view(n * K, L)[src].view(n, K, L)
-        seq[:, :, t] = tok
-        if alp is not None:
-            alp = alp.view(n * K, L, P)[src].view(n, K, L, P)
-        score, words = keep_s, tok.view(-1)
+        score, pick = _best_live(top_score, top_word, vocab.end, K)  # n x K, n x K
+        from_beam, word = top_beam.gather(1, pick), top_word.gather(1, pick)  # n x K
+        parent[t, ids] = from_beam
+        rows = (torch.arange(n, device=dev)[:, None] * K + from_beam).view(-1)  # n*K: moves within an image
+        state = {k: v if k in decoder.image_state else v[rows] for k, v in state.items()}
+        tokens = tokens.view(n * K, L)[rows].view(n, K, L)
+        tokens[:, :, t] = word
+        words = word.view(-1)
 
         # An image is done when even its best live hypothesis cannot overtake its best finished one.
-        bound = score[:, 0] / float(L) ** length_penalty
-        done = out_score[ids] >= bound
+        done = best_score[ids] >= score[:, 0] / float(L) ** penalty  # n
         if t == max_len or bool(done.all()):
             break
-        if bool(done.any()):
-            keep = ~done
-            rows_k = (torch.nonzero(keep).squeeze(1)[:, None] * K + torch.arange(K, device=dev)).view(-1)
-            ids, score, seq = ids[keep], score[keep], seq[keep]
-            alp = alp[keep] if alp is not None else None
-            state = {k: v[rows_k] for k, v in state.items()}
-            feats, words = feats[rows_k], words[rows_k]
-    return _finish(out_seq, out_len, out_score, out_alpha)
+        if bool(done.any()):  # stopped images leave the batch
+            keep, rows = ~done, _rows_of(~done, K)  # n', n'*K
+            ids, score, tokens = ids[keep], score[keep], tokens[keep]
+            state = {k: v[rows] for k, v in state.items()}
+            feats, words = feats[rows], words[rows]
+    maps = None if attention is None else _trace_back(attention, parent, best_step, best_beam)
+    return _finish(best_seq, best_len, best_score, maps)
 
 
-def decode(decoder, features, word_map, beam_size=1, max_len=50, **options):
-    """Greedy for beam 1, beam search otherwise: the one entry point used by train, eval and caption."""
-    if beam_size == 1 and not any(options.values()):
-        return greedy(decoder, features, word_map, max_len)
-    return beam_search(decoder, features, word_map, beam_size, max_len, **options)
+def _best_ended(top_score, top_word, end, K, norm):
+    """Per image, the best of its ranked candidates that ends in <end> within the first K ranks:
+    (its score / norm, its rank); -inf where none does."""
+    rank = torch.arange(top_score.size(1), device=top_score.device)[None]
+    return (top_score.masked_fill((top_word != end) | (rank >= K), -math.inf) / norm).max(1)
+
+
+def _best_live(top_score, top_word, end, K):
+    """Per image, the K best ranked candidates that do not end: (their scores, their ranks), n x K."""
+    return top_score.masked_fill(top_word == end, -math.inf).topk(K, dim=1)
+
+
+def _rows_of(images, K):
+    """The hypothesis rows (n*K layout) of the images marked in the boolean mask `images` (n)."""
+    return (torch.nonzero(images).squeeze(1)[:, None] * K + torch.arange(K, device=images.device)).view(-1)
+
+
+def _trace_back(attention, parent, step, beam):
+    """Each image's attention maps (B x L x P), followed back through the backpointers from the step
+    and beam where its best hypothesis ended."""
+    L, B, _, P = attention.shape
+    images = torch.arange(B, device=attention.device)
+    maps = torch.zeros(B, L, P, device=attention.device)
+    row = beam.clone()  # B: the beam each image's hypothesis held at step s
+    for s in range(int(step.max()), -1, -1):
+        row = torch.where(step == s, beam, row)
+        inside = step >= s  # images whose hypothesis was still being written at step s
+        maps[inside, s] = attention[s, images[inside], row[inside]]
+        if s:
+            row = torch.where(inside, parent[s - 1, images, row], row)
+    return maps

@@ -8,7 +8,6 @@ downloaded ImageNet file is used; training then keeps the encoder frozen and cac
     python pretrain_encoder.py --output-folder data/shapes            # -> data/shapes/encoder_resnet18_stages2.pt
     python pretrain_encoder.py --output-folder data/shapes --steps 300 --encoder resnet34
 """
-import argparse
 import json
 import os
 import time
@@ -20,7 +19,7 @@ from torch import nn
 
 import shapes
 from models import Encoder
-from utils import InputError, atomic_path, run_cli
+from utils import ArgumentParser, InputError, atomic_path, run_cli
 
 TASKS = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "size": len(shapes.SIZES)}
 
@@ -65,15 +64,15 @@ def loss_and_accuracy(logits, labels):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--output-folder", "--output_folder", required=True)
+    p = ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--output-folder", required=True)
     p.add_argument("--encoder", default="resnet18")
     p.add_argument("--stages", type=int, default=2)
-    p.add_argument("--encoded-size", "--encoded_size", type=int, default=8, help="grid the task is learnt on")
-    p.add_argument("--image-size", "--image_size", type=int, default=64)
+    p.add_argument("--encoded-size", type=int, default=8, help="grid the task is learnt on")
+    p.add_argument("--image-size", type=int, default=64)
     p.add_argument("--steps", type=int, default=400, help="optimiser steps (at most)")
     p.add_argument("--seconds", type=float, default=0, help="stop after this long as well (0: no limit)")
-    p.add_argument("--batch-size", "--batch_size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--seed", type=int, default=1000, help="scene stream (the dataset uses another seed)")
     p.add_argument("--out", help="file name (default encoder_{encoder}_stages{stages}.pt)")

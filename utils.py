@@ -1,4 +1,5 @@
-"""Small helpers shared by the scripts: user-facing errors and atomic file writes."""
+"""Small helpers shared by the scripts: user-facing errors, atomic file writes, option names."""
+import argparse
 import errno
 import json
 import os
@@ -87,111 +88,16 @@ def write_json(path, obj):
         f.write(json.dumps(obj))  # dumps uses the C encoder; dump streams through the slow Python one
 
 
-# ----------------------------------------------------------------------------- config
-
-CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
-CHOICES = {
-    "decoder": ("rnn", "attention"),
-    "device": ("auto", "cpu", "cuda"),
-    "amp_dtype": ("float16", "bfloat16"),
-    "early_stop_metric": ("bleu4", "loss"),
-    "cache_features": ("auto", True, False),
-}
-AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
-            "train_captions_per_image": 0, "val_beam_size": 1,
-            "max_decode_len": 1, "encoded_size": 1, "emb_dim": 1, "decoder_dim": 1, "attention_dim": 1,
-            "patience": 0, "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
-            "val_max_images": 0,
-            "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
-TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+def option_key(name):
+    """--beam-size and --beam_size name the same option: every script accepts both spellings."""
+    return name.replace("-", "_")
 
 
-def read_yaml(path):
-    import yaml
-    if not os.path.isfile(path):
-        raise InputError(f"config file {path} not found")
-    try:
-        with open(path) as f:
-            data = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        raise InputError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
-    if not isinstance(data, dict):
-        raise InputError(f"{path} must hold key: value pairs")
-    return data
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse where --dash-names are also accepted as --underscore_names and the reverse (see
+    option_key, which train.py's --key value parsing uses too)."""
 
-
-def default_config():
-    return read_yaml(os.path.join(CONFIG_DIR, "default.yaml"))
-
-
-def _coerce(key, value, default, source):
-    """`value` (from YAML, or a string from the command line) as the type of the default."""
-    kind = type(default)
-    if key == "cache_features" and isinstance(value, str) and value.lower() in TRUE + FALSE:
-        value = value.lower() in TRUE  # cache_features: true on the command line
-    try:
-        if kind is bool and isinstance(value, str) and value.lower() in TRUE + FALSE:
-            value = value.lower() in TRUE
-        elif kind is int and isinstance(value, str):
-            value = int(value)
-        elif kind is float and isinstance(value, str | int) and not isinstance(value, bool):
-            value = float(value)
-        elif default is None and isinstance(value, str) and value.lower() in ("null", "none", ""):
-            value = None
-    except ValueError:
-        pass
-    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if key in CHOICES:
-        ok = True  # checked against the choices below
-    elif default is None:
-        ok = value is None or isinstance(value, str)
-    if not ok:
-        expected = "a string or null" if default is None else kind.__name__
-        raise InputError(f"{source}: {key} must be {expected}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
-    if key in AT_LEAST and value < AT_LEAST[key] or key.endswith("_lr") and value <= 0:
-        low = "> 0" if key.endswith("_lr") else f">= {AT_LEAST[key]}"
-        raise InputError(f"{source}: {key} must be {low}, got {value!r}")
-    return value
-
-
-def merge_config(cfg, updates, source):
-    """cfg with `updates` applied; unknown keys and wrong types are InputErrors naming `source`."""
-    cfg = dict(cfg)
-    defaults = default_config()
-    for key, value in updates.items():
-        key = key.replace("-", "_")
-        if key not in defaults:
-            raise InputError(f"{source}: unknown config key {key!r} (see configs/default.yaml)")
-        cfg[key] = _coerce(key, value, defaults[key], source)
-    return cfg
-
-
-def parse_cli(argv, flags=()):
-    """`--key value` / `--key=value` pairs, plus the value-less `flags`. Returns (flags set, pairs)."""
-    pairs, seen = {}, set()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise InputError(f"unexpected argument {arg!r}: options are --key value")
-        key, eq, value = arg[2:].partition("=")
-        key = key.replace("-", "_")
-        if key in flags:
-            seen.add(key)
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise InputError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        pairs[key] = value
-        i += 1
-    return seen, pairs
-
-
-def dump_yaml(cfg, path):
-    import yaml
-    with atomic_path(path) as tmp, open(tmp, "w") as f:
-        yaml.safe_dump(cfg, f, sort_keys=False)
+    def add_argument(self, *names, **kw):
+        spellings = [n for name in names if name.startswith("--")
+                     for n in ("--" + option_key(name[2:]), "--" + option_key(name[2:]).replace("_", "-"))]
+        return super().add_argument(*dict.fromkeys([*names, *spellings]), **kw)

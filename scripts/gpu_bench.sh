@@ -20,14 +20,14 @@ else
 fi
 "$PY" -c "import torch; print('torch', torch.__version__, 'cuda', torch.version.cuda)" | tee -a "$OUT/gpu.txt"
 
-# Real prepared images at the seed's 256 px, for the DataLoader's read rate and the DDP run.
+# Real prepared images at the reference experiment's 256 px, for the DataLoader's read rate and the DDP run.
 DATA="$OUT/data"
 "$PY" create_input_files.py --dataset shapes --output-folder "$DATA" --num-images "$IMAGES" \
     --image-size "$SIZE" --min-word-freq 0 --overwrite > "$OUT/prepare.log"
 NAME=shapes_5_cap_per_img_0_min_word_freq
 
 # The matrix: both decoders x fp32/fp16/bf16 x frozen/fine-tuned/cached x accumulation 1/2, the
-# seed's model (ResNet-101, 256 px, 14x14, 512-d), batch 32; decoding at beam 1/3/5; the loader.
+# the reference model (ResNet-101, 256 px, 14x14, 512-d), batch 32; decoding at beam 1/3/5; the loader.
 "$PY" bench.py --device "$DEVICE" "${BENCH[@]}" --data-folder "$DATA" --data-name "$NAME" --profile \
     --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
 

@@ -1,3 +1,4 @@
+import json
 import os
 import subprocess
 import sys
@@ -14,9 +15,62 @@ TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stag
         "train_captions_per_image": 0}
 
 
+TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb")  # log.jsonl fields that differ run to run
+SIZE = 24  # image side of the prepared Karpathy-format test data
+
+
 def run_script(script, *args, **kw):
     cmd = [sys.executable, script, *map(str, args)]
     return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+
+
+def run_main(module, argv, monkeypatch, capsys):
+    """A script's main() in this process, as its command line would run it: (exit code, stderr)."""
+    from utils import run_cli
+    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
+    with pytest.raises(SystemExit) as exit:
+        run_cli(module.main)
+    return exit.value.code, capsys.readouterr().err
+
+
+def train(out, data, *extra, env=None, **overrides):
+    """train.py on a TINY model (train_args), in a subprocess."""
+    return run_script("train.py", *train_args(out, data, **overrides), *extra, env=env)
+
+
+def load(path):
+    import torch
+    return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def log_records(run, kind=None):
+    """A run's log.jsonl without the timing fields, only lines of `kind` (step, epoch) if given."""
+    with open(run / "log.jsonl") as f:
+        records = [json.loads(line) for line in f]
+    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if kind in (None, r["kind"])]
+
+
+def prepare(*args, cwd=ROOT):
+    return subprocess.run([sys.executable, "create_input_files.py", *map(str, args)], cwd=cwd, capture_output=True,
+                          text=True)
+
+
+def prepare_coco(src, out, *extra):
+    return prepare("--dataset", "coco", "--karpathy-json", src / "dataset_coco.json",
+                   "--image-folder", src / "images", "--output-folder", out,
+                   "--min-word-freq", 0, "--image-size", SIZE, *extra)
+
+
+def photos(folder, n=2):
+    """n shapes scenes saved as JPEG photos in `folder`."""
+    from PIL import Image
+
+    import shapes
+    folder.mkdir(exist_ok=True)
+    for i in range(n):
+        image, _ = shapes.render(shapes.make_scene(shapes.scene_seed(5, i), 96))
+        Image.fromarray(image).save(folder / f"photo{i}.jpg")
+    return folder
 
 
 def train_args(out, data, **overrides):
@@ -55,3 +109,11 @@ def trained(shapes_data, tmp_path_factory):
             runs[decoder] = out / "best.pt"
         return runs[decoder]
     return get
+
+
+def pytest_collection_modifyitems(items):
+    """A test that uses prepared data (shapes, or the Karpathy-format fixtures) or a model trained on
+    it runs scripts in subprocesses: mark it slow (the other subprocess tests are marked by hand)."""
+    for item in items:
+        if {"shapes_data", "trained", "coco", "src"} & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

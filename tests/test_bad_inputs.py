@@ -15,10 +15,8 @@ from PIL import Image
 
 import create_input_files
 from datasets import base_name
-from tests.conftest import SHAPES_NAME, run_script, train_args
+from tests.conftest import SHAPES_NAME, SIZE, photos, prepare, prepare_coco, run_script, train, train_args
 from tests.fixtures import make_karpathy
-from tests.test_eval_caption import photos
-from tests.test_prepare import SIZE, prepare, prepare_coco
 from utils import run_cli
 
 NAME = base_name("coco", 5, 0)
@@ -195,10 +193,6 @@ def run(shapes_data, tmp_path_factory):
     return out
 
 
-def train(out, data, *extra, **overrides):
-    return run_script("train.py", *train_args(out, data, **overrides), *extra)
-
-
 @pytest.mark.parametrize("override,needles", [
     ({"decoder": "transformer"}, ("decoder", "transformer")),
     ({"batch_size": 0}, ("batch_size", ">= 1")),
@@ -218,6 +212,7 @@ def test_train_bad_setting(tmp_path, shapes_data, override, needles):
     ("decoder: [rnn\n", ("bad.yaml", "not valid YAML")),
     ("- a list\n", ("bad.yaml", "key: value")),
 ])
+@pytest.mark.slow
 def test_train_bad_yaml(tmp_path, text, needles):
     (tmp_path / "bad.yaml").write_text(text)
     refused(run_script("train.py", "--config", tmp_path / "bad.yaml"), *needles)

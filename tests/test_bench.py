@@ -1,7 +1,13 @@
 """bench.py runs its matrix (tiny model) and writes what docs/benchmarks.md is made of."""
 import json
+import os
+import sys
+
+import pytest
 
 from tests.conftest import run_script
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 def test_bench_tiny_matrix(tmp_path):
@@ -23,3 +29,27 @@ def test_bench_tiny_matrix(tmp_path):
     assert "| attention | bf16 | cached | 4 (2 x 2) |" in r.stdout and "| attention | 2 |" in r.stdout
     r = run_script("bench.py", "--tiny", "--data-folder", tmp_path)
     assert r.returncode == 2 and "--data-name" in r.stderr
+
+
+def test_bench_on_a_cpu_without_bf16_lstm_kernels(tmp_path, monkeypatch, capsys):
+    """ONEDNN_MAX_CPU_ISA=AVX2 stands in for an AVX2-only CPU: the plain decoder's bf16 row runs (its
+    LSTM in fp32), and a configuration that cannot run at all is marked and the others still run."""
+    env = dict(os.environ, ONEDNN_MAX_CPU_ISA="AVX2")
+    out = tmp_path / "cpu.json"
+    r = run_script("bench.py", "--tiny", "--device", "cpu", "--decoder", "rnn", "--precision", "fp32", "bf16",
+                   "--encoder-mode", "cached", "--accumulation", 1, "--beam-size", 1, "--out", out, env=env)
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())["training"]
+    assert [x["precision"] for x in rows] == ["fp32", "bf16"] and all(x["images_per_s"] > 0 for x in rows)
+
+    import bench
+    import train
+
+    def broken(*args):
+        raise RuntimeError("could not create a primitive descriptor for the LSTM forward propagation primitive")
+    monkeypatch.setattr(train, "train_step", broken)
+    monkeypatch.setattr(sys, "argv", ["bench.py", "--tiny", "--device", "cpu", "--decoder", "rnn", "--precision",
+                                      "fp32", "--encoder-mode", "cached", "--accumulation", 1, "--beam-size", 1])
+    monkeypatch.setattr(sys, "argv", [str(a) for a in sys.argv])
+    bench.main()  # no traceback: the row says why
+    assert "cannot run here: could not create a primitive descriptor" in capsys.readouterr().out

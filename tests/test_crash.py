@@ -1,7 +1,6 @@
 """Crash safety: SIGKILL at any moment, Ctrl-C and SIGTERM, non-finite losses, out of memory, a full disk."""
 import errno
 import glob
-import json
 import os
 import signal
 import subprocess
@@ -12,8 +11,9 @@ import pytest
 import torch
 
 import train
-from tests.conftest import ROOT, run_script, train_args
-from utils import run_cli
+from tests.conftest import ROOT, load, log_records, run_main, run_script, train_args
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 RUN = dict(decoder="attention", epochs=2, checkpoint_every=1, log_every=1)
 
@@ -40,19 +40,9 @@ def log_lines(run):
     return path.read_text().count("\n") if path.exists() else 0
 
 
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
 def weights(path):
     ckpt = load(path)
     return {**{f"e.{k}": v for k, v in ckpt["encoder"].items()}, **{f"d.{k}": v for k, v in ckpt["decoder"].items()}}
-
-
-def records(run):
-    timing = ("images_per_s", "epoch_time_s", "peak_memory_mb")
-    with open(run / "log.jsonl") as f:
-        return [{k: v for k, v in json.loads(line).items() if k not in timing} for line in f]
 
 
 @pytest.fixture(scope="module")
@@ -88,7 +78,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(straight, shape
     assert not glob.glob(str(run / "*.tmp*"))  # a killed write leaves no debris after the resume
     a, b = weights(straight / "last.pt"), weights(run / "last.pt")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
-    assert records(straight) == records(run)
+    assert log_records(straight) == log_records(run)
 
 
 @pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
@@ -148,16 +138,9 @@ def test_nonfinite_steps_are_skipped_then_training_stops(shapes_data, tmp_path):
     assert r.returncode == 2, r.stderr
     (line,) = [ln for ln in r.stderr.splitlines() if "error:" in ln]
     assert "not finite for 3 steps in a row" in line and "step 4" in line and "decoder_lr" in line
-    steps = records(run)
+    steps = log_records(run)
     assert [s["skipped_steps"] for s in steps] == [0, 1, 2] and "loss" not in steps[-1]  # step 4 raised
     assert not (run / "best.pt").exists()  # the epoch never ended: nothing was judged best
-
-
-def run_main(module, argv, monkeypatch, capsys):
-    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
-    with pytest.raises(SystemExit) as exit:
-        run_cli(module.main)
-    return exit.value.code, capsys.readouterr().err
 
 
 def test_out_of_memory_names_the_batch_size(shapes_data, tmp_path, monkeypatch, capsys):

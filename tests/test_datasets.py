@@ -55,7 +55,9 @@ def test_tutorial_layout_loads(tutorial):
     assert load_word_map(folder, name)["<pad>"] == 0
     train = CaptionDataset(folder, name, "TRAIN")
     assert len(train) == 30  # one item per (image, caption)
-    image, caption, caplen = train[7]
+    item = train[7]
+    assert type(item).__name__ == "TrainItem"
+    image, caption, caplen = item.image, item.caption, item.length
     with h5py.File(data_path(folder, "IMAGES", name, "TRAIN"), "r") as h:
         assert torch.equal(image, torch.from_numpy(h["images"][1]))
     with open(data_path(folder, "CAPTIONS", name, "TRAIN")) as f:
@@ -64,9 +66,13 @@ def test_tutorial_layout_loads(tutorial):
 
     test = CaptionDataset(folder, name, "TEST")
     assert len(test) == 6  # one item per image
-    image, caption, caplen, all_captions, index = test[4]
-    assert index == 4 and all_captions.shape == (5, 12)
-    assert torch.equal(caption, all_captions[0])
+    item = test[4]
+    assert type(item).__name__ == "EvalItem" and item.index == 4 and item.captions.shape == (5, 12)
+    with open(data_path(folder, "CAPTIONS", name, "TEST")) as f:
+        assert item.captions.tolist() == json.load(f)[20:25]
+    batch = next(iter(DataLoader(test, batch_size=4)))  # batched field by field, names kept
+    assert batch.image.shape == (4, 3, 8, 8) and batch.captions.shape == (4, 5, 12)
+    assert batch.index.tolist() == [0, 1, 2, 3]
 
 
 @pytest.mark.parametrize("split", ["TRAIN", "TEST"])
@@ -103,7 +109,7 @@ def test_shapes_from_the_command_line(tmp_path):
     name = base_name("shapes", 5, 0)
     for split, n in (("TRAIN", 32), ("VAL", 4), ("TEST", 4)):
         ds = CaptionDataset(tmp_path, name, split)
-        assert ds.num_images == n and ds[0][0].shape == (3, 64, 64)
+        assert ds.num_images == n and ds[0].image.shape == (3, 64, 64)
         with open(data_path(tmp_path, "BOXES", name, split)) as f:
             boxes = json.load(f)
         assert len(boxes) == n and all(1 <= len(b) <= 3 for b in boxes)

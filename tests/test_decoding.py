@@ -2,8 +2,8 @@
 import pytest
 import torch
 
-from datasets import CaptionDataset
-from models import beam_search, decode, greedy, load_model
+from datasets import CaptionDataset, Vocabulary
+from models import DecodeOptions, beam_search, decode, greedy, load_model
 from tests.conftest import SHAPES_NAME
 from utils import load_checkpoint
 
@@ -12,27 +12,28 @@ from utils import load_checkpoint
 def model(request, trained, shapes_data):
     ckpt = load_checkpoint(trained(request.param))
     encoder, decoder = load_model(ckpt, torch.device("cpu"))
-    images = torch.stack([CaptionDataset(shapes_data, SHAPES_NAME, s)[i][0] for s in ("VAL", "TEST") for i in range(6)])
+    images = torch.stack([CaptionDataset(shapes_data, SHAPES_NAME, split)[i].image
+                          for split in ("VAL", "TEST") for i in range(6)])
     with torch.no_grad():
         features = encoder(images)
-    return decoder, features, ckpt["word_map"], request.param
+    return decoder, features, Vocabulary(ckpt["word_map"]), request.param
 
 
 def test_trained_model_ends_its_captions(model):
     decoder, features, word_map, _ = model
     out = greedy(decoder, features, word_map, max_len=20)
     assert sum(len(s) < 21 for s in out.seqs) >= 10  # most end on their own, before the cut-off
-    assert all(s[-1] == word_map["<end>"] and word_map["<end>"] not in s[:-1] for s in out.seqs)
+    assert all(s[-1] == word_map.end and word_map.end not in s[:-1] for s in out.seqs)
 
 
 @pytest.mark.parametrize("beam_size", [3, 5])
 @pytest.mark.parametrize("length_penalty", [0.0, 0.7])
 def test_batched_equals_one_at_a_time(model, beam_size, length_penalty):
     decoder, features, word_map, kind = model
-    batched = beam_search(decoder, features, word_map, beam_size, max_len=20, length_penalty=length_penalty)
+    options = DecodeOptions(beam_size, max_len=20, length_penalty=length_penalty)
+    batched = beam_search(decoder, features, word_map, options)
     for i in range(len(features)):
-        single = beam_search(decoder, features[i:i + 1], word_map, beam_size, max_len=20,
-                             length_penalty=length_penalty)
+        single = beam_search(decoder, features[i:i + 1], word_map, options)
         assert single.seqs[0] == batched.seqs[i]
         torch.testing.assert_close(single.scores[0], batched.scores[i], atol=1e-5, rtol=1e-5)
         if kind == "attention":
@@ -45,7 +46,7 @@ def test_batched_equals_one_at_a_time(model, beam_size, length_penalty):
 def test_beam_one_is_greedy(model):
     decoder, features, word_map, kind = model
     g = greedy(decoder, features, word_map, max_len=20)
-    b = beam_search(decoder, features, word_map, beam_size=1, max_len=20)
+    b = beam_search(decoder, features, word_map, DecodeOptions(beam_size=1, max_len=20))
     assert g.seqs == b.seqs
     torch.testing.assert_close(g.scores, b.scores, atol=1e-5, rtol=1e-5)
     if kind == "attention":
@@ -57,9 +58,9 @@ def test_beam_one_is_greedy(model):
 def test_scores_are_the_log_probability_of_the_caption(model, beam_size):
     """Rescoring each returned caption with the teacher-forced forward gives the search's score."""
     decoder, features, word_map, _ = model
-    out = beam_search(decoder, features, word_map, beam_size, max_len=20)
+    out = beam_search(decoder, features, word_map, DecodeOptions(beam_size, max_len=20))
     for i, seq in enumerate(out.seqs):
-        caption = torch.tensor([[word_map["<start>"]] + seq])
+        caption = torch.tensor([[word_map.start] + seq])
         logits, _ = decoder(features[i:i + 1], caption, torch.tensor([len(seq) + 1]))
         logp = torch.log_softmax(logits[0], dim=1).gather(1, caption[0, 1:, None]).sum()
         torch.testing.assert_close(logp, out.scores[i], atol=1e-4, rtol=1e-5)
@@ -67,9 +68,9 @@ def test_scores_are_the_log_probability_of_the_caption(model, beam_size):
 
 def test_ngram_blocking_and_max_len(model):
     decoder, features, word_map, _ = model
-    out = decode(decoder, features, word_map, beam_size=3, max_len=20, block_ngram_repeat=2)
+    out = decode(decoder, features, word_map, DecodeOptions(beam_size=3, max_len=20, block_ngram_repeat=2))
     for s in out.seqs:
-        bigrams = list(zip([word_map["<start>"]] + s[:-1], s, strict=True))
+        bigrams = list(zip([word_map.start] + s[:-1], s, strict=True))
         assert len(bigrams) == len(set(bigrams))
-    short = decode(decoder, features, word_map, beam_size=3, max_len=3)
-    assert all(1 <= len(s) <= 4 and s[-1] == word_map["<end>"] for s in short.seqs)
+    short = decode(decoder, features, word_map, DecodeOptions(beam_size=3, max_len=3))
+    assert all(1 <= len(s) <= 4 and s[-1] == word_map.end for s in short.seqs)

@@ -7,7 +7,9 @@ import sys
 import pytest
 import torch
 
-from tests.conftest import ROOT, run_script, train_args
+from tests.conftest import ROOT, load, log_records, run_script, train_args
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 # Dropout off, so both runs draw no random numbers in training and must agree up to float summation order.
 COMMON = dict(decoder="attention", dropout=0.0, epochs=2, accumulation_steps=2, log_every=1)
@@ -24,15 +26,6 @@ def torchrun(nproc, *args):
 def losses(run):
     with open(run / "log.jsonl") as f:
         return [r for r in map(json.loads, f)]
-
-
-def stripped(run):
-    return [{k: v for k, v in r.items() if k not in ("images_per_s", "epoch_time_s", "peak_memory_mb")}
-            for r in losses(run)]
-
-
-def load(path):
-    return torch.load(path, map_location="cpu", weights_only=True)
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +68,7 @@ def test_resume_under_torchrun_with_the_same_or_another_world_size(two_process_r
     assert a["step"] == b["step"]
     for k in a["decoder"]:
         assert torch.equal(a["decoder"][k], b["decoder"][k]), k
-    assert stripped(straight) == stripped(split)  # the log too, without duplicated lines
+    assert log_records(straight) == log_records(split)  # the log too, without duplicated lines
 
     # A 2-process checkpoint continued by one process at batch 8: the same global batch, so the same
     # samples in the same order.

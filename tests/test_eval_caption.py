@@ -5,7 +5,9 @@ import math
 import pytest
 from PIL import Image
 
-from tests.conftest import run_script
+from tests.conftest import photos, run_script
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 @pytest.mark.parametrize("decoder", ["rnn", "attention"])
@@ -32,14 +34,6 @@ def test_eval_decoding_benchmark(trained):
     assert r.returncode == 0, r.stderr
     assert "True" in r.stdout.splitlines()[-1]  # batched and one-at-a-time captions agree
 
-
-def photos(folder, n=2):
-    import shapes
-    folder.mkdir(exist_ok=True)
-    for i in range(n):
-        image, _ = shapes.render(shapes.make_scene(shapes.scene_seed(5, i), 96))
-        Image.fromarray(image).save(folder / f"photo{i}.jpg")
-    return folder
 
 
 def test_caption_attention_panels(trained, tmp_path):

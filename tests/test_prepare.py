@@ -1,30 +1,14 @@
 """create_input_files.py end to end on Karpathy-format data the tests write, plus image loading."""
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 
-from datasets import SPECIAL_TOKENS, base_name, data_path, load_image, to_words
+from datasets import SPECIAL_TOKENS, Vocabulary, base_name, data_path, load_image
+from tests.conftest import SIZE, prepare, prepare_coco
 from tests.fixtures import colour_of, make_karpathy
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SIZE = 24
-
-
-def prepare(*args, cwd=ROOT):
-    cmd = [sys.executable, "create_input_files.py", *map(str, args)]
-    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True)
-
-
-def prepare_coco(src, out, *extra):
-    return prepare("--dataset", "coco", "--karpathy-json", src / "dataset_coco.json",
-                   "--image-folder", src / "images", "--output-folder", out,
-                   "--min-word-freq", 0, "--image-size", SIZE, *extra)
-
 
 @pytest.fixture(scope="module")
 def coco(tmp_path_factory):
@@ -78,12 +62,12 @@ def split_entries(entries, split):
 
 def test_captions_round_trip_and_sampling(coco):
     _, out, entries, _ = coco
-    rev = {v: k for k, v in read(out, "WORDMAP").items()}
+    vocab = Vocabulary(read(out, "WORDMAP"))
     for split in ("TRAIN", "VAL", "TEST"):
         caps = read(out, "CAPTIONS", split)
         for k, entry in enumerate(split_entries(entries, split)):
             originals = [s["tokens"] for s in entry["sentences"] if len(s["tokens"]) <= 50]
-            got = [to_words(c, rev) for c in caps[5 * k:5 * k + 5]]
+            got = [vocab.decode(c) for c in caps[5 * k:5 * k + 5]]
             assert all(g in originals for g in got)
             if len(originals) >= 5:  # without replacement: five different captions
                 assert len({tuple(g) for g in got}) == 5
@@ -123,6 +107,7 @@ def test_byte_identical_across_runs_and_worker_counts(coco, tmp_path):
         assert (out / name).read_bytes() == (tmp_path / name).read_bytes(), name
 
 
+@pytest.mark.slow
 def test_flickr_format(tmp_path):
     make_karpathy(tmp_path, num_images=8, dataset="flickr8k")
     r = prepare("--dataset", "flickr8k", "--karpathy-json", tmp_path / "dataset_flickr8k.json",

@@ -2,10 +2,13 @@
 import json
 import shutil
 
+import pytest
 import torch
 
 from models import Encoder
 from tests.conftest import ENCODER, run_script, train_args
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 def test_pretrained_encoder_loads_and_learnt(shapes_data):

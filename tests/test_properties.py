@@ -4,9 +4,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from create_input_files import build_word_map, encode
-from datasets import to_words
-from models import AttentionDecoder, RNNDecoder, decode
+from create_input_files import build_word_map
+from datasets import Vocabulary
+from models import AttentionDecoder, DecodeOptions, RNNDecoder, decode
 
 words = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
 captions = st.lists(st.lists(words, min_size=1, max_size=12), min_size=1, max_size=20)
@@ -16,11 +16,11 @@ captions = st.lists(st.lists(words, min_size=1, max_size=12), min_size=1, max_si
 @given(captions=captions, caption=st.lists(words, max_size=15), min_word_freq=st.integers(0, 2))
 def test_encode_then_decode_gives_the_words_back(captions, caption, min_word_freq):
     word_map = build_word_map(captions, min_word_freq)
-    rev = {i: w for w, i in word_map.items()}
+    vocab = Vocabulary(word_map)
     assert sorted(word_map.values()) == list(range(len(word_map)))  # ids are dense, <pad> = 0
-    ids = encode(caption, word_map, max_len=15)
+    ids = vocab.encode(caption, max_len=15)
     assert len(ids) == 17 and ids[0] == word_map["<start>"] and ids[len(caption) + 1] == word_map["<end>"]
-    assert to_words(ids, rev) == [w if w in word_map else "<unk>" for w in caption]
+    assert vocab.decode(ids) == [w if w in word_map else "<unk>" for w in caption]
 
 
 @settings(max_examples=40, deadline=None)
@@ -38,7 +38,7 @@ def test_decoded_captions_end_in_end_or_stop_at_max_len(kind, seed, beam, max_le
     decoder.eval()
     with torch.no_grad():
         decoder.fc.bias[word_map["<end>"]] += end_bias  # from "never ends" to "ends at once"
-    out = decode(decoder, torch.randn(batch, cells, dim), word_map, beam, max_len)
+    out = decode(decoder, torch.randn(batch, cells, dim), Vocabulary(word_map), DecodeOptions(beam, max_len))
     end = word_map["<end>"]
     assert len(out.seqs) == batch and torch.isfinite(out.scores).all()
     for i, seq in enumerate(out.seqs):

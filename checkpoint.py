@@ -1,0 +1,177 @@
+"""A training run's state, what its checkpoint holds, and the run folder (last.pt, best.pt, log.jsonl).
+
+CHECKPOINT_KEYS is the one list of what a checkpoint holds: RunState.save writes exactly these keys,
+RunState.restore reads them back, and check_resumable refuses a file that lacks any of them.
+eval.py and caption.py read only config, word_map, image_size, encoder and decoder.
+"""
+import glob
+import json
+import math
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+
+from models import LossSums
+from utils import InputError, atomic_path
+
+# The counters of a run, saved and restored as they are.
+COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "log_lines", "skipped")
+CHECKPOINT_KEYS = ("config", "word_map", "image_size", "encoder", "decoder", "decoder_optimizer",
+                   "encoder_optimizer", "scaler", *COUNTERS, "sums", "window", "rng")
+# Settings that define the model: a resumed run cannot change them.
+MODEL_KEYS = ("decoder", "encoder", "encoder_stages", "encoded_size", "coord_channels", "emb_dim", "decoder_dim",
+              "attention_dim")
+
+
+@dataclass
+class RunState:
+    """The state of a training run: the models (and the DDP wrappers the training step calls under
+    torchrun), the optimisers and gradient scaler, and the counters."""
+    cfg: dict
+    word_map: dict
+    image_size: int
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    decoder_optimizer: torch.optim.Optimizer
+    encoder_optimizer: torch.optim.Optimizer | None
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    rank: int = 0
+    world: int = 1
+    train_encoder: torch.nn.Module | None = None  # default: encoder
+    train_decoder: torch.nn.Module | None = None  # default: decoder
+    epoch: int = 0
+    samples: int = 0  # captions all ranks took in this epoch so far
+    step: int = 0  # optimiser steps
+    best: list = field(default_factory=lambda: [-math.inf, -math.inf])  # the early-stopping score
+    bad_epochs: int = 0
+    log_lines: int = 0  # lines of log.jsonl this state has seen
+    skipped: int = 0  # steps skipped for a non-finite gradient
+    nonfinite_run: int = 0  # ... of them in a row (not saved: a resumed run starts a new count)
+    sums: LossSums = field(default_factory=LossSums)  # this epoch's training loss sums so far (global)
+    window: LossSums = field(default_factory=LossSums)  # ... since the last log line
+
+    def __post_init__(self):
+        self.train_encoder = self.train_encoder or self.encoder
+        self.train_decoder = self.train_decoder or self.decoder
+
+    @property
+    def optimizers(self):
+        return [o for o in (self.decoder_optimizer, self.encoder_optimizer) if o is not None]
+
+    def save(self, path):
+        """Write a checkpoint (rank 0 only; `sums` and `window` must be global by then)."""
+        if self.rank:
+            return
+        ckpt = {
+            "config": self.cfg, "word_map": self.word_map, "image_size": self.image_size,
+            "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
+            "decoder_optimizer": self.decoder_optimizer.state_dict(),
+            "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
+            "scaler": self.scaler.state_dict(),
+            **{k: getattr(self, k) for k in COUNTERS},
+            "sums": self.sums.values.cpu(), "window": self.window.values.cpu(),
+            "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
+                    "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
+        }
+        assert tuple(ckpt) == CHECKPOINT_KEYS
+        with atomic_path(path) as tmp:
+            torch.save(ckpt, tmp)
+
+    def restore(self, ckpt):
+        """The mirror of save: weights, optimisers, scaler, counters, and last the random state, so
+        the resumed run draws what the uninterrupted one would have drawn."""
+        self.encoder.load_state_dict(ckpt["encoder"])
+        self.decoder.load_state_dict(ckpt["decoder"])
+        self.decoder_optimizer.load_state_dict(ckpt["decoder_optimizer"])
+        # Fine-tuning switched on at resume starts a fresh encoder optimiser.
+        if self.encoder_optimizer and ckpt["encoder_optimizer"]:
+            self.encoder_optimizer.load_state_dict(ckpt["encoder_optimizer"])
+        self.scaler.load_state_dict(ckpt["scaler"])
+        for k in COUNTERS:
+            setattr(self, k, ckpt[k])
+        if self.rank == 0:  # the saved sums are global: the other ranks add theirs from zero
+            self.sums, self.window = LossSums(ckpt["sums"]), LossSums(ckpt["window"])
+        torch.set_rng_state(ckpt["rng"]["torch"])
+        if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
+            torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
+        random.setstate(ckpt["rng"]["python"])
+        if self.rank:  # different dropout masks on every rank
+            torch.manual_seed(self.cfg["seed"] + 1000003 * self.rank + self.step)
+
+
+def check_resumable(ckpt, cfg, path):
+    """A checkpoint can be resumed with `cfg` when train.py wrote all of it and the model is the same."""
+    missing = [k for k in CHECKPOINT_KEYS if k not in ckpt]
+    if missing:
+        raise InputError(f"{path} cannot be resumed: it lacks {missing[0]!r} (written by an older train.py, or "
+                         "not by train.py); eval.py and caption.py can still use it")
+    for key in MODEL_KEYS:
+        if cfg[key] != ckpt["config"][key]:
+            raise InputError(f"{path} was trained with {key} {ckpt['config'][key]!r}, the config asks for "
+                             f"{cfg[key]!r}: a resumed run keeps its model; start a new run with --out instead")
+
+
+def check_word_map(ckpt, word_map, cfg):
+    if ckpt["word_map"] != word_map:
+        raise InputError(f"the checkpoint's word map ({len(ckpt['word_map'])} words) differs from "
+                         f"{cfg['data_folder']}/WORDMAP_{cfg['data_name']}.json ({len(word_map)} words): "
+                         "give --data_folder where its data is now")
+
+
+def prepare_run_folder(out, resuming, overwrite):
+    """Create the run folder; refuse to start a new run over another one's checkpoints."""
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise InputError(f"run folder {out} is a file")
+    if not resuming and not overwrite:
+        for name in ("last.pt", "best.pt"):
+            if os.path.exists(os.path.join(out, name)):
+                raise InputError(f"{out} already holds a run ({name}): pass --resume {out}/last.pt to "
+                                 "continue it, --overwrite to replace it, or --out for a new folder")
+    os.makedirs(out, exist_ok=True)
+    for stale in glob.glob(os.path.join(out, "*.tmp[0-9]*")):  # left by a killed process
+        os.remove(stale)
+
+
+def finite_weights(modules):
+    return all(bool(torch.isfinite(p).all()) for m in modules for p in m.parameters())
+
+
+class RunLog:
+    """log.jsonl, one JSON object per line, written by rank 0 only. On resume it is cut back to what
+    the checkpoint had seen, so a run resumed after a crash has no duplicated lines."""
+
+    def __init__(self, path, keep_lines, tensorboard=False, enabled=True):
+        self.path, self.enabled, self.lines = path, enabled, 0
+        self.writer = tensorboard_writer(os.path.dirname(path)) if tensorboard and enabled else None
+        if not enabled:
+            return
+        lines = []
+        if keep_lines and os.path.exists(path):
+            with open(path) as f:
+                lines = f.readlines()[:keep_lines]
+        with atomic_path(path) as tmp, open(tmp, "w") as f:
+            f.writelines(lines)
+        self.lines = len(lines)
+
+    def write(self, record):
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+        self.lines += 1
+        if self.writer:
+            for k, v in record.items():
+                if isinstance(v, float):
+                    self.writer.add_scalar(f"{record['kind']}/{k}", v, record["step"])
+
+
+def tensorboard_writer(folder):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        print("tensorboard: true, but the tensorboard package is not installed; logging to log.jsonl only")
+        return None
+    return SummaryWriter(folder)

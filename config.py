@@ -1,0 +1,185 @@
+"""The run configuration: configs/default.yaml holds every key with its default and a comment; a YAML
+file (--config) and --key value pairs overlay it, each value checked against the default's type.
+
+Paths in a config (data_folder, encoder_weights, out, init files) are used as written: a relative
+path is relative to the folder the command runs in, at the time it runs.
+"""
+import os
+import re
+
+from utils import InputError, atomic_path, option_key
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+CHOICES = {
+    "decoder": ("rnn", "attention"),
+    "device": ("auto", "cpu", "cuda"),
+    "amp_dtype": ("float16", "bfloat16"),
+    "early_stop_metric": ("bleu4", "loss"),
+    "cache_features": ("auto", True, False),
+}
+AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
+            "train_captions_per_image": 0, "val_beam_size": 1,
+            "max_decode_len": 1, "encoded_size": 1, "emb_dim": 1, "decoder_dim": 1, "attention_dim": 1,
+            "patience": 0, "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
+            "val_max_images": 0,
+            "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
+TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+
+
+def read_yaml(path):
+    import yaml
+    if not os.path.isfile(path):
+        raise InputError(f"config file {path} not found")
+    try:
+        with open(path) as f:
+            data = yaml.safe_load(f) or {}
+    except yaml.YAMLError as e:
+        raise InputError(f"{path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise InputError(f"{path} must hold key: value pairs")
+    return data
+
+
+def default_config():
+    return read_yaml(os.path.join(CONFIG_DIR, "default.yaml"))
+
+
+def _coerce(key, value, default, source):
+    """`value` (from YAML, or a string from the command line) as the type of the default."""
+    kind = type(default)
+    if key == "cache_features" and isinstance(value, str) and value.lower() in TRUE + FALSE:
+        value = value.lower() in TRUE  # cache_features: true on the command line
+    try:
+        if kind is bool and isinstance(value, str) and value.lower() in TRUE + FALSE:
+            value = value.lower() in TRUE
+        elif kind is int and isinstance(value, str):
+            value = int(value)
+        elif kind is float and isinstance(value, str | int) and not isinstance(value, bool):
+            value = float(value)
+        elif default is None and isinstance(value, str) and value.lower() in ("null", "none", ""):
+            value = None
+    except ValueError:
+        pass
+    ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+    if key in CHOICES:
+        ok = True  # checked against the choices below
+    elif default is None:
+        ok = value is None or isinstance(value, str)
+    if not ok:
+        expected = "a string or null" if default is None else kind.__name__
+        raise InputError(f"{source}: {key} must be {expected}, got {value!r}")
+    if key in CHOICES and value not in CHOICES[key]:
+        raise InputError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+    if key in AT_LEAST and value < AT_LEAST[key] or key.endswith("_lr") and value <= 0:
+        low = "> 0" if key.endswith("_lr") else f">= {AT_LEAST[key]}"
+        raise InputError(f"{source}: {key} must be {low}, got {value!r}")
+    return value
+
+
+def merge_config(cfg, updates, source):
+    """cfg with `updates` applied; unknown keys and wrong types are InputErrors naming `source`."""
+    cfg = dict(cfg)
+    defaults = default_config()
+    for key, value in updates.items():
+        key = option_key(key)
+        if key not in defaults:
+            raise InputError(f"{source}: unknown config key {key!r} (see configs/default.yaml)")
+        cfg[key] = _coerce(key, value, defaults[key], source)
+    return cfg
+
+
+def parse_cli(argv, flags=()):
+    """`--key value` / `--key=value` pairs, plus the value-less `flags`. Returns (flags set, pairs)."""
+    pairs, seen = {}, set()
+    i = 0
+    while i < len(argv):
+        arg = argv[i]
+        if not arg.startswith("--"):
+            raise InputError(f"unexpected argument {arg!r}: options are --key value")
+        key, eq, value = arg[2:].partition("=")
+        key = option_key(key)
+        if key in flags:
+            seen.add(key)
+            i += 1
+            continue
+        if not eq:
+            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
+                raise InputError(f"--{key} needs a value")
+            value, i = argv[i + 1], i + 1
+        pairs[key] = value
+        i += 1
+    return seen, pairs
+
+
+def dump_yaml(cfg, path):
+    import yaml
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        yaml.safe_dump(cfg, f, sort_keys=False)
+
+
+def config_help():
+    """Every key of configs/default.yaml with its default and comment, grouped as in the file: the
+    text of train.py --help."""
+    lines, key = [], None
+    with open(os.path.join(CONFIG_DIR, "default.yaml")) as f:
+        text = f.read().split("\n\n", 1)[1]  # after the file's own header
+        for line in text.splitlines():
+            entry = re.match(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+            if entry:
+                key, value, comment = entry.groups()
+                lines.append(f"{'  --' + key + ' ' + value:<46s}{comment or ''}".rstrip())
+            elif re.match(r"^\s+#", line) and key:  # a comment continued on the next line
+                lines.append(" " * 46 + line.strip().lstrip("# "))
+            elif line.startswith("# "):
+                key = None
+                lines.append(f"\n{line[2:]}:" if lines else f"{line[2:]}:")
+    return "\n".join(lines)
+
+
+def resolve_config(argv, usage=""):
+    """train.py's command line -> (config, checkpoint to resume or None, --overwrite given); --help
+    prints `usage` and every config key.
+
+    default.yaml (or the resumed checkpoint's config) <- --config FILE <- --key value. A resumed run
+    continues in the folder that holds its checkpoint, whatever folder the checkpoint's config names
+    (the run may have been copied or moved since), unless --out says otherwise."""
+    from checkpoint import check_resumable
+    from utils import load_checkpoint
+    flags, pairs = parse_cli(argv, flags=("overwrite", "help"))
+    if "help" in flags:
+        print(usage + "\nconfig keys (configs/default.yaml; --key value or --key=value):\n\n" + config_help())
+        raise SystemExit(0)
+    resume, config_file = pairs.pop("resume", None), pairs.pop("config", None)
+    ckpt = load_checkpoint(resume) if resume else None
+    cfg = merge_config(default_config(), ckpt["config"], resume) if ckpt else default_config()
+    if ckpt:
+        cfg["out"] = os.path.dirname(resume) or "."
+    if config_file:
+        cfg = merge_config(cfg, read_yaml(config_file), config_file)
+    cfg = merge_config(cfg, pairs, "command line")
+    if ckpt:
+        check_resumable(ckpt, cfg, resume)
+    if not cfg["out"]:
+        cfg["out"] = os.path.join("runs", cfg["decoder"])
+    return cfg, ckpt, "overwrite" in flags
+
+
+def add_decoding_arguments(parser, beam_size):
+    """The decoding options eval.py and caption.py share; `beam_size` is the default (a list for
+    several beam sizes)."""
+    several = isinstance(beam_size, list)
+    parser.add_argument("--beam-size", type=int, nargs="+" if several else None, default=beam_size,
+                        help="beam size" + ("s, each scored" if several else "") + " (1: greedy)")
+    parser.add_argument("--max-len", type=int, help="most words in a caption (default: the checkpoint's "
+                        "max_decode_len)")
+    parser.add_argument("--length-penalty", type=float, default=0.0, help="divide a beam's log-probability by "
+                        "length ** this (0: plain sum)")
+    parser.add_argument("--block-ngram-repeat", type=int, default=0, help="forbid repeating n-grams of this "
+                        "size (0: off)")
+
+
+def decoding_options(args, cfg, beam_size):
+    """DecodeOptions from add_decoding_arguments' options, at one beam size; `cfg` is the checkpoint's."""
+    from models import DecodeOptions
+    return DecodeOptions(beam_size, args.max_len or cfg["max_decode_len"], args.length_penalty,
+                         args.block_ngram_repeat)
