@@ -12,13 +12,10 @@ there is one image. Images are read and resized exactly as in data preparation.
 """
 import os
 
-import numpy as np
-import torch
-
-from config import add_decoding_arguments, decoding_options
-from datasets import Vocabulary, load_image
-from models import caption_images, load_model
-from utils import ArgumentParser, InputError, load_checkpoint, pick_device, run_cli
+from captioner import Captioner
+from config import add_decoding_arguments
+from datasets import load_image
+from utils import ArgumentParser, InputError, run_cli
 from visualize import DPI, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -39,13 +36,6 @@ def image_paths(args):
     return args.image
 
 
-def read(path, size):
-    try:
-        return load_image(path, size)
-    except Exception as e:  # Pillow's many ways of saying "not an image"
-        raise InputError(f"{path} is not a readable image ({type(e).__name__}: {e})") from None
-
-
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--checkpoint", required=True)
@@ -63,28 +53,21 @@ def main():
     to_file = args.out.lower().endswith(".png")
     if to_file and len(paths) > 1:
         raise InputError(f"--out {args.out} is one file but there are {len(paths)} images: give a folder")
-    ckpt = load_checkpoint(args.checkpoint)
-    device = pick_device(args.device)
-    encoder, decoder = load_model(ckpt, device)
-    vocab = Vocabulary(ckpt["word_map"])
-    options = decoding_options(args, ckpt["config"], args.beam_size)
-    images = [read(path, ckpt["image_size"]) for path in paths]  # every file checked before any output
+    captioner = Captioner(args.checkpoint, args.device)
     names, seen = [], {}
     for path in paths:  # photo.png, and photo_2.png for a second photo.* from another folder
         stem = os.path.splitext(os.path.basename(path))[0]
         seen[stem] = seen.get(stem, 0) + 1
         names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
-
-    for start in range(0, len(paths), 32):
-        batch = torch.from_numpy(np.stack(images[start:start + 32])).to(device)
-        captions = caption_images(encoder, decoder, vocab, batch, options)
-        for path, caption, name in zip(paths[start:start + 32], captions, names[start:start + 32], strict=True):
-            words = caption.words
-            print(f"{path}: {' '.join(words)}")
-            fig, panels = caption_figure(read(path, max(256, ckpt["image_size"])), words, caption.alphas)
-            target = args.out if to_file else os.path.join(args.out, name)
-            os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
-            save(fig, target, dpi=DPI, metadata={"Title": " ".join(words), "Description": f"{panels} panels"})
+    # every file is read before any output is written
+    captions = captioner.caption(paths, args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat)
+    for path, caption, name in zip(paths, captions, names, strict=True):
+        print(f"{path}: {' '.join(caption.words)}")
+        shown = load_image(path, max(256, captioner.image_size))
+        fig, panels = caption_figure(shown, caption.words, caption.alphas)
+        target = args.out if to_file else os.path.join(args.out, name)
+        os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
+        save(fig, target, dpi=DPI, metadata={"Title": " ".join(caption.words), "Description": f"{panels} panels"})
     print(f"saved {len(paths)} PNG(s) {'as ' + args.out if to_file else 'in ' + args.out + '/'}")
 
 

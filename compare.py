@@ -181,9 +181,10 @@ def bars(runs, beam, path):
 
 
 def captions_of(run, beam):
+    """{image index in the split: caption}; eval.py writes the captions in the split's order."""
     res = run.eval["results"][f"beam{beam}"]
     with open(os.path.join(run.folder, res["captions_file"])) as f:
-        return {c["image_id"]: c["caption"] for c in json.load(f)}
+        return {i: c["caption"] for i, c in enumerate(json.load(f))}
 
 
 def summary(runs, beam):
@@ -250,6 +251,10 @@ def main():
                                     if runs[0].eval and len(evaluated) > 1 else ["Not enough eval results."])
 
     md += ["", "## Quality", ""]
+    used = {(r.eval or {}).get("references", {}).get("kind", "encoded") for r in runs if r.eval}
+    if used:  # eval.py says which references coco-caption scored against (older results: the encoded ones)
+        md += [f"coco-caption metrics against the {' and '.join(sorted(used))} references; nltk BLEU-4 against "
+               "the encoded references (the tutorial's protocol).", ""]
     for b in beams:
         keys = [k for k in QUALITY if any(r.quality(b)[k] is not None for r in runs)] + ["val_loss", "val_top5"]
         rows = []

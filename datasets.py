@@ -3,7 +3,9 @@
 The layout is sgrvinod/a-PyTorch-Tutorial-to-Image-Captioning's, so data prepared there loads here:
 {SPLIT}_IMAGES_{name}.hdf5 (dataset `images`, uint8 N x 3 x H x W, attribute `captions_per_image`),
 {SPLIT}_CAPTIONS_{name}.json (encoded, padded to max_len + 2), {SPLIT}_CAPLENS_{name}.json and
-WORDMAP_{name}.json. The shapes dataset adds {SPLIT}_BOXES_{name}.json.
+WORDMAP_{name}.json. This repository adds {SPLIT}_REFS_{name}.json (per image, in HDF5 order: the
+dataset's image id, the image file, and every reference caption as lower-case space-joined tokens,
+none dropped, truncated or <unk>-ed), and the shapes dataset {SPLIT}_BOXES_{name}.json.
 """
 import hashlib
 import json
@@ -30,7 +32,7 @@ def base_name(dataset, captions_per_image, min_word_freq):
 
 
 def data_path(data_folder, kind, data_name, split=None):
-    """kind: IMAGES, CAPTIONS, CAPLENS, BOXES (per split) or WORDMAP."""
+    """kind: IMAGES, CAPTIONS, CAPLENS, REFS, BOXES (per split) or WORDMAP."""
     if kind == "WORDMAP":
         return os.path.join(data_folder, f"WORDMAP_{data_name}.json")
     ext = "hdf5" if kind == "IMAGES" else "json"
@@ -53,6 +55,19 @@ def load_boxes(data_folder, data_name, split):
     (everything but shapes)."""
     path = data_path(data_folder, "BOXES", data_name, split)
     return _read_json(path) if os.path.exists(path) else None
+
+
+def load_references(data_folder, data_name, split, num_images):
+    """The split's REFS file as a list of {"image_id", "file", "references"}, or None for data prepared
+    elsewhere (the tutorial writes no such file)."""
+    path = data_path(data_folder, "REFS", data_name, split)
+    if not os.path.exists(path):
+        return None
+    refs = _read_json(path)
+    if not isinstance(refs, list) or len(refs) != num_images or not all(
+            isinstance(r, dict) and isinstance(r.get("references"), list) for r in refs):
+        raise InputError(f"{path} does not match the {num_images} images of {split}: prepare the data again")
+    return refs
 
 
 def load_vocabulary(data_folder, data_name):
@@ -111,11 +126,16 @@ def to_rgb(im):
 
 def load_image(path, size):
     """Read any image Pillow opens as 3 x size x size uint8 RGB, EXIF orientation applied.
-    Data preparation and caption.py both use this, so a user's photo is seen as training images were."""
+    Data preparation and captioning both use this, so a user's photo is seen as training images were."""
     with Image.open(path) as im:
         im.load()  # decode now, so a truncated file fails here
-        im = to_rgb(ImageOps.exif_transpose(im))
-        im = im.resize((size, size), Image.Resampling.BICUBIC)
+        return image_array(im, size)
+
+
+def image_array(im, size):
+    """A Pillow image -> 3 x size x size uint8 RGB, EXIF orientation applied, resized bicubic."""
+    im = to_rgb(ImageOps.exif_transpose(im))
+    im = im.resize((size, size), Image.Resampling.BICUBIC)
     return np.asarray(im, dtype=np.uint8).transpose(2, 0, 1).copy()
 
 

@@ -5,9 +5,14 @@ data has object boxes (shapes), attention pointing accuracy.
     python eval.py --checkpoint runs/NAME/best.pt [--split TEST] [--beam-size 1 3 5] [--out FILE]
     python eval.py --checkpoint runs/NAME/best.pt --benchmark-decoding 100   # batched vs one at a time
 
+coco-caption metrics use every raw reference of an image ({SPLIT}_REFS_{name}.json, written by
+create_input_files.py), or the encoded references for data prepared elsewhere (said on screen and
+in the JSON); nltk BLEU-4 uses the encoded references, as the tutorial does.
+
 Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, beside it, one
-captions file per beam size in the COCO results format ([{"image_id": i, "caption": "..."}], i the
-image's index in the split's HDF5 file).
+captions file per beam size in the COCO results format ([{"image_id": id, "caption": "..."}], id
+the dataset's image id: COCO's cocoid, the Flickr file name, a custom image's path; the index in
+the split for shapes and for data without a REFS file).
 """
 import json
 import os
@@ -19,7 +24,7 @@ from tqdm import tqdm
 
 import shapes
 from config import add_decoding_arguments, decoding_options
-from datasets import CaptionDataset, Vocabulary, load_boxes, load_word_map
+from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy, scene_measures
 from models import beam_search, caption_images, load_model
 from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
@@ -63,7 +68,8 @@ def setup(args):
     device = pick_device(args.device)
     encoder, decoder = load_model(ckpt, device)
     boxes = load_boxes(folder, name, args.split)
-    return ckpt, dataset, encoder, decoder, device, boxes
+    refs = load_references(folder, name, args.split, len(dataset.dataset if isinstance(dataset, Subset) else dataset))
+    return ckpt, dataset, encoder, decoder, device, boxes, refs
 
 
 def benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device):
@@ -107,7 +113,7 @@ def caption_split(loader, encoder, decoder, device, vocab, options):
 def main():
     args = parse_args()
     t_start = time.time()
-    ckpt, dataset, encoder, decoder, device, boxes = setup(args)
+    ckpt, dataset, encoder, decoder, device, boxes, refs_file = setup(args)
     vocab, cfg = Vocabulary(ckpt["word_map"]), ckpt["config"]
     max_len = args.max_len or cfg["max_decode_len"]
     if args.benchmark_decoding:
@@ -117,10 +123,24 @@ def main():
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     stem = os.path.splitext(out)[0]
 
-    references = {}  # image index -> its reference captions as word lists
+    references = {}  # image index -> its encoded reference captions as word lists
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
     for i in range(len(dataset)):
         references[i] = [vocab.decode(c) for c in base.image_captions(i).tolist()]
+    # coco-caption scores against every raw reference (the REFS file), as papers do; data prepared
+    # elsewhere has only the encoded ones (sampled to captions_per_image, <unk>-ed, long ones dropped).
+    if refs_file is not None:
+        coco_refs = {i: refs_file[i]["references"] for i in references}
+        image_ids = {i: refs_file[i]["image_id"] for i in references}
+        counts = [len(r) for r in coco_refs.values()]
+        used = {"kind": "raw", "per_image_min": min(counts), "per_image_max": max(counts),
+                "per_image_mean": sum(counts) / len(counts)}
+    else:
+        print(f"note: no {args.split}_REFS file (data prepared elsewhere): coco-caption scores against the encoded "
+              "references, which may be sampled, <unk>-ed and without long captions")
+        coco_refs = {i: [" ".join(r) for r in references[i]] for i in references}
+        image_ids = {i: i for i in references}
+        used = {"kind": "encoded", "per_image_min": base.cpi, "per_image_max": base.cpi, "per_image_mean": base.cpi}
     if not java_available():
         print("note: java not found: PTB tokenisation falls back to nltk's Treebank tokenizer; METEOR unavailable")
 
@@ -133,7 +153,7 @@ def main():
         captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
         timings[k] = time.perf_counter() - t0
     ids = sorted(captions[args.beam_size[0]])
-    scores_by_beam, unavailable = coco_metrics({i: [" ".join(r) for r in references[i]] for i in ids},
+    scores_by_beam, unavailable = coco_metrics({i: coco_refs[i] for i in ids},
                                                {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions},
                                                spice=args.spice)
     for k, caps in captions.items():
@@ -149,13 +169,16 @@ def main():
                                                      [boxes[i] for i in ids], base.image_size, POINTING_WORDS)
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
         captions_file = f"{stem}_captions_beam{k}.json"
-        files.append((captions_file, [{"image_id": i, "caption": " ".join(words[i])} for i in ids]))
+        files.append((captions_file, [{"image_id": image_ids[i], "caption": " ".join(words[i])} for i in ids]))
         results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": timings[k],
                                "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file)}
 
     header = f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
     header += f" {'pointing':>16s}" if want_alphas else ""
     print(f"\n{args.split} of {cfg['data_name']}, {len(dataset)} images, {cfg['decoder']} decoder, {args.checkpoint}")
+    print(f"coco-caption metrics against the {used['kind']} references ({used['per_image_min']}-"
+          f"{used['per_image_max']} per image, {used['per_image_mean']:.2f} on average); nltk BLEU-4 against the "
+          "encoded references (the tutorial's protocol)")
     print(header + f" {'img/s':>8s}")
     for k in args.beam_size:
         r = results[f"beam{k}"]
@@ -176,6 +199,7 @@ def main():
               "data_folder": args.data_folder or cfg["data_folder"], "data_name": args.data_name or cfg["data_name"],
               "decoder": cfg["decoder"], "epoch": ckpt["epoch"], "max_len": max_len,
               "length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat,
+              "references": used, "nltk_bleu4_references": "encoded",
               "results": results, "unavailable": unavailable, "config": cfg,
               "seconds": time.time() - t_start}
     for path, captions in files:

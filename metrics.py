@@ -2,7 +2,8 @@
 
 corpus_bleu is a dependency-free corpus BLEU (Papineni et al. 2002: clipped n-gram precision,
 brevity penalty against the closest reference length), equal to nltk's corpus_bleu without
-smoothing. train.py uses it for validation, so training needs neither nltk nor Java.
+smoothing, short and empty captions included (tested). train.py uses it for validation, so training
+needs neither nltk nor Java.
 """
 import math
 import os
@@ -30,7 +31,7 @@ def corpus_bleu(references, hypotheses, max_n=4):
             for r in refs:
                 best |= _ngrams(r, n)  # max count of each n-gram over the references
             matched[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
-            total[n - 1] += max(0, len(hyp) - n + 1)
+            total[n - 1] += max(1, len(hyp) - n + 1)  # as nltk: at least one n-gram per caption
     if hyp_len == 0 or min(matched) == 0:
         return 0.0
     log_precision = sum(math.log(m / t) for m, t in zip(matched, total, strict=True)) / max_n
@@ -102,8 +103,7 @@ def coco_metrics(references, systems, spice=False):
         meteor = Meteor()
     results = {}
     for name in systems:
-        # CIDEr fails on an empty caption
-        res = {i: [tokens[(name, i)][0] if tokens[(name, i)][0].strip() else "<empty>"] for i in ids}
+        res = {i: [tokens[(name, i)][0]] for i in ids}  # an empty caption scores as it is
         scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
         scores["METEOR"] = meteor.compute_score(gts, res)[0] if meteor else None
         scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]

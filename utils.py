@@ -3,6 +3,7 @@ import argparse
 import errno
 import json
 import os
+import re
 import shutil
 import sys
 from contextlib import contextmanager
@@ -59,6 +60,9 @@ def disk_full(error, folder):
         return False
 
 
+TUTORIAL_CLASSES = ("models.Encoder", "models.DecoderWithAttention")  # what its checkpoints pickle
+
+
 def load_checkpoint(path):
     """A checkpoint, loaded safely: weights_only=True unpickles tensors and plain containers only, so
     a crafted file cannot run code here."""
@@ -68,8 +72,15 @@ def load_checkpoint(path):
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # a truncated file, or a pickle that wants to run code
-        raise InputError(f"{path} is not a loadable checkpoint ({type(e).__name__}: "
-                         f"{str(e).splitlines()[0][:200]})") from None
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if found and (found.group(1).startswith("torch.nn.") or found.group(1) in TUTORIAL_CLASSES):
+            raise InputError(f"{path} holds pickled model objects ({found.group(1)}), the way sgrvinod's tutorial "
+                             "saves checkpoints, not the weights this repository's checkpoints hold: it cannot be "
+                             "loaded safely or converted; train here with train.py (data the tutorial prepared "
+                             "loads as it is)") from None
+        detail = f"{found.group(0)}" if found else message.splitlines()[0][:200]
+        raise InputError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {detail})") from None
 
 
 def pick_device(name):

@@ -86,7 +86,7 @@ def make_karpathy(out, num_images=16, dataset="coco", width=48, height=40, seed=
         entry = {"filename": filename, "split": splits[i % len(splits)], "sentences": sentences,
                  "imgid": i}
         if dataset == "coco":
-            entry["filepath"] = sub
+            entry["filepath"], entry["cocoid"] = sub, 500000 + i
         entries.append(entry)
     path = os.path.join(out, f"dataset_{dataset}.json")
     with open(path, "w") as f:

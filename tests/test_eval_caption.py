@@ -27,6 +27,28 @@ def test_eval(trained, tmp_path, decoder):
         assert sorted(c["image_id"] for c in captions) == list(range(6))
         assert all(isinstance(c["caption"], str) and "<end>" not in c["caption"] for c in captions)
     assert "BLEU-4" in r.stdout and "CIDEr" in r.stdout
+    # shapes images have 6 captions, 5 of them encoded: coco-caption used all 6
+    assert report["references"] == {"kind": "raw", "per_image_min": 6, "per_image_max": 6, "per_image_mean": 6.0}
+    assert report["nltk_bleu4_references"] == "encoded" and "against the raw references" in r.stdout
+
+
+def test_eval_without_a_references_file_uses_the_encoded_ones(trained, shapes_data, tmp_path):
+    """Data prepared elsewhere (the tutorial) has no REFS file: eval says so and scores against the
+    encoded references; nltk BLEU-4 is the same either way."""
+    import shutil
+    data = tmp_path / "data"
+    shutil.copytree(shapes_data, data, ignore=shutil.ignore_patterns("*_REFS_*", "cache"))
+    runs = {}
+    for name, folder in (("raw", shapes_data), ("encoded", data)):
+        out = tmp_path / name / "eval.json"
+        r = run_script("eval.py", "--checkpoint", trained("rnn"), "--beam-size", 1, "--data-folder", folder,
+                       "--out", out)
+        assert r.returncode == 0, r.stderr
+        runs[name] = json.loads(out.read_text())
+        assert ("note: no TEST_REFS file" in r.stdout) == (name == "encoded")
+    assert runs["encoded"]["references"]["kind"] == "encoded" and runs["encoded"]["references"]["per_image_max"] == 5
+    raw, encoded = runs["raw"]["results"]["beam1"], runs["encoded"]["results"]["beam1"]
+    assert raw["nltk BLEU-4"] == encoded["nltk BLEU-4"] and raw["CIDEr"] != encoded["CIDEr"]
 
 
 def test_eval_decoding_benchmark(trained):
@@ -57,3 +79,46 @@ def test_caption_plain_decoder_and_single_file(trained, tmp_path):
                    "--out", tmp_path / "one.png")
     assert r.returncode == 0, r.stderr
     assert Image.open(tmp_path / "one.png").size == (200, 200)
+
+
+def test_python_captioner_takes_paths_pil_images_and_arrays(trained, tmp_path):
+    """captioner.Captioner: the same captions as caption.py for a path, a Pillow image and a uint8 array."""
+    import numpy as np
+
+    from captioner import Captioner
+    src = photos(tmp_path / "in", n=2)
+    paths = sorted(str(p) for p in src.iterdir())
+    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", src, "--beam-size", 3,
+                   "--out", tmp_path / "out")
+    assert r.returncode == 0, r.stderr
+    printed = [line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith(str(src))]
+    captioner = Captioner(trained("attention"), device="cpu")
+    pil = Image.open(paths[1])
+    array = np.asarray(Image.open(paths[0]))  # H x W x 3
+    for images in (paths, [array, pil], [array.transpose(2, 0, 1), pil]):
+        out = captioner.caption(images, beam_size=3)
+        assert [" ".join(c.words) for c in out] == printed
+        assert all(c.alphas.shape == (len(c.words), 16) and math.isfinite(c.score) for c in out)
+    assert captioner.caption(paths, beam_size=1, max_len=2)[0].words.__len__() <= 2
+
+
+def test_a_tutorial_checkpoint_is_named_as_such(tmp_path):
+    """sgrvinod's tutorial pickles whole models: say what the file is, without torch's colour codes."""
+    import torch
+
+    import models
+    cls = type("DecoderWithAttention", (torch.nn.Module,), {"__module__": "models"})
+    models.DecoderWithAttention = cls  # where the tutorial's class lives, so that pickle can name it
+    try:
+        torch.save({"epoch": 3, "decoder": cls(), "bleu-4": 0.2}, tmp_path / "BEST_checkpoint.pth.tar")
+    finally:
+        del models.DecoderWithAttention
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    for r in (run_script("caption.py", "--checkpoint", tmp_path / "BEST_checkpoint.pth.tar", "--folder",
+                         tmp_path / "in"),
+              run_script("eval.py", "--checkpoint", tmp_path / "BEST_checkpoint.pth.tar")):
+        assert r.returncode == 2
+        (line,) = r.stderr.splitlines()
+        assert "pickled model objects (models.DecoderWithAttention)" in line and "tutorial" in line
+        assert "train here" in line and "\x1b" not in line

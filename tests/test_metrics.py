@@ -14,15 +14,34 @@ def coco_metrics(references, hypotheses, spice=False):
     return scores["run"], unavailable
 
 
-def test_corpus_bleu_equals_nltk():
+@pytest.mark.parametrize("ref_len,hyp_len", [((4, 12), (4, 12)), ((1, 8), (0, 5))])
+def test_corpus_bleu_equals_nltk(ref_len, hyp_len):
+    """Also on captions under 4 words and empty ones: nltk counts at least one n-gram per caption in
+    the denominator, and so must corpus_bleu."""
     rng = random.Random(0)
     words = "a b c d e f g".split()
-    for _ in range(20):
-        refs = [[[rng.choice(words) for _ in range(rng.randint(4, 12))] for _ in range(rng.randint(1, 5))]
+    for _ in range(30):
+        refs = [[[rng.choice(words) for _ in range(rng.randint(*ref_len))] for _ in range(rng.randint(1, 5))]
                 for _ in range(rng.randint(1, 30))]
-        hyps = [[rng.choice(words) for _ in range(rng.randint(4, 12))] for _ in refs]
+        hyps = [[rng.choice(words) for _ in range(rng.randint(*hyp_len))] for _ in refs]
         assert corpus_bleu(refs, hyps) == pytest.approx(nltk_bleu4(refs, hyps), abs=1e-12)
     assert corpus_bleu([[["a", "b"]]], [["c", "d"]]) == 0.0
+    exact = ["a", "dog", "runs", "on", "the", "grass"]
+    # one exact caption plus "a dog": nltk 0.5338; counting only the n-grams a caption has gives 0.6065
+    assert corpus_bleu([[exact], [exact]], [exact, ["a", "dog"]]) == pytest.approx(0.5338, abs=1e-4)
+
+
+def test_empty_captions_and_string_ids_score_as_pycocoevalcap_does():
+    """No placeholder for an empty caption: coco-caption scores the empty string itself."""
+    from pycocoevalcap.bleu.bleu import Bleu
+    from pycocoevalcap.cider.cider import Cider
+    refs = {"a.jpg": ["a dog runs on grass", "the dog is running"], "b.jpg": ["a cat sits", "one cat"]}
+    hyps = {"a.jpg": "a dog runs on grass", "b.jpg": ""}
+    scores, _ = coco_metrics(refs, hyps)
+    gts = ptb_tokenize(refs)
+    res = {k: [v] for k, v in hyps.items()}
+    assert scores["CIDEr"] == pytest.approx(Cider().compute_score(gts, res)[0], abs=1e-9)
+    assert scores["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-9)
 
 
 def test_hand_checked_values():

@@ -31,7 +31,7 @@ def read(out, kind, split=None):
 def test_file_set_and_layout(coco):
     _, out, entries, stdout = coco
     expected = {os.path.basename(data_path(out, k, NAME, s))
-                for s in ("TRAIN", "VAL", "TEST") for k in ("IMAGES", "CAPTIONS", "CAPLENS")}
+                for s in ("TRAIN", "VAL", "TEST") for k in ("IMAGES", "CAPTIONS", "CAPLENS", "REFS")}
     expected.add(os.path.basename(data_path(out, "WORDMAP", NAME)))
     assert set(os.listdir(out)) == expected
     word_map = read(out, "WORDMAP")
@@ -53,6 +53,21 @@ def test_file_set_and_layout(coco):
             assert c[0] == word_map["<start>"] and c[n_tok - 1] == word_map["<end>"]
             assert all(t == 0 for t in c[n_tok:]) and 0 not in c[:n_tok]
     assert "TRAIN" in stdout and "vocabulary" in stdout and "images/s" in stdout
+
+
+def test_references_file_keeps_every_raw_caption_with_the_dataset_ids(coco):
+    """REFS: per image in HDF5 order, the COCO id, the file, and every caption, none dropped: image 1
+    has 7 captions, and each image's 60-word caption (dropped from the encoded captions) is there."""
+    src, out, entries, _ = coco
+    for split in ("TRAIN", "VAL", "TEST"):
+        refs = read(out, "REFS", split)
+        expected = split_entries(entries, split)
+        assert [r["image_id"] for r in refs] == [e["cocoid"] for e in expected]
+        for r, e in zip(refs, expected, strict=True):
+            assert r["file"] == str(src / "images" / e["filepath"] / e["filename"])
+            assert r["references"] == [" ".join(t["tokens"]).lower() for t in e["sentences"]]
+    counts = sorted(len(r["references"]) for split in ("TRAIN", "VAL", "TEST") for r in read(out, "REFS", split))
+    assert counts[0] == 3 and counts[-1] == 8  # 2 + the long one, 7 + the long one
 
 
 def split_entries(entries, split):

@@ -1,0 +1,62 @@
+"""Captioning from Python: load a checkpoint once, caption paths, Pillow images or uint8 arrays.
+
+    from captioner import Captioner
+    captioner = Captioner("runs/demo-attention/best.pt")
+    for c in captioner.caption(["photo.jpg"], beam_size=3):
+        print(" ".join(c.words), c.score, None if c.alphas is None else c.alphas.shape)
+
+caption.py is built on it. Images go through the same loading and resizing as the training data.
+"""
+import os
+
+import numpy as np
+import torch
+from PIL import Image
+
+from datasets import Vocabulary, image_array, load_image
+from models import DecodeOptions, caption_images, load_model
+from utils import InputError, load_checkpoint, pick_device
+
+
+class Captioner:
+    """A trained encoder and decoder in eval mode, with their vocabulary and image size."""
+
+    def __init__(self, checkpoint, device="auto"):
+        ckpt = load_checkpoint(checkpoint)
+        self.device = pick_device(device)
+        self.encoder, self.decoder = load_model(ckpt, self.device)
+        self.vocab = Vocabulary(ckpt["word_map"])
+        self.image_size = ckpt["image_size"]
+        self.config = ckpt["config"]
+
+    def image(self, image):
+        """A path, a Pillow image, or a uint8 array (H x W, H x W x 3 or 4 as Pillow gives, or
+        3 x H x W) -> 3 x S x S uint8 as the model takes it."""
+        if isinstance(image, str | os.PathLike):
+            if not os.path.isfile(image):
+                raise InputError(f"image {image} not found")
+            try:
+                return load_image(image, self.image_size)
+            except Exception as e:  # Pillow's many ways of saying "not an image"
+                raise InputError(f"{image} is not a readable image ({type(e).__name__}: {e})") from None
+        if isinstance(image, Image.Image):
+            return image_array(image, self.image_size)
+        array = np.asarray(image)
+        if array.dtype != np.uint8 or array.ndim not in (2, 3):
+            raise InputError(f"an image array must be uint8, H x W or H x W x C (or 3 x H x W); got {array.dtype} "
+                             f"{array.shape}")
+        if array.ndim == 3 and array.shape[0] == 3 and array.shape[2] not in (3, 4):
+            array = array.transpose(1, 2, 0)  # 3 x H x W -> H x W x 3
+        return image_array(Image.fromarray(np.ascontiguousarray(array)), self.image_size)
+
+    def caption(self, images, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, batch_size=32):
+        """One models.Caption (words, score, per-word attention maps or None) per image, in order.
+        Every image is read before any is decoded, so a bad one fails fast."""
+        arrays = [self.image(im) for im in images]
+        options = DecodeOptions(beam_size, max_len or self.config["max_decode_len"], length_penalty,
+                                block_ngram_repeat)
+        captions = []
+        for start in range(0, len(arrays), batch_size):
+            batch = torch.from_numpy(np.stack(arrays[start:start + batch_size])).to(self.device)
+            captions += caption_images(self.encoder, self.decoder, self.vocab, batch, options)
+        return captions
