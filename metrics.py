@@ -39,6 +39,58 @@ def corpus_bleu(references, hypotheses, max_n=4):
     return math.exp(log_precision + brevity)
 
 
+class CiderD:
+    """CIDEr-D (Vedantam et al. 2015) as coco-caption's Cider computes it (clipped tf-idf n-gram
+    vectors, a Gaussian length penalty on the bigram counts, x10), but with the document frequencies
+    of a fixed corpus: self-critical training takes them once from all TRAIN references, not from
+    each batch. With the scored set's own references as the corpus it equals pycocoevalcap's Cider
+    (tested). Captions are token sequences: words, or word ids, as long as both sides agree."""
+
+    def __init__(self, corpus, n=4, sigma=6.0):
+        """corpus: per image, its reference captions (token sequences)."""
+        self.n, self.sigma = n, sigma
+        self.df = Counter()
+        for refs in corpus:
+            self.df.update({g for r in refs for k in range(1, n + 1) for g in _ngrams(list(r), k)})
+        self.log_images = math.log(max(len(corpus), 1))
+        self._refs = {}  # reference vectors, reused across samples and steps
+
+    def vector(self, tokens):
+        """(per n-gram order a {n-gram: tf-idf weight}, their norms, the bigram count)."""
+        vec, norm = [{} for _ in range(self.n)], [0.0] * self.n
+        tokens = list(tokens)
+        for k in range(1, self.n + 1):
+            for g, tf in _ngrams(tokens, k).items():
+                w = tf * (self.log_images - math.log(max(1.0, self.df[g])))
+                vec[k - 1][g] = w
+                norm[k - 1] += w * w
+        return vec, [math.sqrt(x) for x in norm], max(len(tokens) - 1, 0)
+
+    def _ref_vectors(self, refs):
+        key = tuple(tuple(r) for r in refs)
+        if key not in self._refs:
+            if len(self._refs) > 100000:
+                self._refs.clear()
+            self._refs[key] = [self.vector(r) for r in refs]
+        return self._refs[key]
+
+    def score(self, candidates, references):
+        """CIDEr-D of each candidate against its references (a list per candidate)."""
+        scores = []
+        for cand, refs in zip(candidates, references, strict=True):
+            vec, norm, length = self.vector(cand)
+            total = 0.0
+            for vec_r, norm_r, length_r in self._ref_vectors(refs):
+                penalty = math.exp(-((length - length_r) ** 2) / (2 * self.sigma ** 2))
+                for k in range(self.n):
+                    val = sum(min(w, vec_r[k].get(g, 0.0)) * vec_r[k].get(g, 0.0) for g, w in vec[k].items())
+                    if norm[k] and norm_r[k]:
+                        val /= norm[k] * norm_r[k]
+                    total += val * penalty
+            scores.append(10.0 * total / self.n / len(refs))
+        return scores
+
+
 # ----------------------------------------------------------------------------- coco-caption
 
 PUNCTUATION = {"''", "'", "``", "`", "-LRB-", "-RRB-", "-LCB-", "-RCB-", ".", "?", "!", ",", ":", "-", "--",

@@ -373,6 +373,55 @@ def caption_images(encoder, decoder, vocab, images, options=DecodeOptions()):
     return captions
 
 
+@dataclass
+class Samples:
+    seqs: torch.Tensor  # R x L token ids (R = images x samples, image-major), <end> included, 0 after it
+    lengths: torch.Tensor  # R: tokens in each, <end> included
+    logprob: torch.Tensor  # R: sum of the drawn tokens' log-probabilities, with the graph
+    ended: torch.Tensor  # R: True where the caption ended in <end> by itself (not at max_len)
+
+
+def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
+    """`samples` captions per image, each word drawn from the model's distribution (sharpened or
+    flattened by `temperature` for the draw only), through the step API. The log-probability of each
+    drawn word under the model stays in the autograd graph, so a reward can be backpropagated.
+    <end> ends a caption, and is forced after max_len words; finished captions leave the batch.
+    features: B x P x D; returns Samples over R = B x samples rows (image-major)."""
+    feats = features.repeat_interleave(samples, 0)  # R x P x D
+    R, L, dev = feats.size(0), max_len + 1, features.device
+    state = decoder.init_state(feats)
+    live = torch.arange(R, device=dev)  # rows still writing
+    words = torch.full((R,), vocab.start, dtype=torch.long, device=dev)
+    seqs = torch.zeros(R, L, dtype=torch.long, device=dev)
+    lengths = torch.full((R,), L, dtype=torch.long, device=dev)
+    ended = torch.zeros(R, dtype=torch.bool, device=dev)
+    logprob = torch.zeros(R, device=dev)
+    never = torch.zeros(1, len(vocab), dtype=torch.bool, device=dev)
+    never[0, [vocab.pad, vocab.start]] = True
+    for t in range(L):
+        logits, state, _ = decoder.step(words, state, feats)  # n x V
+        logp = torch.log_softmax(logits.float(), dim=1)  # the model's own: what the loss needs
+        with torch.no_grad():
+            if t == max_len:
+                words = torch.full_like(words, vocab.end)
+            else:  # masked out of place: logp stays as autograd saw it
+                draw = (logp.detach() / temperature).masked_fill(never, -math.inf)
+                words = torch.multinomial(torch.softmax(draw, dim=1), 1).squeeze(1)  # n
+        logprob = logprob.index_add(0, live, logp.gather(1, words[:, None]).squeeze(1))
+        seqs[live, t] = words
+        done = words == vocab.end  # n
+        if t < max_len:
+            ended[live[done]] = True
+        lengths[live[done]] = t + 1
+        if bool(done.all()):
+            break
+        if bool(done.any()):
+            keep = ~done
+            live, words, feats = live[keep], words[keep], feats[keep]
+            state = {k: v[keep] for k, v in state.items()}
+    return Samples(seqs, lengths, logprob, ended)
+
+
 def _finish(seq, length, score, alphas):
     seqs = [s[:n].tolist() for s, n in zip(seq.cpu(), length.cpu(), strict=True)]
     maps = None if alphas is None else [a[:n].float().cpu() for a, n in zip(alphas, length.cpu(), strict=True)]
