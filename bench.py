@@ -152,7 +152,7 @@ def micro_batches(run, n, micro, args, cached, feature_shape):
         caps[:, 0] = run.word_map["<start>"]
         caps[torch.arange(micro), lens - 1] = run.word_map["<end>"]
         caps[torch.arange(args.caption_len)[None] >= lens[:, None]] = 0
-        batch = TrainItem(x, caps, lens)
+        batch = TrainItem(x, caps, lens, torch.arange(micro))
         if run.device.type == "cuda":
             batch = TrainItem(*(b.pin_memory() for b in batch))
         batches.append(batch)

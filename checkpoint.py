@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import LossSums
+from models import LossSums, RewardSums
 from utils import InputError, atomic_path
 
 # The counters of a run, saved and restored as they are.
@@ -50,12 +50,24 @@ class RunState:
     log_lines: int = 0  # lines of log.jsonl this state has seen
     skipped: int = 0  # steps skipped for a non-finite gradient
     nonfinite_run: int = 0  # ... of them in a row (not saved: a resumed run starts a new count)
-    sums: LossSums = field(default_factory=LossSums)  # this epoch's training loss sums so far (global)
-    window: LossSums = field(default_factory=LossSums)  # ... since the last log line
+    sums: LossSums = None  # this epoch's training sums so far (global): LossSums, or RewardSums for scst
+    window: LossSums = None  # ... since the last log line
 
     def __post_init__(self):
         self.train_encoder = self.train_encoder or self.encoder
         self.train_decoder = self.train_decoder or self.decoder
+        self.sums, self.window = self.Sums(), self.Sums()
+
+    @property
+    def Sums(self):  # noqa: N802 (a class)
+        return RewardSums if self.cfg["objective"] == "scst" else LossSums
+
+    def features(self, x, train=False):
+        """Encoder features of a batch of uint8 images, or a batch of cached features as they are."""
+        if x.dtype != torch.uint8:
+            return x.float()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder.frozen):
+            return (self.train_encoder if train else self.encoder)(x)
 
     @property
     def optimizers(self):
@@ -93,7 +105,7 @@ class RunState:
         for k in COUNTERS:
             setattr(self, k, ckpt[k])
         if self.rank == 0:  # the saved sums are global: the other ranks add theirs from zero
-            self.sums, self.window = LossSums(ckpt["sums"]), LossSums(ckpt["window"])
+            self.sums, self.window = self.Sums(ckpt["sums"]), self.Sums(ckpt["window"])
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -112,6 +124,14 @@ def check_resumable(ckpt, cfg, path):
         if cfg[key] != ckpt["config"][key]:
             raise InputError(f"{path} was trained with {key} {ckpt['config'][key]!r}, the config asks for "
                              f"{cfg[key]!r}: a resumed run keeps its model; start a new run with --out instead")
+
+
+def check_init(init, cfg, path):
+    """A new scst run starts from `init` (an xe checkpoint): same model, same data."""
+    for key in MODEL_KEYS + ("data_name",):
+        if cfg[key] != init["config"][key]:
+            raise InputError(f"{path} was trained with {key} {init['config'][key]!r}, this run asks for {cfg[key]!r}: "
+                             "--init_from needs the same model and data")
 
 
 def check_word_map(ckpt, word_map, cfg):

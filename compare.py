@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import time
+from collections import Counter
 from functools import cached_property
 
 import matplotlib.pyplot as plt
@@ -42,7 +43,8 @@ class Run:
             self.cfg = yaml.safe_load(f)
         with open(os.path.join(folder, "log.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
-        self.steps = [r for r in records if r["kind"] == "step" and "loss" in r]  # not all-skipped windows
+        # not all-skipped windows; scst runs log the reward instead of the loss
+        self.steps = [r for r in records if r["kind"] == "step" and ("loss" in r or "reward" in r)]
         self.epochs = [r for r in records if r["kind"] == "epoch"]
         self.eval = None
         path = os.path.join(folder, f"eval_{split}.json")
@@ -95,7 +97,7 @@ class Run:
     def loss_noise(self):
         """Standard deviation of the change of the logged training loss from one log line to the next,
         over the second half of training: how jagged the curve is (compare runs with the same log_every)."""
-        losses = [s["loss"] for s in self.steps[len(self.steps) // 2:]]
+        losses = [s["loss"] for s in self.steps[len(self.steps) // 2:] if "loss" in s]  # scst logs rewards
         changes = [b - a for a, b in zip(losses, losses[1:], strict=False)]
         if len(changes) < 2:
             return None
@@ -144,14 +146,19 @@ def table(header, rows):
 def curves(runs, path):
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
     for run in runs:
-        if run.steps:
+        if run.steps and "loss" in run.steps[0]:
             ax1.plot([s["step"] for s in run.steps], [s["loss"] for s in run.steps], label=run.label, lw=1)
         if run.epochs:
             ax2.plot([e["epoch"] for e in run.epochs], [e["val_loss"] for e in run.epochs], "o-", label=run.label)
             ax3.plot([e["epoch"] for e in run.epochs], [e["val_bleu4"] for e in run.epochs], "o-", label=run.label)
-    for ax, title, ylabel, xlabel in ((ax1, "training loss", "loss (mean since the previous point)", "optimiser step"),
-                                      (ax2, "validation loss", "cross-entropy per word", "epoch"),
-                                      (ax3, "validation BLEU-4", "BLEU-4 (decoded)", "epoch")):
+    label_axes(fig, path, ((ax1, "training loss", "loss (mean since the previous point)", "optimiser step"),
+                           (ax2, "validation loss", "cross-entropy per word", "epoch"),
+                           (ax3, "validation BLEU-4", "BLEU-4 (decoded)", "epoch")))
+
+
+def label_axes(fig, path, axes):
+    """Title, axis labels, grid and legend for each (ax, title, ylabel, xlabel); then save the figure."""
+    for ax, title, ylabel, xlabel in axes:
         ax.set_title(title)
         ax.set_xlabel(xlabel)
         ax.set_ylabel(ylabel)
@@ -178,6 +185,118 @@ def bars(runs, beam, path):
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     save(fig, path, dpi=100)
+
+
+RELATIONS = ("left of", "right of", "above", "below")
+
+
+def scst_pairs(runs):
+    """(xe run, scst run) for each scst run whose --init_from lies in another compared run's folder."""
+    by_folder = {os.path.realpath(r.folder): r for r in runs}
+    pairs = []
+    for run in runs:
+        if run.cfg.get("objective") == "scst" and run.cfg.get("init_from"):
+            base = by_folder.get(os.path.realpath(os.path.dirname(run.cfg["init_from"])))
+            if base is not None and base.eval and run.eval:
+                pairs.append((base, run))
+    return pairs
+
+
+def caption_stats(run, beam):
+    """Mean caption length in words, distinct words used, relation statements, and the openings
+    (first three words) of the captions at one beam size."""
+    captions = list(captions_of(run, beam).values())
+    words = [c.split() for c in captions]
+    return {"caption length": sum(map(len, words)) / len(words),
+            "vocabulary used": len({w for ws in words for w in ws}),
+            "relation statements": sum(c.count(r) for c in captions for r in RELATIONS),
+            "openings": Counter(" ".join(ws[:3]) for ws in words)}
+
+
+def scst_section(runs, beams, out):
+    """What self-critical training changed, per decoder: every measure before and after, the caption
+    templates, where CIDEr rose while a measure of truth fell, and whether attention's lead held."""
+    pairs = scst_pairs(runs)
+    if not pairs:
+        return []
+    md = ["## What self-critical training changed", "",
+          "Each SCST run against the cross-entropy checkpoint it started from (`--init_from`), on "
+          f"{runs[0].eval['split'] if runs[0].eval else 'TEST'}.", ""]
+    extra = ("caption length", "vocabulary used", "relation statements")
+    for b in beams:
+        keys = [k for k in QUALITY if any(r.quality(b)[k] is not None for pair in pairs for r in pair)]
+        header = ["measure"] + [f"{x.name} -> {y.name}" for x, y in pairs]
+        rows = []
+        for k in keys + list(extra) + ["train time (s)"]:
+            row = [label(k)]
+            for base, run in pairs:
+                if k in extra:
+                    v0, v1 = caption_stats(base, b)[k], caption_stats(run, b)[k]
+                    row.append(f"{v0:.4g} -> {v1:.4g} ({v1 - v0:+.4g})")
+                elif k == "train time (s)":
+                    row.append(f"{run.cost['train_time_s']:.0f} (xe: {base.cost['train_time_s']:.0f})")
+                else:
+                    v0, v1 = base.quality(b)[k], run.quality(b)[k]
+                    row.append("n/a" if v0 is None or v1 is None else
+                               f"{fmt(k, v0)} -> {fmt(k, v1)} ({fmt_margin(k, v1 - v0)})")
+            rows.append(row)
+        md += [f"### beam {b}", "", table(header, rows), ""]
+    beam = max(beams)
+    md += [f"### Caption openings at beam {beam}", "", "The first three words of each caption: the template mix.", ""]
+    for base, run in pairs:
+        o0, o1 = caption_stats(base, beam)["openings"], caption_stats(run, beam)["openings"]
+        n0, n1 = sum(o0.values()), sum(o1.values())
+        top = [w for w, _ in (o0 + o1).most_common(6)]
+        md += [table([f"opening ({run.cfg['decoder']})", base.name, run.name],
+                     [[f"\"{w} ...\"", f"{o0[w] / n0:.1%}", f"{o1[w] / n1:.1%}"] for w in top]), ""]
+    md += ["### In plain words", ""]
+    truth = ("exact_match", "exact_match_2_objects", "exact_match_3_objects", "relation_accuracy", "phrase_precision",
+             "pointing")
+    for base, run in pairs:
+        for b in beams:
+            q0, q1 = base.quality(b), run.quality(b)
+            s0, s1 = caption_stats(base, b), caption_stats(run, b)
+            fell = [label(k) for k in truth if q0.get(k) is not None and q1.get(k) is not None and q1[k] < q0[k] - 1e-9]
+            line = (f"- **{run.cfg['decoder']}, beam {b}**: CIDEr {q0['CIDEr']:.3f} -> {q1['CIDEr']:.3f}; captions "
+                    f"{s0['caption length']:.1f} -> {s1['caption length']:.1f} words, {s0['relation statements']} -> "
+                    f"{s1['relation statements']} relation statements, vocabulary {s0['vocabulary used']} -> "
+                    f"{s1['vocabulary used']} words. ")
+            if q1["CIDEr"] > q0["CIDEr"] and fell:
+                line += f"CIDEr rose while {', '.join(fell)} fell: there the reward was gamed."
+            elif fell:
+                line += f"{', '.join(fell)} fell."
+            else:
+                line += "No measure of truth fell."
+            o0, o1 = s0["openings"], s1["openings"]
+            shift = max(o0 + o1, key=lambda w: abs(o1[w] / sum(o1.values()) - o0[w] / sum(o0.values())))
+            line += (f" The template that moved most: \"{shift} ...\", {o0[shift] / sum(o0.values()):.0%} -> "
+                     f"{o1[shift] / sum(o1.values()):.0%} of captions.")
+            md.append(line)
+    by_decoder = {run.cfg["decoder"]: (base, run) for base, run in pairs}
+    if {"rnn", "attention"} <= set(by_decoder):
+        (rx, rs), (ax, as_) = by_decoder["rnn"], by_decoder["attention"]
+        for b in beams:
+            for k in ("CIDEr", "exact_match"):
+                before = ax.quality(b)[k] - rx.quality(b)[k]
+                after = as_.quality(b)[k] - rs.quality(b)[k]
+                md.append(f"- Attention's lead in {label(k)} at beam {b}: {fmt_margin(k, before)} after cross-entropy, "
+                          f"{fmt_margin(k, after)} after SCST: it {'grew' if after > before else 'shrank'}.")
+    md.append("")
+    scst_curves([r for _, r in pairs], os.path.join(out, "scst_curves.png"))
+    return md + ["![reward, sample length and validation CIDEr-D over training](scst_curves.png)", ""]
+
+
+def scst_curves(runs, path):
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for run in runs:
+        t = [s["step"] for s in run.steps]
+        axes[0].plot(t, [s["reward"] for s in run.steps], label=run.label, lw=1)
+        axes[1].plot(t, [s["sample_length"] for s in run.steps], label=run.label, lw=1)
+        elapsed = [sum(e["epoch_time_s"] for e in run.epochs[: i + 1]) for i in range(len(run.epochs))]
+        axes[2].plot(elapsed, [e["val_cider"] for e in run.epochs], "o-", label=run.label)
+    label_axes(fig, path, ((axes[0], "mean reward of the samples", "CIDEr-D", "optimiser step"),
+                           (axes[1], "sample length", "words", "optimiser step"),
+                           (axes[2], "validation CIDEr-D (greedy)", "CIDEr-D", "training time (s)")))
 
 
 def captions_of(run, beam):
@@ -295,6 +414,7 @@ def main():
         bars(runs, beam, os.path.join(args.out, "metrics.png"))
         md += [f"## Metrics at beam {beam}", "", "![metrics](metrics.png)", ""]
 
+    md += scst_section(runs, beams, args.out)
     attention = [r for r in runs if r.cfg["decoder"] == "attention" and r.has_checkpoint]
     if attention and evaluated:
         md += interpretability(runs, attention[0], evaluated, beam, args)

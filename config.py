@@ -16,12 +16,14 @@ CHOICES = {
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
     "cache_features": ("auto", True, False),
+    "objective": ("xe", "scst"),
+    "scst_baseline": ("mean", "greedy"),
 }
 AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
             "train_captions_per_image": 0, "val_beam_size": 1,
             "max_decode_len": 1, "encoded_size": 1, "emb_dim": 1, "decoder_dim": 1, "attention_dim": 1,
             "patience": 0, "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
-            "val_max_images": 0,
+            "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -151,14 +153,23 @@ def resolve_config(argv, usage=""):
         raise SystemExit(0)
     resume, config_file = pairs.pop("resume", None), pairs.pop("config", None)
     ckpt = load_checkpoint(resume) if resume else None
-    cfg = merge_config(default_config(), ckpt["config"], resume) if ckpt else default_config()
+    init = pairs.get("init_from") or pairs.get("init-from")
+    cfg = default_config()
     if ckpt:
+        cfg = merge_config(cfg, ckpt["config"], resume)
         cfg["out"] = os.path.dirname(resume) or "."
+    elif init:  # a new run from another run's weights starts from its settings too
+        cfg = merge_config(cfg, {**load_checkpoint(init)["config"], "out": None}, init)
     if config_file:
         cfg = merge_config(cfg, read_yaml(config_file), config_file)
     cfg = merge_config(cfg, pairs, "command line")
     if ckpt:
         check_resumable(ckpt, cfg, resume)
+    if cfg["objective"] == "scst" and not (ckpt or cfg["init_from"]):
+        raise InputError("objective scst fine-tunes a cross-entropy model: give --init_from runs/NAME/best.pt")
+    if cfg["objective"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
+        raise InputError(f"scst_baseline mean averages the other samples of each image: it needs scst_samples >= 2 "
+                         f"(got {cfg['scst_samples']}), or use scst_baseline greedy")
     if not cfg["out"]:
         cfg["out"] = os.path.join("runs", cfg["decoder"])
     return cfg, ckpt, "overwrite" in flags

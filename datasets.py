@@ -144,6 +144,7 @@ class TrainItem(NamedTuple):
     image: torch.Tensor  # uint8 3 x H x W, or float16 P x D cached features
     caption: torch.Tensor  # max_len + 2 token ids: <start> ... <end> <pad> ...
     length: torch.Tensor  # tokens in caption, <start> and <end> included
+    index: torch.Tensor  # the image's index in the split (self-critical training looks up its references)
 
 
 class EvalItem(NamedTuple):
@@ -208,7 +209,7 @@ class CaptionDataset(Dataset):
         image = self._images()[img_idx]
         image = torch.from_numpy(np.array(image) if self.features else image)  # memmaps are read-only
         if self.split == "TRAIN":
-            return TrainItem(image, self.captions[i].long(), self.caplens[i].long())
+            return TrainItem(image, self.captions[i].long(), self.caplens[i].long(), torch.tensor(img_idx))
         return EvalItem(image, self.image_captions(img_idx), torch.tensor(img_idx))
 
     def image_captions(self, img_idx):

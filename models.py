@@ -296,12 +296,14 @@ def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=Non
 
 
 class LossSums:
-    """Sums of loss terms over batches: the loss x its normalising token count, the cross-entropy,
-    the top-5 hits and the tokens. One float64 tensor on the device, so adding needs no host sync
-    and the ranks sum it in one all-reduce; per_token() reads it."""
+    """Sums over batches of what a training step reports: for cross-entropy, the loss x its
+    normalising token count, the cross-entropy, the top-5 hits and the tokens. One float64 tensor on
+    the device, so adding needs no host sync and the ranks sum it in one all-reduce; per_token()
+    divides the others by the last field."""
+    FIELDS = ("loss", "ce", "top5", "tokens")
 
     def __init__(self, values=None, device="cpu"):
-        self.values = torch.zeros(4, dtype=torch.float64, device=device) if values is None else values
+        self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device) if values is None else values
 
     @classmethod
     def of(cls, loss, norm_tokens=None):
@@ -315,12 +317,18 @@ class LossSums:
         return self
 
     def to(self, device):
-        return LossSums(self.values.to(device))
+        return type(self)(self.values.to(device))
 
     def per_token(self):
-        """{"loss", "ce", "top5"} averaged over the tokens, or {} when there were none."""
-        loss, ce, hits, tokens = self.values.tolist()
-        return {"loss": loss / tokens, "ce": ce / tokens, "top5": hits / tokens} if tokens else {}
+        """{field: sum / count} for every field but the last (the count), or {} when it is 0."""
+        *sums, count = self.values.tolist()
+        return {k: v / count for k, v in zip(self.FIELDS, sums, strict=False)} if count else {}
+
+
+class RewardSums(LossSums):
+    """The same for self-critical training: sums over the sampled captions of the reward, the
+    baseline, the length in words and whether <end> ended it, and the count of samples."""
+    FIELDS = ("reward", "baseline", "sample_length", "ended", "samples")
 
 
 # ----------------------------------------------------------------------------- decoding

@@ -29,13 +29,14 @@ from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
 import distributed
-from checkpoint import RunLog, RunState, check_word_map, finite_weights, prepare_run_folder
+from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
 from config import dump_yaml, resolve_config
 from datasets import CaptionDataset, Vocabulary, feature_cache, load_word_map
 from hardware import amp_context, check_amp, peak_memory_mb
-from metrics import corpus_bleu
+from metrics import CiderD, corpus_bleu
 from models import DecodeOptions, LossSums, build_decoder, build_encoder, caption_images, caption_loss
-from utils import InputError, run_cli
+from scst import Reward, scst_loss, train_references
+from utils import InputError, load_checkpoint, run_cli
 
 
 def main():
@@ -49,6 +50,11 @@ def main():
     word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
     if ckpt:
         check_word_map(ckpt, word_map, cfg)
+    init = None
+    if cfg["init_from"] and not ckpt:  # a new run from another run's weights (scst from an xe checkpoint)
+        init = load_checkpoint(cfg["init_from"])
+        check_init(init, cfg, cfg["init_from"])
+        check_word_map(init, word_map, cfg)
     train_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "TRAIN")
     val_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "VAL")
     if rank == 0:
@@ -61,9 +67,14 @@ def main():
     random.seed(cfg["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    run = build_run(cfg, word_map, train_set.image_size, device, rank, world, resuming=ckpt is not None)
+    run = build_run(cfg, word_map, train_set.image_size, device, rank, world, resuming=bool(ckpt or init))
     if ckpt:
         run.restore(ckpt)
+    elif init:
+        run.encoder.load_state_dict(init["encoder"])
+        run.decoder.load_state_dict(init["decoder"])
+    scst = cfg["objective"] == "scst"
+    reward = Reward(train_references(train_set)) if scst else None
     amp = amp_context(cfg, device)
     if cfg["cache_features"] is True and cfg["fine_tune_encoder"]:
         raise InputError("cache_features: true needs a frozen encoder (fine_tune_encoder: false)")
@@ -76,8 +87,9 @@ def main():
             dist.barrier()
 
     pin = device.type == "cuda"
-    sampler = distributed.EpochSampler(train_set.num_images, train_set.cpi, cfg["seed"],
-                                       cfg["train_captions_per_image"], cfg["batch_size"], rank, world)
+    per_image = 1 if scst else cfg["train_captions_per_image"]  # scst: every image once an epoch
+    sampler = distributed.EpochSampler(train_set.num_images, train_set.cpi, cfg["seed"], per_image,
+                                       cfg["batch_size"], rank, world)
     loader_rng = torch.Generator().manual_seed(cfg["seed"] + rank)  # worker seeds, kept off the global RNG
     train_loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
                               pin_memory=pin, generator=loader_rng, persistent_workers=cfg["workers"] > 0,
@@ -97,7 +109,7 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.time()
-                stats = train_epoch(run, train_loader, log, amp, stop)
+                stats = train_epoch(run, train_loader, log, amp, stop, reward)
                 if stats is None:
                     say(f"stopped at max_steps {cfg['max_steps']}; continue with --resume {last} "
                         "--max_steps 0 (or a larger max_steps)")
@@ -116,8 +128,10 @@ def main():
                 run.save(last)
                 if improved:
                     run.save(best)
-                say(f"epoch {run.epoch}: train loss {stats['train_loss']:.3f}, val loss {stats['val_loss']:.3f}, "
-                    f"top-5 {stats['val_top5']:.2%}, BLEU-4 {stats['val_bleu4']:.4f}"
+                train_part = (f"train reward {stats.get('train_reward', 0):.3f}" if scst else
+                              f"train loss {stats.get('train_loss', 0):.3f}")
+                say(f"epoch {run.epoch}: {train_part}, val loss {stats['val_loss']:.3f}, "
+                    f"top-5 {stats['val_top5']:.2%}, BLEU-4 {stats['val_bleu4']:.4f}, CIDEr-D {stats['val_cider']:.3f}"
                     f"{' (best)' if improved else ''}, {time.time() - t0:.0f} s, {stats['images_per_s']:.0f} img/s")
                 if stop.agreed(device):
                     raise distributed.Stopped
@@ -163,7 +177,8 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
         train_decoder = DistributedDataParallel(decoder)
         if not encoder.frozen:
             train_encoder = DistributedDataParallel(encoder)
-    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=cfg["decoder_lr"])
+    lr = cfg["scst_lr"] if cfg["objective"] == "scst" else cfg["decoder_lr"]
+    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     encoder_optimizer = None
     if cfg["fine_tune_encoder"]:
         encoder_optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=cfg["encoder_lr"])
@@ -173,34 +188,34 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
                     rank, world, train_encoder, train_decoder)
 
 
-def train_epoch(run, loader, log, amp, stop):
+def train_epoch(run, loader, log, amp, stop, reward=None):
     """One epoch (or what is left of it after a resume): steps, log lines, and last.pt where asked.
     Returns the epoch's training statistics, or None at max_steps."""
     cfg, device, world = run.cfg, run.device, run.world
     run.encoder.train()
     run.decoder.train()
     if run.samples == 0:  # a run resumed mid-epoch keeps the sums of the part before
-        run.sums, run.window = LossSums(), LossSums()
+        run.sums, run.window = run.Sums(), run.Sums()
     sums, window = run.sums.to(device), run.window.to(device)  # read only to log
     images_seen, t0 = 0, time.time()
     # A context manager, so that an error (out of memory, a stop) clears the bar before its message.
     with tqdm(total=len(loader), desc=f"train {run.epoch + 1}/{cfg['epochs']}", unit="batch", leave=False,
               disable=run.rank > 0) as bar:
         for group in batches_in_groups(loader, cfg["accumulation_steps"]):
-            step_sums = train_step(run, group, amp)
+            step_sums = train_step(run, group, amp, reward)
             sums += step_sums
             window += step_sums
             images_seen += sum(len(b.image) for b in group) * world
             bar.update(len(group))
             if run.step % cfg["log_every"] == 0:
-                means = LossSums(distributed.all_sum(window.values)).per_token()  # {} if every step was skipped
-                window = LossSums(device=device)
+                means = run.Sums(distributed.all_sum(window.values)).per_token()  # {} if every step was skipped
+                window = run.Sums(device=device)
                 rate = images_seen / (time.time() - t0)
                 log.write({"kind": "step", "epoch": run.epoch + 1, "step": run.step,
                            "lr": run.decoder_optimizer.param_groups[0]["lr"], "images_per_s": rate,
                            "skipped_steps": run.skipped, **means})
                 if means:
-                    bar.set_postfix(loss=f"{means['ce']:.3f}", top5=f"{means['top5']:.3f}", img_s=f"{rate:.0f}")
+                    bar.set_postfix({k: f"{v:.3f}" for k, v in list(means.items())[:3]}, img_s=f"{rate:.0f}")
             at_max = cfg["max_steps"] and run.step >= cfg["max_steps"]
             stopping = stop.agreed(device)
             if at_max or stopping or cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
@@ -212,13 +227,12 @@ def train_epoch(run, loader, log, amp, stop):
             if at_max:
                 return None
     run.sums, run.window = global_sums(sums), global_sums(window)
-    means = run.sums.per_token()
-    return {"train_loss": means.get("loss", 0.0), "train_ce": means.get("ce", 0.0),
-            "train_top5": means.get("top5", 0.0), "images_per_s": images_seen / (time.time() - t0)}
+    means = {k: 0.0 for k in run.Sums.FIELDS[:-1]} | run.sums.per_token()
+    return {**{f"train_{k}": v for k, v in means.items()}, "images_per_s": images_seen / (time.time() - t0)}
 
 
 def global_sums(sums):
-    return LossSums(distributed.all_sum(sums.values).cpu())
+    return type(sums)(distributed.all_sum(sums.values).cpu())
 
 
 def batches_in_groups(loader, size):
@@ -233,9 +247,9 @@ def batches_in_groups(loader, size):
         yield group
 
 
-def train_step(run, group, amp):
+def train_step(run, group, amp, reward=None):
     """One optimiser step over a group of micro-batches (gradient accumulation). Returns this rank's
-    LossSums on the device, zero for a skipped step."""
+    LossSums (RewardSums for scst) on the device, zero for a skipped step."""
     cfg, device = run.cfg, run.device
     alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
     # Normalise by the tokens and images of the whole group (on all ranks), so N micro-batches on W
@@ -245,7 +259,9 @@ def train_step(run, group, amp):
     if dist.is_initialized():
         counts = distributed.all_sum(torch.tensor([tokens, images], dtype=torch.float32, device=device)) / run.world
         tokens, images = counts[0], counts[1]
-    sums = LossSums(device=device)
+    scst = cfg["objective"] == "scst"
+    vocab = Vocabulary(run.word_map) if scst else None
+    sums = run.Sums(device=device)
     for i, batch in enumerate(group):
         imgs = batch.image.to(device, non_blocking=True)
         caps, lens = batch.caption.to(device, non_blocking=True), batch.length.to(device, non_blocking=True)
@@ -255,10 +271,21 @@ def train_step(run, group, amp):
                     if isinstance(m, DistributedDataParallel):
                         stack.enter_context(m.no_sync())
             with amp:
-                logits, alphas = run.train_decoder(features(run, imgs, train=True), caps, lens)
-                loss = caption_loss(logits, alphas, caps, lens, alpha_c, tokens, images)
-            run.scaler.scale(loss.loss).backward()
-        sums += LossSums.of(loss, tokens)
+                if scst:  # normalised by every sample of the step; DDP's hooks are bypassed (grads summed below)
+                    loss, step_sums = scst_loss(run, run.features(imgs, train=True), batch.index, vocab, reward,
+                                                images * cfg["scst_samples"])
+                    sums += run.Sums(step_sums.to(device))
+                else:
+                    logits, alphas = run.train_decoder(run.features(imgs, train=True), caps, lens)
+                    loss = caption_loss(logits, alphas, caps, lens, alpha_c, tokens, images)
+                    sums += LossSums.of(loss, tokens)
+                    loss = loss.loss
+            run.scaler.scale(loss).backward()
+    if scst and dist.is_initialized():  # sampling steps the plain modules: sum the ranks' gradients here
+        for p in run.decoder.parameters():
+            if p.grad is not None:
+                dist.all_reduce(p.grad)
+                p.grad /= run.world
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
     params = [p for opt in run.optimizers for g in opt.param_groups for p in g["params"]]
@@ -286,15 +313,7 @@ def train_step(run, group, amp):
         raise InputError(f"the loss or its gradient was not finite for {run.nonfinite_run} steps in a row (up to "
                          f"step {run.step}); nothing was stepped on them. Lower decoder_lr (now {cfg['decoder_lr']}) "
                          "or look for broken data; last.pt and best.pt hold the last good weights")
-    return LossSums(device=device)
-
-
-def features(run, x, train=False):
-    """Encoder features of a batch of uint8 images, or a batch of cached features as they are."""
-    if x.dtype != torch.uint8:
-        return x.float()
-    with torch.set_grad_enabled(torch.is_grad_enabled() and not run.encoder.frozen):
-        return (run.train_encoder if train else run.encoder)(x)
+    return run.Sums(device=device)
 
 
 @torch.no_grad()
@@ -316,7 +335,7 @@ def validate(run, loader, amp, stop):
             return None
         all_captions = batch.captions.to(device)  # B x cpi x (max_len + 2)
         with amp:
-            feats = features(run, batch.image.to(device))  # B x P x D
+            feats = run.features(batch.image.to(device))  # B x P x D
             captions = all_captions.flatten(0, 1)  # B*cpi x (max_len + 2)
             lengths = (captions != vocab.pad).sum(1)
             logits, alphas = run.decoder(feats.repeat_interleave(all_captions.size(1), 0), captions, lengths)
@@ -329,7 +348,9 @@ def validate(run, loader, amp, stop):
         references = [r for refs, _ in shards for r in refs]
         hypotheses = [h for _, hyps in shards for h in hyps]
     means = global_sums(sums).per_token()
-    return {"val_loss": means["ce"], "val_top5": means["top5"], "val_bleu4": corpus_bleu(references, hypotheses)}
+    cider = CiderD(references).score(hypotheses, references)  # CIDEr-D, document frequencies from VAL
+    return {"val_loss": means["ce"], "val_top5": means["top5"], "val_bleu4": corpus_bleu(references, hypotheses),
+            "val_cider": sum(cider) / len(cider)}
 
 
 def end_of_epoch(run, stats):
@@ -338,7 +359,9 @@ def end_of_epoch(run, stats):
     # BLEU-4 first, validation loss to break ties: early on BLEU-4 is often 0 for several epochs
     # while the loss is still falling, and that is progress. NaN never compares as an improvement.
     score = [stats["val_bleu4"], -stats["val_loss"]]
-    if cfg["early_stop_metric"] == "loss":
+    if cfg["objective"] == "scst":  # the metric it optimises
+        score = [stats["val_cider"], -stats["val_loss"]]
+    elif cfg["early_stop_metric"] == "loss":
         score = score[::-1]
     improved = score > run.best and finite_weights((run.encoder, run.decoder))
     run.best, run.bad_epochs = (score, 0) if improved else (run.best, run.bad_epochs + 1)

@@ -2,6 +2,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -38,9 +39,46 @@ def train(out, data, *extra, env=None, **overrides):
     return run_script("train.py", *train_args(out, data, **overrides), *extra, env=env)
 
 
+def torchrun(nproc, *args):
+    """train.py under torchrun with nproc gloo processes on the CPU."""
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
+           *map(str, args)]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+
+
+def popen(args, stderr):
+    """train.py in the background, its stderr to a file."""
+    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
+                            stderr=stderr, text=True)
+
+
+def wait_for(proc, ready, timeout=120):
+    """Poll every millisecond until ready() holds; False if the process ended first."""
+    end = time.time() + timeout
+    while time.time() < end:
+        if ready():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(0.001)
+    raise TimeoutError
+
+
+def log_lines(run):
+    path = run / "log.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def load(path):
     import torch
     return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def weights(path):
+    """A checkpoint's encoder and decoder weights in one dict."""
+    ckpt = load(path)
+    return {**{f"e.{k}": v for k, v in ckpt["encoder"].items()}, **{f"d.{k}": v for k, v in ckpt["decoder"].items()}}
 
 
 def log_records(run, kind=None):

@@ -5,44 +5,17 @@ import os
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
 
 import train
-from tests.conftest import ROOT, load, log_records, run_main, run_script, train_args
+from tests.conftest import (ROOT, load, log_lines, log_records, popen, run_main, run_script, train_args, wait_for,
+                            weights)
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 RUN = dict(decoder="attention", epochs=2, checkpoint_every=1, log_every=1)
-
-
-def popen(args, stderr):
-    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=stderr, text=True)
-
-
-def wait_for(proc, ready, timeout=120):
-    """Poll every millisecond until ready() holds; False if the process ended first."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if ready():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.001)
-    raise TimeoutError
-
-
-def log_lines(run):
-    path = run / "log.jsonl"
-    return path.read_text().count("\n") if path.exists() else 0
-
-
-def weights(path):
-    ckpt = load(path)
-    return {**{f"e.{k}": v for k, v in ckpt["encoder"].items()}, **{f"d.{k}": v for k, v in ckpt["decoder"].items()}}
 
 
 @pytest.fixture(scope="module")

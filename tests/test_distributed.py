@@ -1,26 +1,16 @@
 """train.py under torchrun: 2 gloo processes on the CPU against one process at the same global batch."""
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import ROOT, load, log_records, run_script, train_args
+from tests.conftest import load, log_records, run_script, torchrun, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 # Dropout off, so both runs draw no random numbers in training and must agree up to float summation order.
 COMMON = dict(decoder="attention", dropout=0.0, epochs=2, accumulation_steps=2, log_every=1)
 TOLERANCE = 1e-4  # relative, on every logged training loss
-
-
-def torchrun(nproc, *args):
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
 
 
 def losses(run):

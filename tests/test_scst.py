@@ -70,3 +70,83 @@ def test_cider_d_equals_pycocoevalcap():
     ids = CiderD([[[words.index(w) for w in r.split()] for r in refs[i]] for i in refs])  # ids score as words
     assert ids.score([[words.index(w) for w in cands[3].split()]], [[[words.index(w) for w in r.split()]
                                                                     for r in refs[3]]])[0] == pytest.approx(got[3])
+
+
+# ----------------------------------------------------------------------------- train.py --objective scst
+
+def scst_args(out, data, init, **overrides):
+    """train.py --objective scst from a tiny trained checkpoint, which brings its model settings."""
+    cfg = dict(objective="scst", init_from=init, data_folder=data, out=out, scst_lr=1e-3, scst_max_len=12,
+               batch_size=8, epochs=4, patience=0, lr_decay_patience=0, log_every=2, workers=0, val_max_images=0)
+    cfg.update(overrides)
+    return [a for k, v in cfg.items() for a in (f"--{k}", v)]
+
+
+@pytest.mark.slow
+def test_scst_raises_the_mean_training_reward(trained, shapes_data, tmp_path):
+    from tests.conftest import log_records, run_script
+    run = tmp_path / "scst"
+    r = run_script("train.py", *scst_args(run, shapes_data, trained("attention")))
+    assert r.returncode == 0, r.stderr
+    epochs = log_records(run, "epoch")
+    assert len(epochs) == 4 and "val_cider" in epochs[0]
+    rewards = [e["train_reward"] for e in epochs]
+    assert rewards[-1] > rewards[0], rewards
+    steps = log_records(run, "step")
+    assert {"reward", "baseline", "sample_length", "ended"} <= set(steps[0]) and 0 <= steps[0]["ended"] <= 1
+    # compare.py pairs the scst run with the run it started from and says what changed
+    xe = trained("attention").parent
+    for folder in (xe, run):
+        assert run_script("eval.py", "--checkpoint", folder / "best.pt", "--beam-size", 1, "--workers", 0,
+                          "--out", folder / "eval_TEST.json").returncode == 0
+    r = run_script("compare.py", xe, run, "--out", tmp_path / "report", "--beam-size", 1, "--images", 2)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## What self-critical training changed" in report and f"{xe.name} -> scst" in report
+    assert "caption length" in report and "The template that moved most" in report
+    assert (tmp_path / "report" / "scst_curves.png").stat().st_size > 10000
+
+
+@pytest.mark.slow
+def test_scst_refusals(trained, shapes_data, tmp_path):
+    from tests.conftest import run_script
+    for args, needle in ((dict(scst_samples=1), "needs scst_samples >= 2"),
+                         (dict(decoder="rnn"), "--init_from needs the same model and data"),
+                         (dict(init_from=""), "give --init_from")):
+        r = run_script("train.py", *scst_args(tmp_path / "x", shapes_data, trained("attention"), **args))
+        assert r.returncode == 2 and needle in r.stderr.splitlines()[-1], r.stderr
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.slow
+def test_scst_resumed_after_sigkill_ends_bit_identical(trained, shapes_data, tmp_path):
+    import signal
+
+    from tests.conftest import log_lines, log_records, popen, run_script, wait_for, weights
+    common = dict(epochs=2, checkpoint_every=1, log_every=1, scst_baseline="greedy")
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    r = run_script("train.py", *scst_args(straight, shapes_data, trained("rnn"), **common))
+    assert r.returncode == 0, r.stderr
+    with open(tmp_path / "err.txt", "w") as err:
+        proc = popen(scst_args(killed, shapes_data, trained("rnn"), **common), err)
+        assert wait_for(proc, lambda: log_lines(killed) >= 4)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = run_script("train.py", "--resume", killed / "last.pt")
+    assert r.returncode == 0, r.stderr
+    a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert log_records(straight) == log_records(killed)
+
+
+@pytest.mark.slow
+def test_scst_under_torchrun_keeps_the_ranks_equal(trained, shapes_data, tmp_path):
+    """Sampling bypasses DDP's hooks; the gradients averaged by hand must leave both ranks with the
+    same weights (train.py checks and says so at the end)."""
+    from tests.conftest import log_records, torchrun
+    out = tmp_path / "ddp"
+    r = torchrun(2, *scst_args(out, shapes_data, trained("rnn"), epochs=1, batch_size=4, accumulation_steps=2))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ranks agree: identical parameters on all 2 processes" in r.stdout
+    (epoch,) = log_records(out, "epoch")
+    assert epoch["train_reward"] > 0 and 0 < epoch["train_ended"] <= 1
