@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from datasets import Vocabulary
 from models import LossSums, RewardSums
 from utils import InputError, atomic_path
 
@@ -57,6 +58,8 @@ class RunState:
         self.train_encoder = self.train_encoder or self.encoder
         self.train_decoder = self.train_decoder or self.decoder
         self.sums, self.window = self.Sums(), self.Sums()
+        self.vocab = Vocabulary(self.word_map)
+        self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]  # for clipping
 
     @property
     def Sums(self):  # noqa: N802 (a class)

@@ -223,6 +223,7 @@ def scst_section(runs, beams, out):
           "Each SCST run against the cross-entropy checkpoint it started from (`--init_from`), on "
           f"{runs[0].eval['split'] if runs[0].eval else 'TEST'}.", ""]
     extra = ("caption length", "vocabulary used", "relation statements")
+    stats = {(r.name, b): caption_stats(r, b) for pair in pairs for r in pair for b in beams}  # reads each file once
     for b in beams:
         keys = [k for k in QUALITY if any(r.quality(b)[k] is not None for pair in pairs for r in pair)]
         header = ["measure"] + [f"{x.name} -> {y.name}" for x, y in pairs]
@@ -231,7 +232,7 @@ def scst_section(runs, beams, out):
             row = [label(k)]
             for base, run in pairs:
                 if k in extra:
-                    v0, v1 = caption_stats(base, b)[k], caption_stats(run, b)[k]
+                    v0, v1 = stats[base.name, b][k], stats[run.name, b][k]
                     row.append(f"{v0:.4g} -> {v1:.4g} ({v1 - v0:+.4g})")
                 elif k == "train time (s)":
                     row.append(f"{run.cost['train_time_s']:.0f} (xe: {base.cost['train_time_s']:.0f})")
@@ -244,7 +245,7 @@ def scst_section(runs, beams, out):
     beam = max(beams)
     md += [f"### Caption openings at beam {beam}", "", "The first three words of each caption: the template mix.", ""]
     for base, run in pairs:
-        o0, o1 = caption_stats(base, beam)["openings"], caption_stats(run, beam)["openings"]
+        o0, o1 = stats[base.name, beam]["openings"], stats[run.name, beam]["openings"]
         n0, n1 = sum(o0.values()), sum(o1.values())
         top = [w for w, _ in (o0 + o1).most_common(6)]
         md += [table([f"opening ({run.cfg['decoder']})", base.name, run.name],
@@ -255,7 +256,7 @@ def scst_section(runs, beams, out):
     for base, run in pairs:
         for b in beams:
             q0, q1 = base.quality(b), run.quality(b)
-            s0, s1 = caption_stats(base, b), caption_stats(run, b)
+            s0, s1 = stats[base.name, b], stats[run.name, b]
             fell = [label(k) for k in truth if q0.get(k) is not None and q1.get(k) is not None and q1[k] < q0[k] - 1e-9]
             line = (f"- **{run.cfg['decoder']}, beam {b}**: CIDEr {q0['CIDEr']:.3f} -> {q1['CIDEr']:.3f}; captions "
                     f"{s0['caption length']:.1f} -> {s1['caption length']:.1f} words, {s0['relation statements']} -> "

@@ -139,8 +139,8 @@ def config_help():
 
 
 def resolve_config(argv, usage=""):
-    """train.py's command line -> (config, checkpoint to resume or None, --overwrite given); --help
-    prints `usage` and every config key.
+    """train.py's command line -> (config, checkpoint to resume or None, checkpoint a new run starts
+    from (--init_from) or None, --overwrite given); --help prints `usage` and every config key.
 
     default.yaml (or the resumed checkpoint's config) <- --config FILE <- --key value. A resumed run
     continues in the folder that holds its checkpoint, whatever folder the checkpoint's config names
@@ -153,18 +153,20 @@ def resolve_config(argv, usage=""):
         raise SystemExit(0)
     resume, config_file = pairs.pop("resume", None), pairs.pop("config", None)
     ckpt = load_checkpoint(resume) if resume else None
-    init = pairs.get("init_from") or pairs.get("init-from")
+    init = load_checkpoint(pairs["init_from"]) if pairs.get("init_from") and not ckpt else None
     cfg = default_config()
     if ckpt:
         cfg = merge_config(cfg, ckpt["config"], resume)
         cfg["out"] = os.path.dirname(resume) or "."
     elif init:  # a new run from another run's weights starts from its settings too
-        cfg = merge_config(cfg, {**load_checkpoint(init)["config"], "out": None}, init)
+        cfg = merge_config(cfg, {**init["config"], "out": None}, pairs["init_from"])
     if config_file:
         cfg = merge_config(cfg, read_yaml(config_file), config_file)
     cfg = merge_config(cfg, pairs, "command line")
     if ckpt:
         check_resumable(ckpt, cfg, resume)
+    elif cfg["init_from"] and init is None:  # named in a --config file: its weights, not its settings
+        init = load_checkpoint(cfg["init_from"])
     if cfg["objective"] == "scst" and not (ckpt or cfg["init_from"]):
         raise InputError("objective scst fine-tunes a cross-entropy model: give --init_from runs/NAME/best.pt")
     if cfg["objective"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
@@ -172,7 +174,7 @@ def resolve_config(argv, usage=""):
                          f"(got {cfg['scst_samples']}), or use scst_baseline greedy")
     if not cfg["out"]:
         cfg["out"] = os.path.join("runs", cfg["decoder"])
-    return cfg, ckpt, "overwrite" in flags
+    return cfg, ckpt, init, "overwrite" in flags
 
 
 def add_decoding_arguments(parser, beam_size):

@@ -404,16 +404,14 @@ def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
     lengths = torch.full((R,), L, dtype=torch.long, device=dev)
     ended = torch.zeros(R, dtype=torch.bool, device=dev)
     logprob = torch.zeros(R, device=dev)
-    never = torch.zeros(1, len(vocab), dtype=torch.bool, device=dev)
-    never[0, [vocab.pad, vocab.start]] = True
     for t in range(L):
         logits, state, _ = decoder.step(words, state, feats)  # n x V
         logp = torch.log_softmax(logits.float(), dim=1)  # the model's own: what the loss needs
         with torch.no_grad():
             if t == max_len:
                 words = torch.full_like(words, vocab.end)
-            else:  # masked out of place: logp stays as autograd saw it
-                draw = (logp.detach() / temperature).masked_fill(never, -math.inf)
+            else:  # restricted on a new tensor: logp stays as autograd saw it
+                draw = _allowed(logp.detach() / temperature, vocab, t, max_len)
                 words = torch.multinomial(torch.softmax(draw, dim=1), 1).squeeze(1)  # n
         logprob = logprob.index_add(0, live, logp.gather(1, words[:, None]).squeeze(1))
         seqs[live, t] = words
@@ -436,11 +434,11 @@ def _finish(seq, length, score, alphas):
     return Decoded(seqs, score.float().cpu(), maps)
 
 
-def _next_word_logp(logits, vocab, t, max_len, history=None, block_ngram_repeat=0):
-    """Log-probabilities of the next word (rows x V): never <pad> or <start> (never targets in
-    training, yet an untrained model may pick them), only <end> at the max_len cut-off, and no word
-    that would repeat an n-gram of `history` (rows x t+1, <start> first) when blocking is on."""
-    logp = torch.log_softmax(logits.float(), dim=1)
+def _allowed(logp, vocab, t, max_len, history=None, block_ngram_repeat=0):
+    """Next-word log-probabilities (rows x V, changed in place: the caller's own tensor) restricted to
+    the words that may follow: never <pad> or <start> (never targets in training, yet an untrained
+    model may pick them), only <end> at the max_len cut-off, and no word that would repeat an n-gram
+    of `history` (rows x t+1, <start> first) when blocking is on. Every search and sampling use it."""
     logp[:, [vocab.pad, vocab.start]] = -math.inf
     if t == max_len:
         forced = torch.full_like(logp, -math.inf)
@@ -476,7 +474,7 @@ def greedy(decoder, features, vocab, max_len=50):
     alphas = None  # B x L x P
     for t in range(L):
         logits, state, alpha = decoder.step(words, state, features)  # B x V, ..., B x P or None
-        best, words = _next_word_logp(logits, vocab, t, max_len).max(1)
+        best, words = _allowed(torch.log_softmax(logits.float(), dim=1), vocab, t, max_len).max(1)
         score += torch.where(done, 0.0, best)
         seq[:, t] = words
         if alpha is not None:
@@ -531,7 +529,8 @@ def beam_search(decoder, features, vocab, options):
         history = None
         if options.block_ngram_repeat:  # n*K x t+1, <start> first
             history = torch.cat([torch.full((n * K, 1), vocab.start, device=dev), tokens.view(n * K, L)[:, :t]], 1)
-        logp = _next_word_logp(logits, vocab, t, max_len, history, options.block_ngram_repeat)  # n*K x V
+        logp = torch.log_softmax(logits.float(), dim=1)  # n*K x V
+        logp = _allowed(logp, vocab, t, max_len, history, options.block_ngram_repeat)
         if alpha is not None:
             attention = attention if attention is not None else torch.zeros(L, B, K, P, device=dev)
             attention[t, ids] = alpha.float().view(n, K, P)

@@ -30,35 +30,30 @@ class Reward:
         self.references = references
         self.cider = CiderD(references)
 
-    def __call__(self, seqs, lengths, images):
-        """seqs: R x L ids with <end> at lengths - 1; images: R image indices -> R rewards (float64)."""
-        words = [tuple(s[: n - 1]) for s, n in zip(seqs.tolist(), lengths.tolist(), strict=True)]
-        scores = self.cider.score(words, [self.references[i] for i in images])
-        return torch.tensor(scores, dtype=torch.float64)
+    def __call__(self, captions, images):
+        """captions: word-id sequences without <end>; images: their TRAIN indices -> rewards (float64)."""
+        return torch.tensor(self.cider.score(captions, [self.references[i] for i in images]), dtype=torch.float64)
 
 
-def scst_loss(run, features, images, vocab, reward, norm):
+def scst_loss(run, features, images, reward, norm):
     """The loss of one micro-batch (features: B x P x D, images: their B TRAIN indices) divided by
     `norm`, the samples of the whole step; and the RewardSums of its samples."""
     cfg, k = run.cfg, run.cfg["scst_samples"]
     for m in run.decoder.modules():  # the plain decoder's initial-state BatchNorm would see k copies of each image
         if isinstance(m, nn.modules.batchnorm._BatchNorm):
             m.eval()
-    out = sample(run.decoder, features, vocab, k, cfg["scst_max_len"])  # R = B x k rows
-    rows = images.repeat_interleave(k).tolist()
-    r = reward(out.seqs, out.lengths, rows).view(-1, k)  # B x k
+    out = sample(run.decoder, features, run.vocab, k, cfg["scst_max_len"])  # R = B x k rows
+    sampled = [s[: n - 1] for s, n in zip(out.seqs.tolist(), out.lengths.tolist(), strict=True)]
+    r = reward(sampled, images.repeat_interleave(k).tolist()).view(-1, k)  # B x k
     if cfg["scst_baseline"] == "mean":
         baseline = (r.sum(1, keepdim=True) - r) / (k - 1)
     else:
         was_training = run.decoder.training
         run.decoder.eval()
         with torch.no_grad():
-            g = greedy(run.decoder, features.detach(), vocab, cfg["scst_max_len"])
+            g = greedy(run.decoder, features.detach(), run.vocab, cfg["scst_max_len"])
         run.decoder.train(was_training)
-        seqs = torch.zeros(len(g.seqs), cfg["scst_max_len"] + 1, dtype=torch.long)
-        for i, s in enumerate(g.seqs):
-            seqs[i, : len(s)] = torch.tensor(s)
-        baseline = reward(seqs, torch.tensor([len(s) for s in g.seqs]), images.tolist()).view(-1, 1).expand(-1, k)
+        baseline = reward([s[:-1] for s in g.seqs], images.tolist()).view(-1, 1).expand(-1, k)  # without <end>
     advantage = (r - baseline).flatten().to(out.logprob.device, torch.float32)
     loss = -(advantage * out.logprob).sum() / norm
     sums = torch.stack([r.sum(), baseline.sum(), (out.lengths - 1).sum().double().cpu(),

@@ -31,17 +31,17 @@ from tqdm import tqdm
 import distributed
 from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
 from config import dump_yaml, resolve_config
-from datasets import CaptionDataset, Vocabulary, feature_cache, load_word_map
+from datasets import CaptionDataset, feature_cache, load_word_map
 from hardware import amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
 from models import DecodeOptions, LossSums, build_decoder, build_encoder, caption_images, caption_loss
 from scst import Reward, scst_loss, train_references
-from utils import InputError, load_checkpoint, run_cli
+from utils import InputError, run_cli
 
 
 def main():
     # config
-    cfg, ckpt, overwrite = resolve_config(sys.argv[1:], usage=__doc__)
+    cfg, ckpt, init, overwrite = resolve_config(sys.argv[1:], usage=__doc__)
     rank, local_rank, world, device = distributed.setup(cfg["device"])
     say = print if rank == 0 else (lambda *a, **k: None)
     check_amp(cfg, device)
@@ -50,9 +50,7 @@ def main():
     word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
     if ckpt:
         check_word_map(ckpt, word_map, cfg)
-    init = None
-    if cfg["init_from"] and not ckpt:  # a new run from another run's weights (scst from an xe checkpoint)
-        init = load_checkpoint(cfg["init_from"])
+    if init:  # a new run from another run's weights (scst from an xe checkpoint)
         check_init(init, cfg, cfg["init_from"])
         check_word_map(init, word_map, cfg)
     train_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "TRAIN")
@@ -260,7 +258,6 @@ def train_step(run, group, amp, reward=None):
         counts = distributed.all_sum(torch.tensor([tokens, images], dtype=torch.float32, device=device)) / run.world
         tokens, images = counts[0], counts[1]
     scst = cfg["objective"] == "scst"
-    vocab = Vocabulary(run.word_map) if scst else None
     sums = run.Sums(device=device)
     for i, batch in enumerate(group):
         imgs = batch.image.to(device, non_blocking=True)
@@ -272,7 +269,7 @@ def train_step(run, group, amp, reward=None):
                         stack.enter_context(m.no_sync())
             with amp:
                 if scst:  # normalised by every sample of the step; DDP's hooks are bypassed (grads summed below)
-                    loss, step_sums = scst_loss(run, run.features(imgs, train=True), batch.index, vocab, reward,
+                    loss, step_sums = scst_loss(run, run.features(imgs, train=True), batch.index, reward,
                                                 images * cfg["scst_samples"])
                     sums += run.Sums(step_sums.to(device))
                 else:
@@ -281,15 +278,14 @@ def train_step(run, group, amp, reward=None):
                     sums += LossSums.of(loss, tokens)
                     loss = loss.loss
             run.scaler.scale(loss).backward()
-    if scst and dist.is_initialized():  # sampling steps the plain modules: sum the ranks' gradients here
+    if scst and dist.is_initialized():  # sampling steps the plain modules: average the ranks' gradients here
         for p in run.decoder.parameters():
             if p.grad is not None:
                 dist.all_reduce(p.grad)
                 p.grad /= run.world
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
-    params = [p for opt in run.optimizers for g in opt.param_groups for p in g["params"]]
-    norm = torch.nn.utils.clip_grad_norm_(params, cfg["grad_clip"] or math.inf)
+    norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"] or math.inf)
     if run.scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself, and lowers its scale
         for opt in run.optimizers:
             run.scaler.step(opt)
@@ -325,7 +321,7 @@ def validate(run, loader, amp, stop):
     cfg, device = run.cfg, run.device
     run.encoder.eval()
     run.decoder.eval()
-    vocab = Vocabulary(run.word_map)
+    vocab = run.vocab
     options = DecodeOptions(cfg["val_beam_size"], cfg["max_decode_len"])
     alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
     sums = LossSums(device=device)
