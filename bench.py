@@ -252,6 +252,27 @@ def bench_decoding(args, base, device, word_map):
     return rows
 
 
+def bench_reward(args, word_map, images=9000, refs=5, batch=32, samples=5):
+    """Self-critical training's CIDEr-D reward for one step (batch images x samples captions) against
+    a TRAIN-sized corpus of random captions over the vocabulary: milliseconds per step, median."""
+    import random
+
+    from metrics import CiderD
+    rng = random.Random(0)
+    words = range(4, len(word_map))
+
+    def caption():
+        return [rng.choice(words) for _ in range(rng.randint(5, args.caption_len))]
+    corpus = [[caption() for _ in range(refs)] for _ in range(images)]
+    cider = CiderD(corpus)
+    candidates = [caption() for _ in range(batch * samples)]
+    references = [corpus[i // samples] for i in range(batch * samples)]
+    med, lo, hi = timed(lambda: cider.score(candidates, references), torch.device("cpu"), args.runs, 1)
+    print(f"reward: CIDEr-D of {batch} images x {samples} samples in {med * 1000:.1f} ms", flush=True)
+    return {"images": batch, "samples": samples, "corpus_images": images, "ms": med * 1000, "ms_min": lo * 1000,
+            "ms_max": hi * 1000}
+
+
 def bench_data(args, cfg):
     """The training DataLoader over real prepared images (uint8, workers as configured)."""
     from torch.utils.data import DataLoader
@@ -286,6 +307,9 @@ def markdown(result):
     for r in result["decoding"]:
         lines.append(f"| {r['decoder']} | {r['beam']} | {r['batched_images_per_s']:.1f} | "
                      f"{r['single_images_per_s']:.1f} | {r['speedup']:.1f}x |")
+    r = result["reward"]
+    lines += ["", f"CIDEr-D reward (self-critical training) for {r['images']} images x {r['samples']} samples "
+              f"against {r['corpus_images']} TRAIN images: {r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f})"]
     if result.get("data"):
         d = result["data"]
         lines += ["", f"DataLoader over prepared {d['image_size']} px images, {d['workers']} workers: "
@@ -313,6 +337,7 @@ def main():
               "args": {k: v for k, v in vars(args).items() if k != "out"}}
     result["training"] = bench_training(args, cfg, device, word_map)
     result["decoding"] = bench_decoding(args, cfg, device, word_map)
+    result["reward"] = bench_reward(args, word_map)
     if args.data_folder:
         result["data"] = bench_data(args, cfg)
     print()

@@ -4,6 +4,10 @@ dataset_*.json beside them. Used by the tests, and on its own to time data prepa
     python tests/fixtures.py --out /tmp/kp --num-images 2000 --width 640 --height 480
     python create_input_files.py --dataset coco --karpathy-json /tmp/kp/dataset_coco.json \
         --image-folder /tmp/kp/images --output-folder /tmp/kp/out --workers 1
+
+With --dataset flickr8k --csv it also writes /tmp/kp/captions.csv (image,caption; five captions per
+image) for `create_input_files.py --dataset custom --captions /tmp/kp/captions.csv --image-folder
+/tmp/kp/images`.
 """
 import argparse
 import json
@@ -101,6 +105,14 @@ if __name__ == "__main__":
     p.add_argument("--dataset", default="coco", choices=["coco", "flickr8k", "flickr30k"])
     p.add_argument("--width", type=int, default=640)
     p.add_argument("--height", type=int, default=480)
+    p.add_argument("--csv", action="store_true", help="also captions.csv, for --dataset custom (flat image folder)")
     a = p.parse_args()
-    path, _ = make_karpathy(a.out, a.num_images, a.dataset, a.width, a.height)
+    path, entries = make_karpathy(a.out, a.num_images, a.dataset, a.width, a.height)
+    if a.csv:
+        import csv
+        with open(os.path.join(a.out, "captions.csv"), "w", newline="") as f:
+            w = csv.writer(f)
+            w.writerow(["image", "caption"])
+            w.writerows([os.path.join(e.get("filepath", ""), e["filename"]), " ".join(s["tokens"])]
+                        for e in entries for s in e["sentences"][:5])
     print(f"wrote {a.num_images} images and {path}")

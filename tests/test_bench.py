@@ -26,6 +26,7 @@ def test_bench_tiny_matrix(tmp_path):
         assert 0 < x["images_per_s_min"] <= x["images_per_s"] <= x["images_per_s_max"] and x["peak_memory_mb"] > 0
     assert [(x["beam"], x["speedup"] > 0) for x in result["decoding"]] == [(1, True), (2, True)]
     assert result["card"].startswith("CPU") and result["torch"]
+    assert 0 < result["reward"]["ms_min"] <= result["reward"]["ms"] and "CIDEr-D reward" in r.stdout
     assert "| attention | bf16 | cached | 4 (2 x 2) |" in r.stdout and "| attention | 2 |" in r.stdout
     r = run_script("bench.py", "--tiny", "--data-folder", tmp_path)
     assert r.returncode == 2 and "--data-name" in r.stderr
