@@ -3,7 +3,9 @@
 #   test        the whole test suite, what CI runs (8.5 to 12 minutes on 2 cores)
 #   test-fast   the in-process tests only, for the edit-and-test loop (under a minute)
 #   lint        ruff
+#   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
+#               (report.md, and report.html with a browser of every TEST image)
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into reports/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into reports/scst/
@@ -17,7 +19,7 @@ ENCODER := $(DATA)/encoder_resnet18_stages2.pt
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint demo bench study scst gpu-wheels clean
+.PHONY: install test test-fast lint browser demo bench study scst gpu-wheels clean
 
 install: $(STAMP)
 
@@ -35,6 +37,13 @@ test-fast: install
 
 lint: install
 	$(PY) -m ruff check .
+
+# Playwright drives this browser in tests/test_html.py; it never downloads one of its own.
+browser:
+	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
+		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
+		$$sudo apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$sudo apt-get install -y -qq chromium; }
+	@echo "chromium: $$(command -v chromium || command -v chromium-browser)"
 
 # The demo: every stage runs only when its output is missing or older than what it is made from, so
 # a second `make demo` reuses the data, the encoder and the trained runs (`make clean` starts over).
@@ -57,7 +66,8 @@ $(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	touch $@
 
 $(EVALS): runs/demo-%/eval_TEST.json: runs/demo-%/.trained
-	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
+	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5 \
+		$(if $(filter attention,$*),--attention-maps))
 
 $(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
@@ -68,7 +78,7 @@ reports/demo/report.md: $(EVALS) compare.py
 	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out reports/demo)
 
 demo: install reports/demo/report.md $(CAPTIONS)
-	@echo "demo done: report in reports/demo/report.md, results in runs/demo-*/eval_TEST.json," \
+	@echo "demo done: report in reports/demo/report.md and report.html, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
 
 # The CPU benchmark matrix on the shapes model and vocabulary (docs/benchmarks.md quotes docs/bench_cpu.json).
@@ -103,7 +113,8 @@ SCST_EVALS := $(DECODERS:%=runs/scst-%/eval_TEST.json)
 
 $(SCST_EVALS): runs/scst-%/eval_TEST.json: runs/demo-%/eval_TEST.json
 	$(call STAGE,scst: train $*,$(PY) train.py --init_from runs/demo-$*/best.pt --out runs/scst-$* $(SCST_ARGS) $(SCST_$*))
-	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3)
+	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3 \
+		$(if $(filter attention,$*),--attention-maps))
 
 reports/scst/report.md: $(SCST_EVALS) compare.py
 	$(call STAGE,scst: compare,$(PY) compare.py runs/demo-rnn runs/scst-rnn runs/demo-attention runs/scst-attention \

@@ -2,11 +2,14 @@
 
     python compare.py runs/demo-rnn runs/demo-attention --out reports/demo
 
-Reads each run's config.yaml, log.jsonl and eval results (eval_TEST.json, from eval.py) and writes
-report.md with curves.png, metrics.png, attention.png and errors.png. The first run is the baseline:
-every metric of the others is also given as a margin over it. Everything in the summary is computed
-from those numbers.
+Reads each run's config.yaml, log.jsonl and eval results (eval_TEST.json and its per-image files,
+from eval.py) and writes report.md with curves.png, metrics.png, attention.png and errors.png, and
+report.html: the same report in one self-contained page, with a browser of every image of the split
+(references, each run's caption and scores, filters, attention maps word by word). The first run is
+the baseline: every metric of the others is also given as a margin over it. Everything in the summary
+is computed from those numbers.
 """
+import base64
 import json
 import os
 import platform
@@ -17,8 +20,10 @@ from functools import cached_property
 import matplotlib.pyplot as plt
 import torch
 import yaml
+from tqdm import tqdm
 
-from datasets import CaptionDataset, Vocabulary, load_boxes
+import htmlpage
+from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from metrics import describes_scene
 from models import DecodeOptions, caption_images, load_model
 from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, run_cli
@@ -307,6 +312,72 @@ def captions_of(run, beam):
         return {i: c["caption"] for i, c in enumerate(json.load(f))}
 
 
+def per_image(run, beam):
+    """eval.py's per-image file of one run at one beam size, or None (results from before it wrote
+    them, or the file is gone)."""
+    res = (run.eval or {}).get("results", {}).get(f"beam{beam}", {})
+    if "images_file" not in res or not os.path.isfile(os.path.join(run.folder, res["images_file"])):
+        return None
+    with open(os.path.join(run.folder, res["images_file"])) as f:
+        return json.load(f)
+
+
+def stored_maps(row, grid):
+    """A per-image row's attention maps (words x P, each scaled to a peak of 1) as a tensor."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(row["attention"])), dtype=torch.uint8)
+    return raw.view(-1, grid * grid).float() / 255
+
+
+def browser_data(runs, beam, split, thumb, limit=0):
+    """report.html's browser: every image of the split with its references and each run's caption at
+    `beam` and per-image scores (eval.py's per-image files; nothing is decoded again). Returns (data,
+    None), or (None, why not)."""
+    tables = {r.name: per_image(r, beam) for r in runs if r.eval}
+    missing = [n for n, t in tables.items() if t is None]
+    if missing or len(tables) < 2:
+        return None, (f"{', '.join(missing)}: no per-image results at beam {beam}: evaluate again with this "
+                      "version of eval.py" if missing else "fewer than two evaluated runs")
+    shown = [r for r in runs if r.name in tables]
+    ids = [[row["image_id"] for row in tables[r.name]["images"]] for r in shown]
+    if any(i != ids[0] for i in ids):
+        return None, "the runs were evaluated on different images"
+    ev = shown[0].eval
+    try:  # the pictures and references come from the prepared data
+        dataset = CaptionDataset(ev["data_folder"], ev["data_name"], split)
+        raw = load_references(ev["data_folder"], ev["data_name"], split, len(dataset))
+        vocab = None if raw else Vocabulary(load_word_map(ev["data_folder"], ev["data_name"]))
+    except InputError as e:
+        return None, f"the evaluated data cannot be read ({e})"
+    images = []
+    rows = [tables[r.name]["images"][:limit or None] for r in shown]
+    for k, row in enumerate(tqdm(rows[0], desc="images for the browser", unit="image", leave=False)):
+        i = row["index"]
+        refs = raw[i]["references"] if raw else [" ".join(vocab.decode(c)) for c in dataset.image_captions(i).tolist()]
+        caps = []
+        for r in rows:
+            cap = dict(r[k])
+            cap["right"] = cap.get("describes_scene", cap["exact_match"])
+            for key in ("index", "image_id"):
+                cap.pop(key)
+            caps.append(cap)
+        images.append({"src": htmlpage.image_uri(dataset[i].image.numpy(), thumb),
+                       "title": f"{split} {i}" + (f" ({row['image_id']})" if row["image_id"] != i else ""),
+                       "refs": refs, "caps": caps})
+    scene, pointing = "describes_scene" in rows[0][0], any("pointing" in r[0] for r in rows)
+    help_text = [f"Captions at beam {beam}; each with its own CIDEr against the image's references."]
+    if any(t["attention_grid"] for t in tables.values()):
+        help_text.append("Hover over a word of the attention decoder, or click one and step with the arrow keys (up "
+                         "and down: the next image), to see its attention map over the image, smoothed as "
+                         "caption.py draws it.")
+    help_text.append("Wrong means false of the scene: an object missed or invented, or a false relation." if scene
+                     else "Wrong means matching none of the references word for word.")
+    if pointing:
+        help_text.append("A wavy underline marks a colour or shape word whose most attended cell lies on no such "
+                         "object.")
+    return {"runs": [{"name": r.name, "label": r.label, "grid": tables[r.name]["attention_grid"]} for r in shown],
+            "split": split, "scored": True, "images": images, "help": " ".join(help_text)}, None
+
+
 def summary(runs, beam):
     """Sentences computed from the numbers: who wins what, by how much."""
     base, lines = runs[0], []
@@ -347,9 +418,16 @@ def main():
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
     p.add_argument("--beam-size", type=int, default=3, help="beam used for overlays and errors")
     p.add_argument("--images", type=int, default=4, help="rows of attention overlays")
+    p.add_argument("--thumb-size", type=int, default=160,
+                   help="largest side of the browser's pictures in pixels (smaller images stay as they are)")
+    p.add_argument("--browse-images", type=int, default=0, metavar="N",
+                   help="the browser shows the first N images of the split (0: all; COCO's 5000 make a page of "
+                        "about 70 MB at the default --thumb-size)")
     args = p.parse_args()
     if len(args.runs) < 2:
         p.error("give at least two run folders")
+    if args.thumb_size < 16 or args.browse_images < 0:
+        p.error("--thumb-size must be at least 16 and --browse-images at least 0")
     runs = [Run(folder, args.split) for folder in args.runs]
     os.makedirs(args.out, exist_ok=True)
     evaluated = [r for r in runs if r.eval]
@@ -419,9 +497,22 @@ def main():
     attention = [r for r in runs if r.cfg["decoder"] == "attention" and r.has_checkpoint]
     if attention and evaluated:
         md += interpretability(runs, attention[0], evaluated, beam, args)
+    data, why_not = (browser_data(runs, beam, args.split, args.thumb_size, args.browse_images) if beams
+                     else (None, "no eval results"))
+    which = (f"the first {len(data['images'])} {args.split} images" if data and args.browse_images
+             else f"every {args.split} image")
+    md += ["## Every image", "", f"[report.html](report.html#browse) has this report and a browser of {which}: "
+           "references, each run's caption and its CIDEr, filters, attention maps word by "
+           "word." if data else
+           f"No browser of the {args.split} images in report.html: {why_not}.", ""]
+    text = "\n".join(md) + "\n"
     with atomic_path(os.path.join(args.out, "report.md")) as tmp, open(tmp, "w") as f:
-        f.write("\n".join(md) + "\n")
-    print(f"report: {os.path.join(args.out, 'report.md')}")
+        f.write(text)
+    title = md[0].lstrip("# ")
+    report = htmlpage.markdown(text, args.out)
+    with atomic_path(os.path.join(args.out, "report.html")) as tmp, open(tmp, "w") as f:
+        f.write(htmlpage.page(title, data, report))
+    print(f"report: {os.path.join(args.out, 'report.md')} and report.html")
 
 
 def interpretability(runs, att, evaluated, beam, args):
@@ -434,8 +525,14 @@ def interpretability(runs, att, evaluated, beam, args):
     captions = {r.name: captions_of(r, beam) for r in evaluated if f"beam{beam}" in r.eval["results"]}
     ids = list(range(min(args.images, len(dataset))))
     images = torch.stack([dataset[i].image for i in ids])
-    out = caption_images(encoder, decoder, vocab, images, DecodeOptions(beam, att.cfg["max_decode_len"]))
-    rows = [(images[j].numpy(), f"TEST {i}", c.words, c.alphas) for j, (i, c) in enumerate(zip(ids, out, strict=True))]
+    stored = per_image(att, beam)
+    if stored and stored["attention_grid"] and len(stored["images"]) >= len(ids):  # eval.py --attention-maps
+        rows = [(images[j].numpy(), f"TEST {i}", stored["images"][i]["caption"].split(),
+                 stored_maps(stored["images"][i], stored["attention_grid"])) for j, i in enumerate(ids)]
+    else:
+        out = caption_images(encoder, decoder, vocab, images, DecodeOptions(beam, att.cfg["max_decode_len"]))
+        rows = [(images[j].numpy(), f"TEST {i}", c.words, c.alphas)
+                for j, (i, c) in enumerate(zip(ids, out, strict=True))]
     attention_grid(rows, os.path.join(args.out, "attention.png"))
     md = ["## Where the attention decoder looks", "",
           f"One row per TEST image: the image, then {att.label}'s attention for each word it generated "

@@ -9,10 +9,12 @@ coco-caption metrics use every raw reference of an image ({SPLIT}_REFS_{name}.js
 create_input_files.py), or the encoded references for data prepared elsewhere (said on screen and
 in the JSON); nltk BLEU-4 uses the encoded references, as the tutorial does.
 
-Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, beside it, one
-captions file per beam size in the COCO results format ([{"image_id": id, "caption": "..."}], id
+Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, beside it, per
+beam size: a captions file in the COCO results format ([{"image_id": id, "caption": "..."}], id
 the dataset's image id: COCO's cocoid, the Flickr file name, a custom image's path; the index in
-the split for shapes and for data without a REFS file).
+the split for shapes and for data without a REFS file), and a per-image file for compare.py's
+results browser (each caption's own CIDEr, exact match, for shapes what it gets wrong about the
+scene and which words point at their object, and with --attention-maps each word's attention map).
 """
 import json
 import os
@@ -25,9 +27,11 @@ from tqdm import tqdm
 import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
-from metrics import coco_metrics, java_available, nltk_bleu4, pointing_accuracy, scene_measures
+from metrics import (coco_metrics, describes_scene, java_available, nltk_bleu4, pointing, pointing_accuracy,
+                     scene_errors, scene_measures)
 from models import beam_search, caption_images, load_model
 from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
+from visualize import attention_bytes
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
 POINTING_WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
@@ -44,6 +48,9 @@ def parse_args():
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
+    p.add_argument("--attention-maps", action="store_true",
+                   help="attention decoder: keep every word's attention map in the per-image files, for "
+                        "compare.py's results browser (about 1 KB per image on an 8x8 grid, 3 KB on 14x14)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--benchmark-decoding", type=int, default=0, metavar="N",
@@ -52,6 +59,25 @@ def parse_args():
     if min(args.beam_size) < 1 or args.batch_size < 1 or args.length_penalty < 0:
         p.error("beam sizes and --batch-size must be at least 1, --length-penalty at least 0")
     return args
+
+
+def per_image(ids, image_ids, caps, cider, references, boxes, image_size, attention_maps):
+    """What compare.py's results browser shows of each caption, in the split's order."""
+    rows = []
+    for i in ids:
+        c = caps[i]
+        row = {"index": i, "image_id": image_ids[i], "caption": " ".join(c.words), "CIDEr": cider[i],
+               "exact_match": c.words in references[i]}
+        if boxes is not None:
+            row["describes_scene"] = describes_scene(c.words, boxes[i])
+            row["scene_errors"] = scene_errors(c.words, boxes[i])
+            if c.alphas is not None:  # per word: 1 points at a matching object, 0 misses, None names none
+                row["pointing"] = [None if p is None else int(p[0])
+                                   for p in pointing(c.words, c.alphas, boxes[i], image_size, POINTING_WORDS)]
+        if attention_maps and c.alphas is not None:
+            row["attention"] = attention_bytes(c.alphas)
+        rows.append(row)
+    return rows
 
 
 def setup(args):
@@ -147,13 +173,16 @@ def main():
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
     want_alphas = boxes is not None and cfg["decoder"] == "attention"
+    keep_maps = args.attention_maps and cfg["decoder"] == "attention"
+    if args.attention_maps and not keep_maps:
+        print(f"note: --attention-maps: {args.checkpoint} has the plain decoder, which has no attention maps")
     results, captions, timings, files = {}, {}, {}, []
     for k in args.beam_size:
         t0 = time.perf_counter()
         captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
         timings[k] = time.perf_counter() - t0
     ids = sorted(captions[args.beam_size[0]])
-    scores_by_beam, unavailable = coco_metrics({i: coco_refs[i] for i in ids},
+    scores_by_beam, unavailable, cider_by_beam = coco_metrics({i: coco_refs[i] for i in ids},
                                                {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions},
                                                spice=args.spice)
     for k, caps in captions.items():
@@ -168,10 +197,15 @@ def main():
             acc, chance, counted = pointing_accuracy([words[i] for i in ids], [alphas[i] for i in ids],
                                                      [boxes[i] for i in ids], base.image_size, POINTING_WORDS)
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
-        captions_file = f"{stem}_captions_beam{k}.json"
+        captions_file, images_file = f"{stem}_captions_beam{k}.json", f"{stem}_images_beam{k}.json"
         files.append((captions_file, [{"image_id": image_ids[i], "caption": " ".join(words[i])} for i in ids]))
+        grid = int(round(next(iter(alphas.values())).shape[1] ** 0.5)) if keep_maps else None
+        files.append((images_file, {"split": args.split, "beam_size": k, "attention_grid": grid,
+                                    "images": per_image(ids, image_ids, caps, cider_by_beam[k], references, boxes,
+                                                        base.image_size, keep_maps)}))
         results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": timings[k],
-                               "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file)}
+                               "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file),
+                               "images_file": os.path.basename(images_file)}
 
     header = f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
     header += f" {'pointing':>16s}" if want_alphas else ""
@@ -208,7 +242,7 @@ def main():
     with atomic_path(out) as tmp:
         with open(tmp, "w") as f:
             json.dump(report, f, indent=1)
-    print(f"results in {out}, captions in {stem}_captions_beam*.json")
+    print(f"results in {out}, captions in {stem}_captions_beam*.json, per-image scores in {stem}_images_beam*.json")
 
 
 if __name__ == "__main__":

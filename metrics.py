@@ -133,9 +133,10 @@ def coco_metrics(references, systems, spice=False):
     """coco-caption scores, as papers report them, for one or more sets of captions of the same images
     (say, one per beam size: the references are tokenised once and Java started once per tool).
 
-    references: {id: [sentence, ...]}; systems: {name: {id: sentence}}. Returns (scores, unavailable):
-    scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
-    unavailable maps the metrics that could not run to the reason."""
+    references: {id: [sentence, ...]}; systems: {name: {id: sentence}}. Returns (scores, unavailable,
+    cider): scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
+    unavailable maps the metrics that could not run to the reason; cider maps each name to every
+    image's own CIDEr ({id: float}, their mean is the corpus CIDEr)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
@@ -153,13 +154,14 @@ def coco_metrics(references, systems, spice=False):
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
         meteor = Meteor()
-    results = {}
+    results, per_image = {}, {}
     for name in systems:
         res = {i: [tokens[(name, i)][0]] for i in ids}  # an empty caption scores as it is
         scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
         scores["METEOR"] = meteor.compute_score(gts, res)[0] if meteor else None
         scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-        scores["CIDEr"] = Cider().compute_score(gts, res)[0]
+        scores["CIDEr"], cider = Cider().compute_score(gts, res)
+        per_image[name] = {i: float(c) for i, c in zip(gts, cider, strict=True)}  # Cider walks gts in order
         if spice:
             if "SPICE" in unavailable:
                 scores["SPICE"] = None
@@ -167,7 +169,7 @@ def coco_metrics(references, systems, spice=False):
                 from pycocoevalcap.spice.spice import Spice
                 scores["SPICE"] = Spice().compute_score(gts, res)[0]
         results[name] = {k: (float(v) if v is not None else None) for k, v in scores.items()}
-    return results, unavailable
+    return results, unavailable, per_image
 
 
 def nltk_bleu4(references, hypotheses):
@@ -185,40 +187,59 @@ def pointing_accuracy(captions, alphas, boxes, image_size, vocab):
     captions: per image a list of words; alphas: per image len(words) x P maps (P = G * G); boxes: per
     image the objects' {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns (accuracy, chance, words
     counted); chance is the share of grid cells inside a matching box, averaged over the same words."""
-    hits = chance = counted = 0
-    for words, maps, objects in zip(captions, alphas, boxes, strict=True):
-        grid = int(round(maps.shape[1] ** 0.5))
-        centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
-        for word, amap in zip(words, maps, strict=False):
-            if word not in vocab:
-                continue
-            inside = torch.zeros(grid, grid, dtype=torch.bool)  # rows: y, columns: x
-            for obj in objects:
-                if obj[vocab[word]] == word:
-                    x0, y0, x1, y1 = obj["box"]
-                    inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
-            hits += bool(inside.flatten()[int(amap.argmax())])
-            chance += float(inside.float().mean())
-            counted += 1
-    return (hits / counted if counted else None), (chance / counted if counted else None), counted
+    checked = [p for words, maps, objects in zip(captions, alphas, boxes, strict=True)
+               for p in pointing(words, maps, objects, image_size, vocab) if p is not None]
+    counted = len(checked)
+    if not counted:
+        return None, None, 0
+    return sum(hit for hit, _ in checked) / counted, sum(chance for _, chance in checked) / counted, counted
+
+
+def pointing(words, maps, objects, image_size, vocab):
+    """pointing_accuracy for one caption, word by word: None for a word that names no colour or shape,
+    else (hit: does its most attended cell lie on a matching object, chance: share of cells that do)."""
+    grid = int(round(maps.shape[1] ** 0.5))
+    centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
+    out = []
+    for word, amap in zip(words, maps, strict=False):
+        if word not in vocab:
+            out.append(None)
+            continue
+        inside = torch.zeros(grid, grid, dtype=torch.bool)  # rows: y, columns: x
+        for obj in objects:
+            if obj[vocab[word]] == word:
+                x0, y0, x1, y1 = obj["box"]
+                inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
+        out.append((bool(inside.flatten()[int(amap.argmax())]), float(inside.float().mean())))
+    return out
 
 
 # ----------------------------------------------------------------------------- shapes scenes
 
 def _read_scene(words, objects):
     """A caption against its scene: the objects by (size, colour, shape) -> box, the object phrases the
-    caption names, and for each relation it states whether the boxes bear it out."""
+    caption names, its relation statements, and for each whether the boxes bear it out."""
     import shapes
     where = {(o["size"], o["colour"], o["shape"]): o["box"] for o in objects}
     found, said = shapes.parse(words)
     true = [a in where and b in where and shapes.relation_holds(where[a], rel, where[b]) for a, rel, b in said]
-    return where, found, true
+    return where, found, said, true
 
 
 def describes_scene(words, objects):
     """Does a caption name every object of the scene, nothing else, and state only true relations?"""
-    where, found, true = _read_scene(words, objects)
+    where, found, _, true = _read_scene(words, objects)
     return set(found) == set(where) and all(true)
+
+
+def scene_errors(words, objects):
+    """What a caption gets wrong about its scene, as phrases: the objects it leaves out ("missing"),
+    the ones it names that are not there ("invented") and its false relation statements ("false")."""
+    where, found, said, true = _read_scene(words, objects)
+    return {"missing": [" ".join(p) for p in where if p not in found],
+            "invented": [" ".join(p) for p in dict.fromkeys(found) if p not in where],
+            "false": [f"{' '.join(a)} {rel} {' '.join(b)}" for (a, rel, b), ok in zip(said, true, strict=True)
+                      if not ok]}
 
 
 def scene_measures(captions, references, boxes):
@@ -232,7 +253,7 @@ def scene_measures(captions, references, boxes):
         hit = words in refs
         exact.append(hit)
         by_count.setdefault(len(objects), []).append(hit)
-        where, found, true = _read_scene(words, objects)
+        where, found, _, true = _read_scene(words, objects)
         phrases += len(found)
         phrases_ok += sum(p in where for p in found)
         statements += len(true)

@@ -1,4 +1,5 @@
 """Attention overlays and report plots (matplotlib, written to files; no screen needed)."""
+import base64
 import math
 
 import matplotlib
@@ -21,6 +22,15 @@ def overlay(ax, image, amap, word):
     ax.imshow(np.clip(smooth, 0, None), alpha=0.6, cmap="Greys_r")
     ax.set_title(word, fontsize=10)
     ax.axis("off")
+
+
+def attention_bytes(alphas):
+    """Per-word attention maps (words x P) as base64 text of uint8 values, each map scaled so that its
+    largest weight is 255: how the HTML pages keep maps small. overlay() normalises each smoothed map
+    to its own range, and so does the pages' script, so the scale is all that is dropped."""
+    maps = np.asarray(alphas, dtype=np.float64)
+    peak = np.maximum(maps.max(axis=1, keepdims=True), 1e-12)
+    return base64.b64encode(np.rint(maps / peak * 255).astype(np.uint8).tobytes()).decode("ascii")
 
 
 def wrap(text, width=32):

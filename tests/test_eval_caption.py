@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 @pytest.mark.parametrize("decoder", ["rnn", "attention"])
 def test_eval(trained, tmp_path, decoder):
     out = tmp_path / "res" / "eval.json"
-    r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out)
+    r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out, "--attention-maps")
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["images"] == 6 and report["split"] == "TEST" and report["decoder"] == decoder
@@ -26,10 +26,34 @@ def test_eval(trained, tmp_path, decoder):
         captions = json.loads((out.parent / res["captions_file"]).read_text())
         assert sorted(c["image_id"] for c in captions) == list(range(6))
         assert all(isinstance(c["caption"], str) and "<end>" not in c["caption"] for c in captions)
+        check_per_image(json.loads((out.parent / res["images_file"]).read_text()), captions, res, decoder)
     assert "BLEU-4" in r.stdout and "CIDEr" in r.stdout
+    assert ("the plain decoder, which has no attention maps" in r.stdout) == (decoder == "rnn")
     # shapes images have 6 captions, 5 of them encoded: coco-caption used all 6
     assert report["references"] == {"kind": "raw", "per_image_min": 6, "per_image_max": 6, "per_image_mean": 6.0}
     assert report["nltk_bleu4_references"] == "encoded" and "against the raw references" in r.stdout
+
+
+def check_per_image(table, captions, res, decoder):
+    """eval.py's per-image file agrees with its captions file and its corpus numbers."""
+    import base64
+    rows = table["images"]
+    assert [r["caption"] for r in rows] == [c["caption"] for c in captions]
+    assert [r["index"] for r in rows] == list(range(6)) and table["beam_size"] in (1, 3)
+    assert sum(r["CIDEr"] for r in rows) / 6 == pytest.approx(res["CIDEr"], abs=1e-9)
+    assert sum(r["exact_match"] for r in rows) / 6 == pytest.approx(res["exact_match"])
+    assert all(r["describes_scene"] == (not any(r["scene_errors"].values())) for r in rows)
+    if decoder == "rnn":
+        assert table["attention_grid"] is None and not any("attention" in r or "pointing" in r for r in rows)
+        return
+    grid = table["attention_grid"]
+    assert grid == 4  # the TINY encoder's grid
+    counted = [p for r in rows for p in r["pointing"] if p is not None]
+    assert len(counted) == res["pointing_words"] and sum(counted) / len(counted) == pytest.approx(res["pointing"])
+    for r in rows:
+        maps = base64.b64decode(r["attention"])
+        assert len(maps) == len(r["caption"].split()) * grid * grid == len(r["pointing"]) * grid * grid
+        assert all(max(maps[k:k + grid * grid]) == 255 for k in range(0, len(maps), grid * grid))
 
 
 def test_eval_without_a_references_file_uses_the_encoded_ones(trained, shapes_data, tmp_path):
@@ -71,6 +95,29 @@ def test_caption_attention_panels(trained, tmp_path):
         png = Image.open(tmp_path / "out" / f"photo{i}.png")
         assert png.size == (min(panels, 6) * 200, math.ceil(panels / 6) * 200)
         assert png.info["Description"] == f"{panels} panels"
+
+
+def test_caption_html_page(trained, tmp_path):
+    """caption.py --html: one self-contained page with each image, its caption and, for the attention
+    decoder, every word's map; a folder given as the page is refused."""
+    import base64
+    import re
+    page = tmp_path / "page" / "captions.html"
+    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", photos(tmp_path / "in", 3),
+                   "--out", tmp_path / "png", "--html", page, "--beam-size", 2)
+    assert r.returncode == 0, r.stderr
+    text = page.read_text()
+    assert "http://" not in text and "https://" not in text and 'src="' not in text  # nothing from elsewhere
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+    printed = dict(line.split(": ", 1) for line in r.stdout.splitlines() if line.startswith(str(tmp_path / "in")))
+    assert data["runs"][0]["grid"] == 4 and len(data["images"]) == 3
+    for image in data["images"]:
+        cap = image["caps"][0]
+        assert image["src"].startswith("data:image/") and printed[image["title"]] == cap["caption"]
+        assert len(base64.b64decode(cap["attention"])) == len(cap["caption"].split()) * 16
+    r = run_script("caption.py", "--checkpoint", trained("rnn"), "--image", tmp_path / "in" / "photo0.jpg",
+                   "--out", tmp_path / "png2", "--html", tmp_path)
+    assert r.returncode != 0 and "is a folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
 
 
 def test_caption_plain_decoder_and_single_file(trained, tmp_path):

@@ -10,7 +10,7 @@ from metrics import corpus_bleu, nltk_bleu4, pointing_accuracy, ptb_tokenize
 
 
 def coco_metrics(references, hypotheses, spice=False):
-    scores, unavailable = metrics.coco_metrics(references, {"run": hypotheses}, spice=spice)
+    scores, unavailable, _ = metrics.coco_metrics(references, {"run": hypotheses}, spice=spice)
     return scores["run"], unavailable
 
 
@@ -82,11 +82,26 @@ def test_with_java():
 def test_several_systems_at_once_score_as_each_alone():
     refs = {0: ["a cat on a mat", "a cat sits"], 1: ["a dog runs", "the dog is running"]}
     systems = {"a": {0: "a cat", 1: "a dog runs"}, "b": {0: "a cat on the mat", 1: "dog"}}
-    together, _ = metrics.coco_metrics(refs, systems)
+    together, _, _ = metrics.coco_metrics(refs, systems)
     for name, hyps in systems.items():
         alone, _ = coco_metrics(refs, hyps)
         for k, v in alone.items():  # CIDEr-D's idf comes from the references, so it is the same too
             assert together[name][k] == pytest.approx(v, abs=1e-9), (name, k)
+
+
+def test_per_image_cider_is_each_image_scored_as_pycocoevalcap_does():
+    """Each image's own CIDEr, keyed by its id whatever the order of the ids, averages to the corpus CIDEr."""
+    from pycocoevalcap.cider.cider import Cider
+    refs = {"b": ["a cat on a mat", "a cat sits"], "a": ["a dog runs", "the dog is running"], "c": ["a red bus"]}
+    hyps = {"a": "a dog", "b": "a cat on the mat", "c": ""}
+    scores, _, per_image = metrics.coco_metrics(refs, {"run": hyps})
+    cider = per_image["run"]
+    assert set(cider) == set(refs)
+    assert sum(cider.values()) / 3 == pytest.approx(scores["run"]["CIDEr"], abs=1e-12)
+    gts, res = ptb_tokenize(refs), ptb_tokenize({i: [h] for i, h in hyps.items()})
+    _, direct = Cider().compute_score(gts, res)
+    assert [cider[i] for i in gts] == pytest.approx(list(direct), abs=1e-12)
+    assert cider["c"] == 0.0 and cider["b"] > cider["a"] > 0
 
 
 def test_empty_hypothesis_does_not_crash():
@@ -105,6 +120,21 @@ def test_pointing_accuracy_by_hand():
     maps[5, 3] = 1  # "blue": bottom-right: hit ("square" is not in vocab: not counted)
     acc, chance, counted = pointing_accuracy([words], [maps], [objects], 64, vocab)
     assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)
+    by_word = metrics.pointing(words, maps, objects, 64, vocab)
+    assert by_word == [None, (True, 0.25), (False, 0.25), None, None, (True, 0.25), None]
+
+
+def test_scene_errors_name_what_is_wrong():
+    from metrics import scene_errors
+    objects = [{"size": "small", "colour": "red", "shape": "circle", "box": [0, 0, 10, 10]},
+               {"size": "large", "colour": "blue", "shape": "square", "box": [40, 0, 60, 20]},
+               {"size": "small", "colour": "green", "shape": "diamond", "box": [0, 40, 10, 50]}]
+    true = "a small red circle to the left of a large blue square".split()
+    assert scene_errors(true, objects) == {"missing": ["small green diamond"], "invented": [], "false": []}
+    wrong = "a small red circle to the right of a large blue square and a small red triangle".split()
+    assert scene_errors(wrong, objects) == {
+        "missing": ["small green diamond"], "invented": ["small red triangle"],
+        "false": ["small red circle to the right of large blue square"]}
 
 
 def test_scene_measures_on_true_and_corrupted_captions():

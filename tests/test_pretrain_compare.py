@@ -1,5 +1,6 @@
 """pretrain_encoder.py, and the shortened demo: trained runs -> eval -> compare.py's report."""
 import json
+import re
 import shutil
 
 import pytest
@@ -47,6 +48,28 @@ def test_shortened_demo_report(trained, tmp_path, shapes_data):
     assert "margin attention - rnn" in report and "margin stopped - rnn" in report
     for png in ("curves.png", "metrics.png", "attention.png"):
         assert (out / png).stat().st_size > 1000
+    page = (out / "report.html").read_text()
+    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    assert [r["name"] for r in data["runs"]] == ["rnn", "attention"] and len(data["images"]) == 6
+    assert data["runs"][1]["grid"] is None  # evaluated without --attention-maps
+    for run, name in zip(runs, ("rnn", "attention"), strict=True):  # the beam-3 captions and CIDEr eval.py kept
+        rows = json.loads((run / "eval_TEST_images_beam3.json").read_text())["images"]
+        k = data["runs"].index(next(r for r in data["runs"] if r["name"] == name))
+        assert [im["caps"][k]["caption"] for im in data["images"]] == [r["caption"] for r in rows]
+        assert [im["caps"][k]["CIDEr"] for im in data["images"]] == [r["CIDEr"] for r in rows]
+    assert "Browse the 6 TEST images" in page and "[report.html](report.html#browse)" in report
+    r = run_script("compare.py", *runs, "--out", tmp_path / "first4", "--browse-images", 4, "--thumb-size", 32)
+    assert r.returncode == 0, r.stderr
+    assert "Browse the 4 TEST images" in (tmp_path / "first4" / "report.html").read_text()
+    assert "a browser of the first 4 TEST images" in (tmp_path / "first4" / "report.md").read_text()
+    # results from an eval.py without per-image files: the report, no browser, and what to do
+    for f in runs[0].glob("eval_TEST_images_*.json"):
+        f.unlink()
+    r = run_script("compare.py", *runs, "--out", out)
+    assert r.returncode == 0, r.stderr
+    assert "No browser of the TEST images in report.html: rnn: no per-image results at beam 3: evaluate again" in (
+        out / "report.md").read_text()
+    assert 'id="data"' not in (out / "report.html").read_text()
 
 
 def test_compare_refuses_a_folder_without_a_run(tmp_path, trained):
