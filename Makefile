@@ -1,7 +1,7 @@
 # Targets (everything runs in .venv, created on first use):
 #   install     the Python packages of requirements.txt (again only when it changes)
-#   test        the whole test suite, what CI runs (8.5 to 12 minutes on 2 cores)
-#   test-fast   the in-process tests only, for the edit-and-test loop (under a minute)
+#   test        the whole test suite, what CI runs (9.5 to 12 minutes on 2 cores)
+#   test-fast   the in-process tests only, for the edit-and-test loop (about a minute)
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
