@@ -75,10 +75,11 @@ def main():
         target = args.out if to_file else os.path.join(args.out, name)
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         save(fig, target, dpi=DPI, metadata={"Title": " ".join(caption.words), "Description": f"{panels} panels"})
-        cap = {"caption": " ".join(caption.words)}
-        if caption.alphas is not None:
-            cap["attention"] = attention_bytes(caption.alphas)
-        rows.append({"src": htmlpage.image_uri(shown), "title": path, "refs": [], "caps": [cap]})
+        if args.html:
+            cap = {"caption": " ".join(caption.words)}
+            if caption.alphas is not None:
+                cap["attention"] = attention_bytes(caption.alphas)
+            rows.append({"src": htmlpage.image_uri(shown), "title": path, "refs": [], "caps": [cap]})
     print(f"saved {len(paths)} PNG(s) {'as ' + args.out if to_file else 'in ' + args.out + '/'}")
     if args.html:
         write_page(args, captioner, captions, rows)

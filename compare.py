@@ -9,7 +9,6 @@ report.html: the same report in one self-contained page, with a browser of every
 the baseline: every metric of the others is also given as a margin over it. Everything in the summary
 is computed from those numbers.
 """
-import base64
 import json
 import os
 import platform
@@ -27,7 +26,7 @@ from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, lo
 from metrics import describes_scene
 from models import DecodeOptions, caption_images, load_model
 from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, run_cli
-from visualize import attention_grid, save
+from visualize import attention_from_bytes, attention_grid, save
 
 QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
            "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
@@ -51,7 +50,7 @@ class Run:
         # not all-skipped windows; scst runs log the reward instead of the loss
         self.steps = [r for r in records if r["kind"] == "step" and ("loss" in r or "reward" in r)]
         self.epochs = [r for r in records if r["kind"] == "epoch"]
-        self.eval = None
+        self.eval, self._per_image = None, {}
         path = os.path.join(folder, f"eval_{split}.json")
         if os.path.isfile(path):
             with open(path) as f:
@@ -108,6 +107,18 @@ class Run:
             return None
         mean = sum(changes) / len(changes)
         return (sum((c - mean) ** 2 for c in changes) / (len(changes) - 1)) ** 0.5
+
+    def per_image(self, beam):
+        """eval.py's per-image file at one beam size, read once, or None (results from before it wrote
+        them, or the file is gone)."""
+        if beam not in self._per_image:
+            res = (self.eval or {}).get("results", {}).get(f"beam{beam}", {})
+            path = os.path.join(self.folder, res.get("images_file", ""))
+            self._per_image[beam] = None
+            if "images_file" in res and os.path.isfile(path):
+                with open(path) as f:
+                    self._per_image[beam] = json.load(f)
+        return self._per_image[beam]
 
     @property
     def has_checkpoint(self):
@@ -312,27 +323,11 @@ def captions_of(run, beam):
         return {i: c["caption"] for i, c in enumerate(json.load(f))}
 
 
-def per_image(run, beam):
-    """eval.py's per-image file of one run at one beam size, or None (results from before it wrote
-    them, or the file is gone)."""
-    res = (run.eval or {}).get("results", {}).get(f"beam{beam}", {})
-    if "images_file" not in res or not os.path.isfile(os.path.join(run.folder, res["images_file"])):
-        return None
-    with open(os.path.join(run.folder, res["images_file"])) as f:
-        return json.load(f)
-
-
-def stored_maps(row, grid):
-    """A per-image row's attention maps (words x P, each scaled to a peak of 1) as a tensor."""
-    raw = torch.frombuffer(bytearray(base64.b64decode(row["attention"])), dtype=torch.uint8)
-    return raw.view(-1, grid * grid).float() / 255
-
-
 def browser_data(runs, beam, split, thumb, limit=0):
     """report.html's browser: every image of the split with its references and each run's caption at
     `beam` and per-image scores (eval.py's per-image files; nothing is decoded again). Returns (data,
     None), or (None, why not)."""
-    tables = {r.name: per_image(r, beam) for r in runs if r.eval}
+    tables = {r.name: r.per_image(beam) for r in runs if r.eval}
     missing = [n for n, t in tables.items() if t is None]
     if missing or len(tables) < 2:
         return None, (f"{', '.join(missing)}: no per-image results at beam {beam}: evaluate again with this "
@@ -525,10 +520,11 @@ def interpretability(runs, att, evaluated, beam, args):
     captions = {r.name: captions_of(r, beam) for r in evaluated if f"beam{beam}" in r.eval["results"]}
     ids = list(range(min(args.images, len(dataset))))
     images = torch.stack([dataset[i].image for i in ids])
-    stored = per_image(att, beam)
+    stored = att.per_image(beam)
     if stored and stored["attention_grid"] and len(stored["images"]) >= len(ids):  # eval.py --attention-maps
         rows = [(images[j].numpy(), f"TEST {i}", stored["images"][i]["caption"].split(),
-                 stored_maps(stored["images"][i], stored["attention_grid"])) for j, i in enumerate(ids)]
+                 attention_from_bytes(stored["images"][i]["attention"], stored["attention_grid"]))
+                for j, i in enumerate(ids)]
     else:
         out = caption_images(encoder, decoder, vocab, images, DecodeOptions(beam, att.cfg["max_decode_len"]))
         rows = [(images[j].numpy(), f"TEST {i}", c.words, c.alphas)

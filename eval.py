@@ -27,8 +27,8 @@ from tqdm import tqdm
 import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
-from metrics import (coco_metrics, describes_scene, java_available, nltk_bleu4, pointing, pointing_accuracy,
-                     scene_errors, scene_measures)
+from metrics import (coco_metrics, java_available, nltk_bleu4, pointing, pointing_accuracy, scene_errors,
+                     scene_measures)
 from models import beam_search, caption_images, load_model
 from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
 from visualize import attention_bytes
@@ -61,19 +61,20 @@ def parse_args():
     return args
 
 
-def per_image(ids, image_ids, caps, cider, references, boxes, image_size, attention_maps):
-    """What compare.py's results browser shows of each caption, in the split's order."""
+def per_image(ids, image_ids, caps, cider, references, boxes, points, attention_maps):
+    """What compare.py's results browser shows of each caption, in the split's order. points: each
+    image's metrics.pointing() (attention decoder on shapes), or None."""
     rows = []
     for i in ids:
         c = caps[i]
         row = {"index": i, "image_id": image_ids[i], "caption": " ".join(c.words), "CIDEr": cider[i],
                "exact_match": c.words in references[i]}
         if boxes is not None:
-            row["describes_scene"] = describes_scene(c.words, boxes[i])
-            row["scene_errors"] = scene_errors(c.words, boxes[i])
-            if c.alphas is not None:  # per word: 1 points at a matching object, 0 misses, None names none
-                row["pointing"] = [None if p is None else int(p[0])
-                                   for p in pointing(c.words, c.alphas, boxes[i], image_size, POINTING_WORDS)]
+            errors = scene_errors(c.words, boxes[i])
+            row["describes_scene"] = not any(errors.values())  # metrics.describes_scene, without parsing again
+            row["scene_errors"] = errors
+        if points is not None:  # per word: 1 points at a matching object, 0 misses, None names none
+            row["pointing"] = [None if p is None else int(p[0]) for p in points[i]]
         if attention_maps and c.alphas is not None:
             row["attention"] = attention_bytes(c.alphas)
         rows.append(row)
@@ -193,16 +194,17 @@ def main():
         if boxes is not None:
             scores.update(scene_measures([words[i] for i in ids], [references[i] for i in ids],
                                          [boxes[i] for i in ids]))
+        points = None
         if want_alphas:
-            acc, chance, counted = pointing_accuracy([words[i] for i in ids], [alphas[i] for i in ids],
-                                                     [boxes[i] for i in ids], base.image_size, POINTING_WORDS)
+            points = {i: pointing(words[i], alphas[i], boxes[i], base.image_size, POINTING_WORDS) for i in ids}
+            acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
         captions_file, images_file = f"{stem}_captions_beam{k}.json", f"{stem}_images_beam{k}.json"
         files.append((captions_file, [{"image_id": image_ids[i], "caption": " ".join(words[i])} for i in ids]))
         grid = int(round(next(iter(alphas.values())).shape[1] ** 0.5)) if keep_maps else None
         files.append((images_file, {"split": args.split, "beam_size": k, "attention_grid": grid,
                                     "images": per_image(ids, image_ids, caps, cider_by_beam[k], references, boxes,
-                                                        base.image_size, keep_maps)}))
+                                                        points, keep_maps)}))
         results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": timings[k],
                                "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file),
                                "images_file": os.path.basename(images_file)}

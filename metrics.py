@@ -180,24 +180,13 @@ def nltk_bleu4(references, hypotheses):
 
 # ----------------------------------------------------------------------------- attention
 
-def pointing_accuracy(captions, alphas, boxes, image_size, vocab):
-    """For every generated word that names a colour or a shape (in `vocab`: {word: attribute}), is the
-    most attended grid cell's centre inside the box of an object with that colour or shape?
-
-    captions: per image a list of words; alphas: per image len(words) x P maps (P = G * G); boxes: per
-    image the objects' {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns (accuracy, chance, words
-    counted); chance is the share of grid cells inside a matching box, averaged over the same words."""
-    checked = [p for words, maps, objects in zip(captions, alphas, boxes, strict=True)
-               for p in pointing(words, maps, objects, image_size, vocab) if p is not None]
-    counted = len(checked)
-    if not counted:
-        return None, None, 0
-    return sum(hit for hit, _ in checked) / counted, sum(chance for _, chance in checked) / counted, counted
-
-
 def pointing(words, maps, objects, image_size, vocab):
-    """pointing_accuracy for one caption, word by word: None for a word that names no colour or shape,
-    else (hit: does its most attended cell lie on a matching object, chance: share of cells that do)."""
+    """For every word of one caption that names a colour or a shape (in `vocab`: {word: attribute}), is
+    the most attended grid cell's centre inside the box of an object with that colour or shape?
+
+    words: the caption; maps: len(words) x P attention maps (P = G * G); objects: the image's
+    {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns per word None (it names no colour or shape)
+    or (hit, chance), chance being the share of grid cells inside a matching box."""
     grid = int(round(maps.shape[1] ** 0.5))
     centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
     out = []
@@ -212,6 +201,16 @@ def pointing(words, maps, objects, image_size, vocab):
                 inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
         out.append((bool(inside.flatten()[int(amap.argmax())]), float(inside.float().mean())))
     return out
+
+
+def pointing_accuracy(per_caption):
+    """pointing() of every caption -> (accuracy, chance, words counted): the share of colour and shape
+    words that hit, and the chance level averaged over the same words."""
+    checked = [p for words in per_caption for p in words if p is not None]
+    counted = len(checked)
+    if not counted:
+        return None, None, 0
+    return sum(hit for hit, _ in checked) / counted, sum(chance for _, chance in checked) / counted, counted
 
 
 # ----------------------------------------------------------------------------- shapes scenes

@@ -4,6 +4,7 @@ import math
 
 import matplotlib
 import numpy as np
+import torch
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -31,6 +32,12 @@ def attention_bytes(alphas):
     maps = np.asarray(alphas, dtype=np.float64)
     peak = np.maximum(maps.max(axis=1, keepdims=True), 1e-12)
     return base64.b64encode(np.rint(maps / peak * 255).astype(np.uint8).tobytes()).decode("ascii")
+
+
+def attention_from_bytes(text, grid):
+    """attention_bytes() back to words x P maps (float tensor), each scaled to a peak of 1."""
+    raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
+    return raw.view(-1, grid * grid).float() / 255
 
 
 def wrap(text, width=32):

@@ -230,7 +230,12 @@ function option(select, value, text) {
 
 function controls() {
   const bar = $("controls");
-  if (!DATA.scored) { bar.hidden = true; return; }
+  bar.hidden = !DATA.scored;  // a caption.py page: nothing to filter or sort by
+  if (DATA.scored) selectors(bar);
+  bar.appendChild(el("span", "count")).id = "count";
+}
+
+function selectors(bar) {
   const add = (text, select) => { const l = el("label", "", text + " "); l.appendChild(select); bar.appendChild(l); };
   const filter = el("select"), x = el("select"), y = el("select"), sort = el("select");
   filter.id = "filter"; x.id = "run-x"; y.id = "run-y"; sort.id = "sort";
@@ -244,7 +249,6 @@ function controls() {
   option(sort, "diff-desc", "CIDEr of Y - X, largest first");
   option(sort, "diff-asc", "CIDEr of Y - X, smallest first");
   add("show", filter); add("X", x); add("Y", y); add("sort", sort);
-  bar.appendChild(el("span", "count")).id = "count";
   for (const s of [filter, x, y, sort]) s.addEventListener("change", refresh);
 }
 
@@ -267,7 +271,6 @@ document.querySelectorAll("#report-view img").forEach(img => img.addEventListene
 
 if (DATA) {
   controls();
-  if (!$("count")) $("controls").appendChild(el("span", "count")).id = "count";
   new IntersectionObserver(entries => { if (entries.some(e => e.isIntersecting)) more(); }).observe($("more"));
   refresh();
 }

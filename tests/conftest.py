@@ -1,5 +1,6 @@
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -63,6 +64,11 @@ def wait_for(proc, ready, timeout=120):
             return False
         time.sleep(0.001)
     raise TimeoutError
+
+
+def page_data(html):
+    """The JSON an HTML page of htmlpage.py carries for its script."""
+    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
 
 
 def log_lines(run):

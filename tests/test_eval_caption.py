@@ -5,7 +5,7 @@ import math
 import pytest
 from PIL import Image
 
-from tests.conftest import photos, run_script
+from tests.conftest import page_data, photos, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -101,14 +101,13 @@ def test_caption_html_page(trained, tmp_path):
     """caption.py --html: one self-contained page with each image, its caption and, for the attention
     decoder, every word's map; a folder given as the page is refused."""
     import base64
-    import re
     page = tmp_path / "page" / "captions.html"
     r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", photos(tmp_path / "in", 3),
                    "--out", tmp_path / "png", "--html", page, "--beam-size", 2)
     assert r.returncode == 0, r.stderr
     text = page.read_text()
     assert "http://" not in text and "https://" not in text and 'src="' not in text  # nothing from elsewhere
-    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', text, re.S).group(1))
+    data = page_data(text)
     printed = dict(line.split(": ", 1) for line in r.stdout.splitlines() if line.startswith(str(tmp_path / "in")))
     assert data["runs"][0]["grid"] == 4 and len(data["images"]) == 3
     for image in data["images"]:

@@ -15,10 +15,9 @@ import torch
 from PIL import Image
 
 import htmlpage
-from compare import stored_maps
 from tests.browser import INSTALL, chromium, open_page
-from tests.conftest import ENCODER, run_script, train
-from visualize import attention_bytes
+from tests.conftest import ENCODER, page_data, run_script, train
+from visualize import attention_bytes, attention_from_bytes
 
 
 # ----------------------------------------------------------------------------- without a browser
@@ -43,8 +42,7 @@ def test_markdown_as_compare_writes_it(tmp_path):
 def test_page_data_cannot_end_its_script_early():
     data = {"runs": [], "images": [{"caps": [{"caption": "</script><script>alert(1)</script>"}]}], "split": "TEST"}
     page = htmlpage.page("t", data)
-    payload = re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1)
-    assert json.loads(payload) == data
+    assert page_data(page) == data
 
 
 def test_image_uri_keeps_the_picture_and_picks_the_smaller_encoding():
@@ -64,7 +62,7 @@ def test_image_uri_keeps_the_picture_and_picks_the_smaller_encoding():
 
 def test_attention_bytes_round_trip_to_within_a_level():
     alphas = torch.softmax(torch.randn(7, 64) * 3, dim=1)
-    maps = stored_maps({"attention": attention_bytes(alphas)}, 8)
+    maps = attention_from_bytes(attention_bytes(alphas), 8)
     scaled = alphas / alphas.max(dim=1, keepdim=True).values
     assert maps.shape == (7, 64) and (maps - scaled).abs().max() <= 0.5 / 255 + 1e-6
 

@@ -118,10 +118,10 @@ def test_pointing_accuracy_by_hand():
     maps[1, 0] = 1  # "red": top-left cell, inside the red object: hit
     maps[2, 3] = 1  # "circle": bottom-right cell: miss
     maps[5, 3] = 1  # "blue": bottom-right: hit ("square" is not in vocab: not counted)
-    acc, chance, counted = pointing_accuracy([words], [maps], [objects], 64, vocab)
-    assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)
     by_word = metrics.pointing(words, maps, objects, 64, vocab)
     assert by_word == [None, (True, 0.25), (False, 0.25), None, None, (True, 0.25), None]
+    acc, chance, counted = pointing_accuracy([by_word])
+    assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)
 
 
 def test_scene_errors_name_what_is_wrong():

@@ -1,13 +1,12 @@
 """pretrain_encoder.py, and the shortened demo: trained runs -> eval -> compare.py's report."""
 import json
-import re
 import shutil
 
 import pytest
 import torch
 
 from models import Encoder
-from tests.conftest import ENCODER, run_script, train_args
+from tests.conftest import ENCODER, page_data, run_script, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -49,7 +48,7 @@ def test_shortened_demo_report(trained, tmp_path, shapes_data):
     for png in ("curves.png", "metrics.png", "attention.png"):
         assert (out / png).stat().st_size > 1000
     page = (out / "report.html").read_text()
-    data = json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', page, re.S).group(1))
+    data = page_data(page)
     assert [r["name"] for r in data["runs"]] == ["rnn", "attention"] and len(data["images"]) == 6
     assert data["runs"][1]["grid"] is None  # evaluated without --attention-maps
     for run, name in zip(runs, ("rnn", "attention"), strict=True):  # the beam-3 captions and CIDEr eval.py kept
