@@ -1,7 +1,7 @@
 # Targets (everything runs in .venv, created on first use):
-#   install     the Python packages of requirements.txt (again only when it changes)
-#   test        the whole test suite, what CI runs (9.5 to 12 minutes on 2 cores)
-#   test-fast   the in-process tests only, for the edit-and-test loop (about a minute)
+#   install     .venv with the packages of requirements.txt and this project (pip install -e .)
+#   test        the whole test suite, what CI runs
+#   test-fast   the in-process tests only (no subprocess), for the edit-and-test loop
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
@@ -9,6 +9,7 @@
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into reports/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into reports/scst/
+#   tutorial    docs/tutorial.md's code on the demo's data and models, which redraws docs/tutorial/*.png
 #   gpu-wheels  PyYAML wheels for a GPU machine without internet (.wheels/)
 #   clean       remove the demo's data and runs
 PY := .venv/bin/python
@@ -16,17 +17,23 @@ STAMP := .venv/.installed-requirements
 DATA := data/shapes
 SHAPES := $(DATA)/WORDMAP_shapes_5_cap_per_img_5_min_word_freq.json
 ENCODER := $(DATA)/encoder_resnet18_stages2.pt
+# More options for the demo's data and its encoder, e.g. make demo SHAPES_ARGS="--num-images 2000"
+# PRETRAIN_ARGS="--steps 100" for a smaller, quicker demo (the tests run one with fewer steps).
+SHAPES_ARGS ?=
+PRETRAIN_ARGS ?=
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint browser demo bench study scst gpu-wheels clean
+.PHONY: install test test-fast lint browser demo bench study scst tutorial gpu-wheels clean
 
 install: $(STAMP)
 
-# Reinstalls only when requirements.txt changes, so a second `make install` takes no time.
-$(STAMP): requirements.txt
+# Reinstalls only when requirements.txt or pyproject.toml change, so a second `make install` takes no
+# time. The editable install (-e .) lets the project's Python import its modules from any folder.
+$(STAMP): requirements.txt pyproject.toml
 	test -x $(PY) || python3 -m venv .venv
 	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q --no-deps -e .
 	touch $@
 
 test: install
@@ -38,7 +45,7 @@ test-fast: install
 lint: install
 	$(PY) -m ruff check .
 
-# Playwright drives this browser in tests/test_html.py; it never downloads one of its own.
+# Playwright drives this browser in tests/test_htmlpage.py; it never downloads one of its own.
 browser:
 	@command -v chromium >/dev/null || command -v chromium-browser >/dev/null || { \
 		sudo=$$([ "$$(id -u)" = 0 ] || echo sudo); \
@@ -48,10 +55,11 @@ browser:
 # The demo: every stage runs only when its output is missing or older than what it is made from, so
 # a second `make demo` reuses the data, the encoder and the trained runs (`make clean` starts over).
 $(SHAPES): shapes.py create_input_files.py | install
-	$(call STAGE,prepare shapes data,$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) --overwrite)
+	$(call STAGE,prepare shapes data,$(PY) create_input_files.py --dataset shapes --output-folder $(DATA) \
+		--overwrite $(SHAPES_ARGS))
 
 $(ENCODER): $(SHAPES) pretrain_encoder.py
-	$(call STAGE,pretrain the encoder,$(PY) pretrain_encoder.py --output-folder $(DATA))
+	$(call STAGE,pretrain the encoder,$(PY) pretrain_encoder.py --output-folder $(DATA) $(PRETRAIN_ARGS))
 
 # Static pattern rules: their targets are ordinary files, so a missing one is always made (implicit
 # rules would treat them as intermediate and skip them when reports/demo/report.md looks up to date).
@@ -66,8 +74,7 @@ $(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	touch $@
 
 $(EVALS): runs/demo-%/eval_TEST.json: runs/demo-%/.trained
-	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5 \
-		$(if $(filter attention,$*),--attention-maps))
+	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
 
 $(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
@@ -113,14 +120,17 @@ SCST_EVALS := $(DECODERS:%=runs/scst-%/eval_TEST.json)
 
 $(SCST_EVALS): runs/scst-%/eval_TEST.json: runs/demo-%/eval_TEST.json
 	$(call STAGE,scst: train $*,$(PY) train.py --init_from runs/demo-$*/best.pt --out runs/scst-$* $(SCST_ARGS) $(SCST_$*))
-	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3 \
-		$(if $(filter attention,$*),--attention-maps))
+	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3)
 
 reports/scst/report.md: $(SCST_EVALS) compare.py
 	$(call STAGE,scst: compare,$(PY) compare.py runs/demo-rnn runs/scst-rnn runs/demo-attention runs/scst-attention \
 		--out reports/scst --beam-size 3)
 
 scst: install reports/scst/report.md
+
+# The tutorial reads the demo's data and models; its code writes the figures docs/tutorial.md shows.
+tutorial: demo
+	$(PY) scripts/run_docs.py docs/tutorial.md
 
 # PyYAML wheels for a GPU machine whose image lacks it: scripts/gpu_bench.sh installs from .wheels/.
 gpu-wheels: install

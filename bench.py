@@ -28,7 +28,7 @@ import torch
 import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
 from hardware import amp_context, peak_memory_mb
-from models import DecodeOptions, decode
+from decoding import DecodeOptions, decode
 from config import default_config, merge_config, read_yaml
 from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
 
@@ -221,8 +221,9 @@ def profile(args, fn, device, name):
 
 
 def decode_all(decoder, features, vocab, size, beam, max_len):
-    for i in range(0, len(features), size):
-        decode(decoder, features[i:i + size], vocab, DecodeOptions(beam, max_len))
+    """Every image's caption (token ids), decoded `size` images at a time."""
+    return [seq for i in range(0, len(features), size)
+            for seq in decode(decoder, features[i:i + size], vocab, DecodeOptions(beam, max_len)).seqs]
 
 
 def bench_decoding(args, base, device, word_map):
@@ -243,12 +244,14 @@ def bench_decoding(args, base, device, word_map):
             if args.profile and args.out and k == max(args.beam_size):
                 profile(args, functools.partial(decode_all, decoder, features[:size], vocab, size, k,
                                                 args.decode_len), device, f"decode_{decoder_name}_beam{k}")
+            same = batched()[:single] == decode_all(decoder, features[:single], vocab, 1, k, args.decode_len)
             row = {"decoder": decoder_name, "beam": k, "batch": size, "batched_images_per_s": len(features) / b[0],
-                   "single_images_per_s": single / s[0]}
+                   "single_images_per_s": single / s[0], "same_captions": same}
             row["speedup"] = row["batched_images_per_s"] / row["single_images_per_s"]
             rows.append(row)
             print(f"decode {decoder_name:9s} beam {k}: batched {row['batched_images_per_s']:8.1f} img/s, one at a "
-                  f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x", flush=True)
+                  f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x, same captions: {same}",
+                  flush=True)
     return rows
 
 
@@ -303,10 +306,11 @@ def markdown(result):
         lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
                      f"{r['accumulation']}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
                      f"{r['images_per_s_max']:.1f}) | {r['peak_memory_mb']:.0f} |")
-    lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up |", "|---|---|---|---|---|"]
+    lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up | same captions |",
+              "|---|---|---|---|---|---|"]
     for r in result["decoding"]:
         lines.append(f"| {r['decoder']} | {r['beam']} | {r['batched_images_per_s']:.1f} | "
-                     f"{r['single_images_per_s']:.1f} | {r['speedup']:.1f}x |")
+                     f"{r['single_images_per_s']:.1f} | {r['speedup']:.1f}x | {r['same_captions']} |")
     r = result["reward"]
     lines += ["", f"CIDEr-D reward (self-critical training) for {r['images']} images x {r['samples']} samples "
               f"against {r['corpus_images']} TRAIN images: {r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f})"]

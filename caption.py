@@ -1,16 +1,18 @@
 """Caption your own images. For the attention decoder, also save where it looked for each word.
 
     python caption.py --checkpoint runs/NAME/best.pt --image photo.jpg [more.jpg ...] [--beam-size 5]
-    python caption.py --checkpoint runs/NAME/best.pt --folder photos/ --out overlays/
+    python caption.py --checkpoint runs/NAME/best.pt --folder photos/ [--out overlays/] [--html page.html]
 
 Decoding options are eval.py's: --beam-size, --max-len, --length-penalty, --block-ngram-repeat.
 
 Prints one caption per image and saves one PNG per image: the image, then (attention decoder) one
 panel per generated word with its attention map upsampled smoothly over the image, or (plain
-decoder) the image under its caption. --out is a folder (default captions/), or a .png file when
-there is one image. --html PAGE also writes one self-contained page of every image and its caption,
-where hovering over a word (or stepping through the words with the arrow keys) shows its attention
-map. Images are read and resized exactly as in data preparation.
+decoder) the image under its caption. --out is a folder (default: captions/ beside the checkpoint),
+or a .png file when there is one image. --html PAGE also writes one self-contained page of every
+image and its caption, where hovering over a word (or stepping through the words with the arrow
+keys) shows its attention map. Images are read and resized exactly as in data preparation. In a
+folder, files without an image's extension are left out (and named); an unreadable image stops the
+run unless --skip-bad-images is given.
 """
 import os
 
@@ -18,7 +20,7 @@ import htmlpage
 from captioner import Captioner
 from config import add_decoding_arguments
 from datasets import load_image
-from utils import ArgumentParser, InputError, atomic_path, run_cli
+from utils import ArgumentParser, InputError, atomic_path, grid_side, run_cli
 from visualize import DPI, attention_bytes, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -28,15 +30,36 @@ def image_paths(args):
     if args.folder:
         if not os.path.isdir(args.folder):
             raise InputError(f"folder {args.folder} not found")
-        paths = sorted(os.path.join(args.folder, f) for f in os.listdir(args.folder)
-                       if f.lower().endswith(IMAGE_EXTENSIONS))
+        names = sorted(f for f in os.listdir(args.folder) if os.path.isfile(os.path.join(args.folder, f)))
+        paths = [os.path.join(args.folder, f) for f in names if f.lower().endswith(IMAGE_EXTENSIONS)]
+        others = [f for f in names if not f.lower().endswith(IMAGE_EXTENSIONS)]
         if not paths:
             raise InputError(f"no images ({', '.join(IMAGE_EXTENSIONS)}) in folder {args.folder}")
+        if others:
+            shown = ", ".join(others[:5]) + (f" and {len(others) - 5} more" if len(others) > 5 else "")
+            print(f"note: left out {len(others)} file(s) of {args.folder} without an image's extension: {shown}")
         return paths
     for path in args.image:
         if not os.path.isfile(path):
             raise InputError(f"image {path} not found")
     return args.image
+
+
+def read_images(captioner, paths, skip_bad):
+    """(paths, arrays) of the images that could be read; an unreadable one is an error, or is left
+    out with a line saying so when skip_bad."""
+    kept, arrays = [], []
+    for path in paths:
+        try:
+            arrays.append(captioner.image(path))
+            kept.append(path)
+        except InputError as e:
+            if not skip_bad:
+                raise InputError(f"{e}; pass --skip-bad-images to caption the others") from None
+            print(f"skipped {path}: {e}")
+    if not kept:
+        raise InputError("none of the images could be read")
+    return kept, arrays
 
 
 def main():
@@ -46,33 +69,37 @@ def main():
     source.add_argument("--image", nargs="+", help="image files")
     source.add_argument("--folder", help="caption every image in this folder")
     add_decoding_arguments(p, beam_size=5)
-    p.add_argument("--out", default="captions", help="folder for the PNGs, or a .png file for one image")
+    p.add_argument("--out", help="folder for the PNGs (default: captions/ beside the checkpoint), or a .png file "
+                   "for one image")
     p.add_argument("--html", metavar="PAGE", help="also write this self-contained HTML page (say captions.html)")
+    p.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be read, saying "
+                   "which, instead of stopping")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
     if args.beam_size < 1 or args.length_penalty < 0:
         p.error("--beam-size must be at least 1, --length-penalty at least 0")
 
     paths = image_paths(args)
-    to_file = args.out.lower().endswith(".png")
+    out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "captions")
+    to_file = out.lower().endswith(".png")
     if to_file and len(paths) > 1:
-        raise InputError(f"--out {args.out} is one file but there are {len(paths)} images: give a folder")
+        raise InputError(f"--out {out} is one file but there are {len(paths)} images: give a folder")
     if args.html and os.path.isdir(args.html):
         raise InputError(f"--html {args.html} is a folder: give the page's file name, say {args.html}/captions.html")
     captioner = Captioner(args.checkpoint, args.device)
+    paths, arrays = read_images(captioner, paths, args.skip_bad_images)  # every file is read before any output
     names, seen = [], {}
     for path in paths:  # photo.png, and photo_2.png for a second photo.* from another folder
         stem = os.path.splitext(os.path.basename(path))[0]
         seen[stem] = seen.get(stem, 0) + 1
         names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
-    # every file is read before any output is written
-    captions = captioner.caption(paths, args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat)
+    captions = captioner.decode(arrays, args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat)
     rows = []
     for path, caption, name in zip(paths, captions, names, strict=True):
         print(f"{path}: {' '.join(caption.words)}")
         shown = load_image(path, max(256, captioner.image_size))
         fig, panels = caption_figure(shown, caption.words, caption.alphas)
-        target = args.out if to_file else os.path.join(args.out, name)
+        target = out if to_file else os.path.join(out, name)
         os.makedirs(os.path.dirname(os.path.abspath(target)), exist_ok=True)
         save(fig, target, dpi=DPI, metadata={"Title": " ".join(caption.words), "Description": f"{panels} panels"})
         if args.html:
@@ -80,7 +107,7 @@ def main():
             if caption.alphas is not None:
                 cap["attention"] = attention_bytes(caption.alphas)
             rows.append({"src": htmlpage.image_uri(shown), "title": path, "refs": [], "caps": [cap]})
-    print(f"saved {len(paths)} PNG(s) {'as ' + args.out if to_file else 'in ' + args.out + '/'}")
+    print(f"saved {len(paths)} PNG(s) {'as ' + out if to_file else 'in ' + out + '/'}")
     if args.html:
         write_page(args, captioner, captions, rows)
 
@@ -93,7 +120,7 @@ def write_page(args, captioner, captions, rows):
     if alphas is not None:
         help_text += " Hover over a word, or click one and step with the arrow keys, to see where the decoder looked."
     data = {"runs": [{"name": run, "label": f"{run} ({captioner.config['decoder']}), beam {args.beam_size}",
-                      "grid": int(round(alphas.shape[1] ** 0.5)) if alphas is not None else None}],
+                      "grid": grid_side(alphas.shape[1]) if alphas is not None else None}],
             "split": "", "scored": False, "images": rows, "help": help_text}
     os.makedirs(os.path.dirname(os.path.abspath(args.html)), exist_ok=True)
     with atomic_path(args.html) as tmp, open(tmp, "w") as f:

@@ -14,7 +14,8 @@ import torch
 from PIL import Image
 
 from datasets import Vocabulary, image_array, load_image
-from models import DecodeOptions, caption_images, load_model
+from decoding import DecodeOptions, caption_images
+from models import load_model
 from utils import InputError, load_checkpoint, pick_device
 
 
@@ -50,9 +51,13 @@ class Captioner:
         return image_array(Image.fromarray(np.ascontiguousarray(array)), self.image_size)
 
     def caption(self, images, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, batch_size=32):
-        """One models.Caption (words, score, per-word attention maps or None) per image, in order.
+        """One decoding.Caption (words, score, per-word attention maps or None) per image, in order.
         Every image is read before any is decoded, so a bad one fails fast."""
-        arrays = [self.image(im) for im in images]
+        return self.decode([self.image(im) for im in images], beam_size, max_len, length_penalty, block_ngram_repeat,
+                           batch_size)
+
+    def decode(self, arrays, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, batch_size=32):
+        """caption() for images already read by image(): 3 x S x S uint8 arrays."""
         options = DecodeOptions(beam_size, max_len or self.config["max_decode_len"], length_penalty,
                                 block_ngram_repeat)
         captions = []

@@ -2,92 +2,85 @@
 
 CHECKPOINT_KEYS is the one list of what a checkpoint holds: RunState.save writes exactly these keys,
 RunState.restore reads them back, and check_resumable refuses a file that lacks any of them.
-eval.py and caption.py read only config, word_map, image_size, encoder and decoder.
+eval.py and caption.py read only config, model, word_map, image_size, encoder and decoder.
 """
 import glob
 import json
 import math
 import os
 import random
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
+import distributed
 from datasets import Vocabulary
-from models import LossSums, RewardSums
+from models import ModelConfig
+from objectives import LossSums
 from utils import InputError, atomic_path
 
 # The counters of a run, saved and restored as they are.
-COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "log_lines", "skipped")
-CHECKPOINT_KEYS = ("config", "word_map", "image_size", "encoder", "decoder", "decoder_optimizer",
-                   "encoder_optimizer", "scaler", *COUNTERS, "sums", "window", "rng")
-# Settings that define the model: a resumed run cannot change them.
-MODEL_KEYS = ("decoder", "encoder", "encoder_stages", "encoded_size", "coord_channels", "emb_dim", "decoder_dim",
-              "attention_dim")
+COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "skipped")
+CHECKPOINT_KEYS = ("config", "model", "word_map", "image_size", "encoder", "decoder", "decoder_optimizer",
+                   "encoder_optimizer", "scaler", *COUNTERS, "log_lines", "sums", "window", "rng")
 
 
 @dataclass
 class RunState:
-    """The state of a training run: the models (and the DDP wrappers the training step calls under
-    torchrun), the optimisers and gradient scaler, and the counters."""
+    """The state of a training run: the models, the training objective around them (DDP-wrapped under
+    torchrun: the training step calls it), the optimisers and gradient scaler, the log and the counters."""
     cfg: dict
     word_map: dict
     image_size: int
     encoder: torch.nn.Module
     decoder: torch.nn.Module
+    objective: torch.nn.Module  # objectives.Objective, or the DDP wrapper around it
     decoder_optimizer: torch.optim.Optimizer
     encoder_optimizer: torch.optim.Optimizer | None
     scaler: torch.amp.GradScaler
     device: torch.device
     rank: int = 0
     world: int = 1
-    train_encoder: torch.nn.Module | None = None  # default: encoder
-    train_decoder: torch.nn.Module | None = None  # default: decoder
+    log: "RunLog" = None  # log.jsonl (train.py opens it once the state is restored)
     epoch: int = 0
     samples: int = 0  # captions all ranks took in this epoch so far
     step: int = 0  # optimiser steps
     best: list = field(default_factory=lambda: [-math.inf, -math.inf])  # the early-stopping score
     bad_epochs: int = 0
-    log_lines: int = 0  # lines of log.jsonl this state has seen
+    log_lines: int = 0  # lines of log.jsonl the restored checkpoint had seen (save writes the log's count)
     skipped: int = 0  # steps skipped for a non-finite gradient
     nonfinite_run: int = 0  # ... of them in a row (not saved: a resumed run starts a new count)
-    sums: LossSums = None  # this epoch's training sums so far (global): LossSums, or RewardSums for scst
+    sums: LossSums = None  # this rank's training sums of the epoch so far (objective.Sums), on the device
     window: LossSums = None  # ... since the last log line
 
     def __post_init__(self):
-        self.train_encoder = self.train_encoder or self.encoder
-        self.train_decoder = self.train_decoder or self.decoder
-        self.sums, self.window = self.Sums(), self.Sums()
+        self.Sums = getattr(self.objective, "module", self.objective).Sums  # LossSums, or RewardSums for scst
+        self.sums, self.window = self.Sums(device=self.device), self.Sums(device=self.device)
         self.vocab = Vocabulary(self.word_map)
         self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]  # for clipping
-
-    @property
-    def Sums(self):  # noqa: N802 (a class)
-        return RewardSums if self.cfg["objective"] == "scst" else LossSums
-
-    def features(self, x, train=False):
-        """Encoder features of a batch of uint8 images, or a batch of cached features as they are."""
-        if x.dtype != torch.uint8:
-            return x.float()
-        with torch.set_grad_enabled(torch.is_grad_enabled() and not self.encoder.frozen):
-            return (self.train_encoder if train else self.encoder)(x)
 
     @property
     def optimizers(self):
         return [o for o in (self.decoder_optimizer, self.encoder_optimizer) if o is not None]
 
+    def global_sums(self):
+        """(sums, window) summed over the ranks, on the CPU: every rank must call it."""
+        return tuple(self.Sums(distributed.all_sum(s.values).cpu()) for s in (self.sums, self.window))
+
     def save(self, path):
-        """Write a checkpoint (rank 0 only; `sums` and `window` must be global by then)."""
+        """Write a checkpoint. Every rank calls it (the sums are summed over the ranks); rank 0 writes."""
+        sums, window = self.global_sums()
         if self.rank:
             return
         ckpt = {
-            "config": self.cfg, "word_map": self.word_map, "image_size": self.image_size,
+            "config": self.cfg, "model": asdict(ModelConfig.of(self.cfg)), "word_map": self.word_map,
+            "image_size": self.image_size,
             "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
             "decoder_optimizer": self.decoder_optimizer.state_dict(),
             "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
             "scaler": self.scaler.state_dict(),
-            **{k: getattr(self, k) for k in COUNTERS},
-            "sums": self.sums.values.cpu(), "window": self.window.values.cpu(),
+            **{k: getattr(self, k) for k in COUNTERS}, "log_lines": self.log.lines,
+            "sums": sums.values, "window": window.values,
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
@@ -105,10 +98,10 @@ class RunState:
         if self.encoder_optimizer and ckpt["encoder_optimizer"]:
             self.encoder_optimizer.load_state_dict(ckpt["encoder_optimizer"])
         self.scaler.load_state_dict(ckpt["scaler"])
-        for k in COUNTERS:
+        for k in (*COUNTERS, "log_lines"):
             setattr(self, k, ckpt[k])
         if self.rank == 0:  # the saved sums are global: the other ranks add theirs from zero
-            self.sums, self.window = self.Sums(ckpt["sums"]), self.Sums(ckpt["window"])
+            self.sums, self.window = (self.Sums(ckpt[k]).to(self.device) for k in ("sums", "window"))
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
@@ -123,18 +116,19 @@ def check_resumable(ckpt, cfg, path):
     if missing:
         raise InputError(f"{path} cannot be resumed: it lacks {missing[0]!r} (written by an older train.py, or "
                          "not by train.py); eval.py and caption.py can still use it")
-    for key in MODEL_KEYS:
-        if cfg[key] != ckpt["config"][key]:
-            raise InputError(f"{path} was trained with {key} {ckpt['config'][key]!r}, the config asks for "
-                             f"{cfg[key]!r}: a resumed run keeps its model; start a new run with --out instead")
+    for key, asked, trained in ModelConfig.of(cfg).differences(ModelConfig.of_checkpoint(ckpt)):
+        raise InputError(f"{path} was trained with {key} {trained!r}, the config asks for {asked!r}: a resumed run "
+                         "keeps its model; start a new run with --out instead")
 
 
 def check_init(init, cfg, path):
-    """A new scst run starts from `init` (an xe checkpoint): same model, same data."""
-    for key in MODEL_KEYS + ("data_name",):
-        if cfg[key] != init["config"][key]:
-            raise InputError(f"{path} was trained with {key} {init['config'][key]!r}, this run asks for {cfg[key]!r}: "
-                             "--init_from needs the same model and data")
+    """A new run starting from `init`'s weights (scst from an xe checkpoint): same model, same data."""
+    found = ModelConfig.of(cfg).differences(ModelConfig.of_checkpoint(init))
+    if cfg["data_name"] != init["config"]["data_name"]:
+        found.append(("data_name", cfg["data_name"], init["config"]["data_name"]))
+    for key, asked, trained in found:
+        raise InputError(f"{path} was trained with {key} {trained!r}, this run asks for {asked!r}: "
+                         "--init_from needs the same model and data")
 
 
 def check_word_map(ckpt, word_map, cfg):

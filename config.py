@@ -6,12 +6,15 @@ path is relative to the folder the command runs in, at the time it runs.
 """
 import os
 import re
+from dataclasses import fields
 
+from models import ModelConfig
 from utils import InputError, atomic_path, option_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
+MODEL_FIELDS = fields(ModelConfig)  # the model's keys bring their own bounds
 CHOICES = {
-    "decoder": ("rnn", "attention"),
+    **{f.name: f.metadata["choices"] for f in MODEL_FIELDS if "choices" in f.metadata},
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
@@ -19,10 +22,10 @@ CHOICES = {
     "objective": ("xe", "scst"),
     "scst_baseline": ("mean", "greedy"),
 }
-AT_LEAST = {"batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
-            "train_captions_per_image": 0, "val_beam_size": 1,
-            "max_decode_len": 1, "encoded_size": 1, "emb_dim": 1, "decoder_dim": 1, "attention_dim": 1,
-            "patience": 0, "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
+AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.metadata},
+            "batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
+            "train_captions_per_image": 0, "val_beam_size": 1, "max_decode_len": 1, "patience": 0,
+            "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
             "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
@@ -71,7 +74,7 @@ def _coerce(key, value, default, source):
         expected = "a string or null" if default is None else kind.__name__
         raise InputError(f"{source}: {key} must be {expected}, got {value!r}")
     if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(f"{source}: {key} must be one of {', '.join(CHOICES[key])}, got {value!r}")
+        raise InputError(f"{source}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
     if key in AT_LEAST and value < AT_LEAST[key] or key.endswith("_lr") and value <= 0:
         low = "> 0" if key.endswith("_lr") else f">= {AT_LEAST[key]}"
         raise InputError(f"{source}: {key} must be {low}, got {value!r}")
@@ -153,20 +156,21 @@ def resolve_config(argv, usage=""):
         raise SystemExit(0)
     resume, config_file = pairs.pop("resume", None), pairs.pop("config", None)
     ckpt = load_checkpoint(resume) if resume else None
-    init = load_checkpoint(pairs["init_from"]) if pairs.get("init_from") and not ckpt else None
+    from_file = {option_key(k): v for k, v in read_yaml(config_file).items()} if config_file else {}
+    # init_from means the same from the command line or a config file: the new run starts from that
+    # checkpoint's weights and settings, then the config file and --key value change the settings.
+    init_path = None if ckpt else pairs.get("init_from", from_file.get("init_from"))
+    init = load_checkpoint(init_path) if init_path else None
     cfg = default_config()
     if ckpt:
         cfg = merge_config(cfg, ckpt["config"], resume)
         cfg["out"] = os.path.dirname(resume) or "."
-    elif init:  # a new run from another run's weights starts from its settings too
-        cfg = merge_config(cfg, {**init["config"], "out": None}, pairs["init_from"])
-    if config_file:
-        cfg = merge_config(cfg, read_yaml(config_file), config_file)
+    elif init:
+        cfg = merge_config(cfg, {**init["config"], "out": None}, init_path)
+    cfg = merge_config(cfg, from_file, config_file)
     cfg = merge_config(cfg, pairs, "command line")
     if ckpt:
         check_resumable(ckpt, cfg, resume)
-    elif cfg["init_from"] and init is None:  # named in a --config file: its weights, not its settings
-        init = load_checkpoint(cfg["init_from"])
     if cfg["objective"] == "scst" and not (ckpt or cfg["init_from"]):
         raise InputError("objective scst fine-tunes a cross-entropy model: give --init_from runs/NAME/best.pt")
     if cfg["objective"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
@@ -193,6 +197,6 @@ def add_decoding_arguments(parser, beam_size):
 
 def decoding_options(args, cfg, beam_size):
     """DecodeOptions from add_decoding_arguments' options, at one beam size; `cfg` is the checkpoint's."""
-    from models import DecodeOptions
+    from decoding import DecodeOptions
     return DecodeOptions(beam_size, args.max_len or cfg["max_decode_len"], args.length_penalty,
                          args.block_ngram_repeat)

@@ -1,6 +1,6 @@
 """Score a checkpoint on a prepared split the way papers do: every image decoded once per beam size,
 coco-caption metrics on PTB-tokenised text, plus nltk BLEU-4 (the tutorial's number) and, where the
-data has object boxes (shapes), attention pointing accuracy.
+data has object boxes (shapes), the scene measures and attention pointing accuracy.
 
     python eval.py --checkpoint runs/NAME/best.pt [--split TEST] [--beam-size 1 3 5] [--out FILE]
     python eval.py --checkpoint runs/NAME/best.pt --benchmark-decoding 100   # batched vs one at a time
@@ -9,14 +9,11 @@ coco-caption metrics use every raw reference of an image ({SPLIT}_REFS_{name}.js
 create_input_files.py), or the encoded references for data prepared elsewhere (said on screen and
 in the JSON); nltk BLEU-4 uses the encoded references, as the tutorial does.
 
-Writes the results JSON (default: eval_{SPLIT}.json beside the checkpoint) and, beside it, per
-beam size: a captions file in the COCO results format ([{"image_id": id, "caption": "..."}], id
-the dataset's image id: COCO's cocoid, the Flickr file name, a custom image's path; the index in
-the split for shapes and for data without a REFS file), and a per-image file for compare.py's
-results browser (each caption's own CIDEr, exact match, for shapes what it gets wrong about the
-scene and which words point at their object, and with --attention-maps each word's attention map).
+Writes the results (default: eval_{SPLIT}.json beside the checkpoint) and beside them, per beam
+size, the captions in the COCO results format and a per-image file (results.py says what each
+holds). An earlier eval of the same checkpoint on the same images keeps the beam sizes this one does
+not recompute; what is replaced is said in one line.
 """
-import json
 import os
 import time
 
@@ -24,13 +21,15 @@ import torch
 from torch.utils.data import DataLoader, Subset
 from tqdm import tqdm
 
+import results
 import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
+from decoding import beam_search, caption_images
 from metrics import (coco_metrics, java_available, nltk_bleu4, pointing, pointing_accuracy, scene_errors,
                      scene_measures)
-from models import beam_search, caption_images, load_model
-from utils import ArgumentParser, InputError, atomic_path, load_checkpoint, pick_device, run_cli, write_json
+from models import load_model, weights_id
+from utils import ArgumentParser, InputError, grid_side, load_checkpoint, pick_device, run_cli
 from visualize import attention_bytes
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
@@ -48,9 +47,6 @@ def parse_args():
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
-    p.add_argument("--attention-maps", action="store_true",
-                   help="attention decoder: keep every word's attention map in the per-image files, for "
-                        "compare.py's results browser (about 1 KB per image on an 8x8 grid, 3 KB on 14x14)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--benchmark-decoding", type=int, default=0, metavar="N",
@@ -61,22 +57,21 @@ def parse_args():
     return args
 
 
-def per_image(ids, image_ids, caps, cider, references, boxes, points, attention_maps):
-    """What compare.py's results browser shows of each caption, in the split's order. points: each
-    image's metrics.pointing() (attention decoder on shapes), or None."""
+def image_rows(ids, image_ids, caps, cider, references, boxes, points):
+    """An ImageRow per image, in the split's order. points: each image's metrics.pointing()
+    (attention decoder on shapes), or None. The attention decoder's maps are always kept: the
+    results browser and compare.py's attention figure draw them."""
     rows = []
     for i in ids:
         c = caps[i]
-        row = {"index": i, "image_id": image_ids[i], "caption": " ".join(c.words), "CIDEr": cider[i],
-               "exact_match": c.words in references[i]}
+        row = results.ImageRow(i, image_ids[i], " ".join(c.words), cider[i], c.words in references[i])
         if boxes is not None:
-            errors = scene_errors(c.words, boxes[i])
-            row["describes_scene"] = not any(errors.values())  # metrics.describes_scene, without parsing again
-            row["scene_errors"] = errors
-        if points is not None:  # per word: 1 points at a matching object, 0 misses, None names none
-            row["pointing"] = [None if p is None else int(p[0]) for p in points[i]]
-        if attention_maps and c.alphas is not None:
-            row["attention"] = attention_bytes(c.alphas)
+            row.scene_errors = scene_errors(c.words, boxes[i])
+            row.describes_scene = not any(row.scene_errors.values())  # metrics.describes_scene, without parsing again
+        if points is not None:
+            row.pointing = [None if p is None else int(p[0]) for p in points[i]]
+        if c.alphas is not None:
+            row.attention = attention_bytes(c.alphas)
         rows.append(row)
     return rows
 
@@ -137,114 +132,114 @@ def caption_split(loader, encoder, decoder, device, vocab, options):
     return captions
 
 
+def references_used(args, base, vocab, ids, refs_file):
+    """(encoded references per image as word lists, the references coco-caption scores against, the
+    images' dataset ids, what was used). coco-caption scores against every raw reference (the REFS
+    file), as papers do; data prepared elsewhere has only the encoded ones (sampled to
+    captions_per_image, <unk>-ed, long ones dropped)."""
+    encoded = {i: [vocab.decode(c) for c in base.image_captions(i).tolist()] for i in ids}
+    if refs_file is not None:
+        raw = {i: refs_file[i]["references"] for i in ids}
+        counts = [len(r) for r in raw.values()]
+        return encoded, raw, {i: refs_file[i]["image_id"] for i in ids}, {
+            "kind": "raw", "per_image_min": min(counts), "per_image_max": max(counts),
+            "per_image_mean": sum(counts) / len(counts)}
+    print(f"note: no {args.split}_REFS file (data prepared elsewhere): coco-caption scores against the encoded "
+          "references, which may be sampled, <unk>-ed and without long captions")
+    return encoded, {i: [" ".join(r) for r in encoded[i]] for i in ids}, {i: i for i in ids}, {
+        "kind": "encoded", "per_image_min": base.cpi, "per_image_max": base.cpi, "per_image_mean": base.cpi}
+
+
 def main():
     args = parse_args()
-    t_start = time.time()
     ckpt, dataset, encoder, decoder, device, boxes, refs_file = setup(args)
     vocab, cfg = Vocabulary(ckpt["word_map"]), ckpt["config"]
-    max_len = args.max_len or cfg["max_decode_len"]
     if args.benchmark_decoding:
         benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device)
         return
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), f"eval_{args.split}.json")
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    stem = os.path.splitext(out)[0]
+    earlier = results.read_results(out)  # read first: a broken file stops the run before the decoding
 
-    references = {}  # image index -> its encoded reference captions as word lists
     base = dataset.dataset if isinstance(dataset, Subset) else dataset
-    for i in range(len(dataset)):
-        references[i] = [vocab.decode(c) for c in base.image_captions(i).tolist()]
-    # coco-caption scores against every raw reference (the REFS file), as papers do; data prepared
-    # elsewhere has only the encoded ones (sampled to captions_per_image, <unk>-ed, long ones dropped).
-    if refs_file is not None:
-        coco_refs = {i: refs_file[i]["references"] for i in references}
-        image_ids = {i: refs_file[i]["image_id"] for i in references}
-        counts = [len(r) for r in coco_refs.values()]
-        used = {"kind": "raw", "per_image_min": min(counts), "per_image_max": max(counts),
-                "per_image_mean": sum(counts) / len(counts)}
-    else:
-        print(f"note: no {args.split}_REFS file (data prepared elsewhere): coco-caption scores against the encoded "
-              "references, which may be sampled, <unk>-ed and without long captions")
-        coco_refs = {i: [" ".join(r) for r in references[i]] for i in references}
-        image_ids = {i: i for i in references}
-        used = {"kind": "encoded", "per_image_min": base.cpi, "per_image_max": base.cpi, "per_image_mean": base.cpi}
+    ids = list(range(len(dataset)))
+    references, coco_refs, image_ids, used = references_used(args, base, vocab, ids, refs_file)
     if not java_available():
         print("note: java not found: PTB tokenisation falls back to nltk's Treebank tokenizer; METEOR unavailable")
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    want_alphas = boxes is not None and cfg["decoder"] == "attention"
-    keep_maps = args.attention_maps and cfg["decoder"] == "attention"
-    if args.attention_maps and not keep_maps:
-        print(f"note: --attention-maps: {args.checkpoint} has the plain decoder, which has no attention maps")
-    results, captions, timings, files = {}, {}, {}, []
+    captions, timings = {}, {}
     for k in args.beam_size:
         t0 = time.perf_counter()
         captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
         timings[k] = time.perf_counter() - t0
-    ids = sorted(captions[args.beam_size[0]])
-    scores_by_beam, unavailable, cider_by_beam = coco_metrics({i: coco_refs[i] for i in ids},
-                                               {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions},
-                                               spice=args.spice)
+    scores_by_beam, unavailable, cider_by_beam = coco_metrics(
+        coco_refs, {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions}, spice=args.spice)
+
+    new = results.EvalResults(
+        checkpoint=os.path.abspath(args.checkpoint), weights=weights_id(ckpt), epoch=ckpt["epoch"], split=args.split,
+        images=len(dataset), data_folder=args.data_folder or cfg["data_folder"],
+        data_name=args.data_name or cfg["data_name"], decoder=cfg["decoder"],
+        decoder_parameters=sum(v.numel() for v in ckpt["decoder"].values()), references=used, config=cfg,
+        unavailable=unavailable)
+    coco_captions, tables = {}, {}
     for k, caps in captions.items():
         scores = scores_by_beam[k]
-        words = {i: c.words for i, c in caps.items()}
-        alphas = {i: c.alphas for i, c in caps.items()}
-        scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], [words[i] for i in ids])
+        words = [caps[i].words for i in ids]
+        scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
         if boxes is not None:
-            scores.update(scene_measures([words[i] for i in ids], [references[i] for i in ids],
-                                         [boxes[i] for i in ids]))
+            scores.update(scene_measures(words, [references[i] for i in ids], [boxes[i] for i in ids]))
         points = None
-        if want_alphas:
-            points = {i: pointing(words[i], alphas[i], boxes[i], base.image_size, POINTING_WORDS) for i in ids}
+        if boxes is not None and cfg["decoder"] == "attention":
+            points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, POINTING_WORDS)
+                      for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
-        captions_file, images_file = f"{stem}_captions_beam{k}.json", f"{stem}_images_beam{k}.json"
-        files.append((captions_file, [{"image_id": image_ids[i], "caption": " ".join(words[i])} for i in ids]))
-        grid = int(round(next(iter(alphas.values())).shape[1] ** 0.5)) if keep_maps else None
-        files.append((images_file, {"split": args.split, "beam_size": k, "attention_grid": grid,
-                                    "images": per_image(ids, image_ids, caps, cider_by_beam[k], references, boxes,
-                                                        points, keep_maps)}))
-        results[f"beam{k}"] = {**scores, "images": len(ids), "seconds": timings[k],
-                               "images_per_s": len(ids) / timings[k], "captions_file": os.path.basename(captions_file),
-                               "images_file": os.path.basename(images_file)}
+        options = decoding_options(args, cfg, k)
+        captions_file, images_file = results.file_names(out, k)
+        new.beams[k] = results.BeamResult(k, scores, len(ids) / timings[k], timings[k], options.max_len,
+                                          options.length_penalty, options.block_ngram_repeat, captions_file,
+                                          images_file)
+        coco_captions[k] = [{"image_id": image_ids[i], "caption": " ".join(caps[i].words)} for i in ids]
+        alphas = caps[ids[0]].alphas
+        tables[k] = results.ImageTable(args.split, k, None if alphas is None else grid_side(alphas.shape[1]),
+                                       image_rows(ids, image_ids, caps, cider_by_beam[k], references, boxes, points))
 
-    header = f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
-    header += f" {'pointing':>16s}" if want_alphas else ""
-    print(f"\n{args.split} of {cfg['data_name']}, {len(dataset)} images, {cfg['decoder']} decoder, {args.checkpoint}")
+    print_table(args, cfg, new, boxes is not None)
+    merged, replaced = results.merge(earlier, new)
+    results.write(out, merged, coco_captions, tables)
+    if replaced:
+        print(f"{out}: {replaced}")
+    stem = os.path.splitext(out)[0]
+    print(f"results in {out} (beam {', '.join(map(str, merged.beams))}), captions in {stem}_captions_beam*.json, "
+          f"per-image scores in {stem}_images_beam*.json")
+
+
+def print_table(args, cfg, res, scene):
+    """The metrics of this eval, one row per beam size."""
+    used, pointed = res.references, cfg["decoder"] == "attention" and scene
+    print(f"\n{args.split} of {res.data_name}, {res.images} images, {cfg['decoder']} decoder, {args.checkpoint}")
     print(f"coco-caption metrics against the {used['kind']} references ({used['per_image_min']}-"
           f"{used['per_image_max']} per image, {used['per_image_mean']:.2f} on average); nltk BLEU-4 against the "
           "encoded references (the tutorial's protocol)")
-    print(header + f" {'img/s':>8s}")
-    for k in args.beam_size:
-        r = results[f"beam{k}"]
-        row = f"{k:4d} " + " ".join(f"{r[c]:11.4f}" if r[c] is not None else f"{'n/a':>11s}" for c in COLUMNS)
-        if want_alphas:
-            row += f" {r['pointing']:7.1%} (ch {r['pointing_chance']:4.1%})" if r["pointing"] is not None else " n/a"
-        print(row + f" {r['images_per_s']:8.1f}")
-    if boxes is not None:
-        scene = [c for c in results[f"beam{args.beam_size[0]}"] if c.startswith(("exact", "phrase", "relation_a"))]
-        print("\nscene measures (shapes)\n" + f"{'beam':>4s} " + " ".join(f"{c.replace('_', ' '):>22s}" for c in scene))
-        for k in args.beam_size:
-            r = results[f"beam{k}"]
-            print(f"{k:4d} " + " ".join(f"{r[c]:22.1%}" if r[c] is not None else f"{'n/a':>22s}" for c in scene))
-    for metric, reason in unavailable.items():
+    print(f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + (f" {'pointing':>16s}" if pointed else "")
+          + f" {'img/s':>8s}")
+    for k, beam in res.beams.items():
+        m = beam.metrics
+        row = f"{k:4d} " + " ".join(f"{m[c]:11.4f}" if m[c] is not None else f"{'n/a':>11s}" for c in COLUMNS)
+        if pointed:
+            row += f" {m['pointing']:7.1%} (ch {m['pointing_chance']:4.1%})" if m["pointing"] is not None else " n/a"
+        print(row + f" {beam.images_per_s:8.1f}")
+    if scene:
+        first = next(iter(res.beams.values())).metrics
+        keys = [c for c in first if c.startswith(("exact", "phrase", "relation_a"))]
+        print("\nscene measures (shapes)\n" + f"{'beam':>4s} " + " ".join(f"{c.replace('_', ' '):>22s}" for c in keys))
+        for k, beam in res.beams.items():
+            m = beam.metrics
+            print(f"{k:4d} " + " ".join(f"{m[c]:22.1%}" if m[c] is not None else f"{'n/a':>22s}" for c in keys))
+    for metric, reason in res.unavailable.items():
         print(f"{metric} unavailable: {reason}")
-
-    report = {"checkpoint": os.path.abspath(args.checkpoint), "split": args.split, "images": len(dataset),
-              "data_folder": args.data_folder or cfg["data_folder"], "data_name": args.data_name or cfg["data_name"],
-              "decoder": cfg["decoder"], "epoch": ckpt["epoch"], "max_len": max_len,
-              "length_penalty": args.length_penalty, "block_ngram_repeat": args.block_ngram_repeat,
-              "references": used, "nltk_bleu4_references": "encoded",
-              "results": results, "unavailable": unavailable, "config": cfg,
-              "seconds": time.time() - t_start}
-    for path, captions in files:
-        with atomic_path(path) as tmp:
-            write_json(tmp, captions)
-    with atomic_path(out) as tmp:
-        with open(tmp, "w") as f:
-            json.dump(report, f, indent=1)
-    print(f"results in {out}, captions in {stem}_captions_beam*.json, per-image scores in {stem}_images_beam*.json")
 
 
 if __name__ == "__main__":

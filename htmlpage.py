@@ -2,12 +2,12 @@
 the split) and caption.py's --html page. Everything is inside the one file: pictures as data URIs,
 the captions and attention maps as JSON, the script and style of html/. No network, no server.
 
-The data the script reads (see html/viewer.js):
+The data the script reads (see html/viewer.js; browser_data makes it from eval.py's per-image files):
     {"runs": [{"name", "label", "grid": the side of its attention maps' grid, or null}], "split",
      "scored": whether captions carry scores (filters and sort are shown then), "help": a line on top,
      "images": [{"src": data URI, "title", "refs": [reference, ...],
                  "caps": [per run: {"caption", "attention": base64 uint8 maps (visualize.attention_bytes),
-                                    and from eval.py's per-image files "CIDEr", "exact_match", "right",
+                                    and from results.ImageRow "CIDEr", "exact_match", "right",
                                     "describes_scene", "scene_errors", "pointing"}]}]}
 """
 import base64
@@ -16,9 +16,11 @@ import io
 import json
 import os
 import re
+from dataclasses import asdict
 
 import numpy as np
 from PIL import Image
+from tqdm import tqdm
 
 ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "html")
 
@@ -36,6 +38,38 @@ def image_uri(image, size=None):
         encoded.append((len(buf.getvalue()), mime, buf.getvalue()))
     _, mime, data = min(encoded)
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
+
+
+def browser_data(runs, picture, references, split, beam, thumb, limit=0):
+    """The browser's data for report.html. runs: (name, label, results.ImageTable) per run, all over
+    the same images; picture(i) and references(i): image i of the split (3 x H x W uint8) and its
+    reference captions. Only the first `limit` images when it is not 0."""
+    tables = [table for _, _, table in runs]
+    images = []
+    for k, row in enumerate(tqdm(tables[0].rows[:limit or None], desc="images for the browser", unit="image",
+                                 leave=False)):
+        caps = []
+        for table in tables:
+            cap = {key: v for key, v in asdict(table.rows[k]).items() if v is not None and key not in ("index",
+                                                                                                       "image_id")}
+            caps.append({**cap, "right": table.rows[k].right})
+        title = f"{split} {row.index}" + (f" ({row.image_id})" if row.image_id != row.index else "")
+        images.append({"src": image_uri(picture(row.index), thumb), "title": title, "refs": references(row.index),
+                       "caps": caps})
+    first = tables[0].rows[0]
+    help_text = [f"Captions at beam {beam}; each with its own CIDEr against the image's references."]
+    if any(t.attention_grid for t in tables):
+        help_text.append("Hover over a word of the attention decoder, or click one and step with the arrow keys (up "
+                         "and down: the next image), to see its attention map over the image, smoothed as "
+                         "caption.py draws it.")
+    help_text.append("Wrong means false of the scene: an object missed or invented, or a false relation."
+                     if first.describes_scene is not None else "Wrong means matching none of the references word for "
+                     "word.")
+    if any(t.rows[0].pointing is not None for t in tables):
+        help_text.append("A wavy underline marks a colour or shape word whose most attended cell lies on no such "
+                         "object.")
+    return {"runs": [{"name": name, "label": label, "grid": table.attention_grid} for name, label, table in runs],
+            "split": split, "scored": True, "images": images, "help": " ".join(help_text)}
 
 
 def file_uri(path):

@@ -11,6 +11,8 @@ from collections import Counter
 
 import torch
 
+from utils import grid_side
+
 
 def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
@@ -173,9 +175,15 @@ def coco_metrics(references, systems, spice=False):
 
 
 def nltk_bleu4(references, hypotheses):
-    """nltk's corpus_bleu on token lists: the number sgrvinod's tutorial (and the reference experiment) report."""
+    """nltk's corpus_bleu on token lists: the number sgrvinod's tutorial (and the reference experiment) report.
+    Its warning that short captions have no 2-, 3- or 4-gram overlaps is not printed: the score
+    counts them as nltk does (corpus_bleu above equals it, short and empty captions included)."""
+    import warnings
+
     from nltk.translate.bleu_score import corpus_bleu as nltk_corpus_bleu
-    return float(nltk_corpus_bleu(references, hypotheses))
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"\s*The hypothesis contains 0 counts")
+        return float(nltk_corpus_bleu(references, hypotheses))
 
 
 # ----------------------------------------------------------------------------- attention
@@ -187,7 +195,7 @@ def pointing(words, maps, objects, image_size, vocab):
     words: the caption; maps: len(words) x P attention maps (P = G * G); objects: the image's
     {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns per word None (it names no colour or shape)
     or (hit, chance), chance being the share of grid cells inside a matching box."""
-    grid = int(round(maps.shape[1] ** 0.5))
+    grid = grid_side(maps.shape[1])
     centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
     out = []
     for word, amap in zip(words, maps, strict=False):

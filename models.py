@@ -1,7 +1,8 @@
-"""The encoder, the two decoders (Show and Tell; Show, Attend and Tell), the loss, and decoding.
+"""The model: `ModelConfig` (what defines it), the encoder, the two decoders (Show and Tell; Show,
+Attend and Tell), building and loading them, and the loss.
 
-Both decoders share one step API, which greedy decoding, beam search, validation, eval.py and
-caption.py all go through, so search is written once:
+Both decoders share one step API, which greedy decoding, beam search, sampling, validation, eval.py
+and caption.py all go through (decoding.py), so search is written once:
 
     state = decoder.init_state(features)                              # features: B x P x D
     logits, state, alpha = decoder.step(prev_words, state, features)  # alpha: B x P, or None
@@ -9,10 +10,10 @@ caption.py all go through, so search is written once:
 `forward(features, captions, lengths)` is the fast teacher-forced path for training; it gives the
 same logits as stepping (tested).
 """
-import math
+import hashlib
 import os
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field, fields
 from typing import NamedTuple
 
 import torch
@@ -26,6 +27,37 @@ from utils import InputError
 TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The config keys that define a model's weights, and only those: every checkpoint saves them
+    (`model`), and a resumed run or an --init_from run must ask for the same. Training settings
+    (dropout, learning rates, ...) are not here. config.py takes these keys' bounds from the metadata,
+    so adding a field here is all a new model setting needs besides its line in configs/default.yaml."""
+    decoder: str = field(metadata={"choices": ("rnn", "attention")})
+    encoder: str  # resnet18 ... resnet152 (load_resnet checks the name)
+    encoder_stages: int = field(metadata={"choices": (1, 2, 3, 4)})  # ResNet stages kept
+    encoded_size: int = field(metadata={"min": 1})
+    coord_channels: bool
+    emb_dim: int = field(metadata={"min": 1})
+    decoder_dim: int = field(metadata={"min": 1})
+    attention_dim: int = field(metadata={"min": 1})
+
+    @classmethod
+    def of(cls, cfg):
+        """The model part of a flat run config."""
+        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+
+    @classmethod
+    def of_checkpoint(cls, ckpt):
+        """What a checkpoint's model is (from its config for checkpoints written before `model`)."""
+        return cls(**ckpt["model"]) if "model" in ckpt else cls.of(ckpt["config"])
+
+    def differences(self, other):
+        """[(key, this value, the other's value)] where the two differ."""
+        mine, theirs = asdict(self), asdict(other)
+        return [(k, mine[k], theirs[k]) for k in mine if mine[k] != theirs[k]]
 
 
 # ----------------------------------------------------------------------------- encoder
@@ -234,28 +266,47 @@ class AttentionDecoder(nn.Module):
         return self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
 
 
-def build_decoder(cfg, vocab_size, encoder_dim):
-    common = dict(vocab_size=vocab_size, encoder_dim=encoder_dim, emb_dim=cfg["emb_dim"],
-                  decoder_dim=cfg["decoder_dim"], dropout=cfg["dropout"])
-    if cfg["decoder"] == "attention":
-        return AttentionDecoder(attention_dim=cfg["attention_dim"], **common)
+def build_encoder(model, weights="none"):
+    """The Encoder of a ModelConfig, with `weights` (imagenet | none | a ResNet state_dict file)."""
+    return Encoder(model.encoder, weights, model.encoded_size, model.encoder_stages, model.coord_channels)
+
+
+def build_decoder(model, vocab_size, encoder_dim, dropout=0.0):
+    common = dict(vocab_size=vocab_size, encoder_dim=encoder_dim, emb_dim=model.emb_dim,
+                  decoder_dim=model.decoder_dim, dropout=dropout)
+    if model.decoder == "attention":
+        return AttentionDecoder(attention_dim=model.attention_dim, **common)
     return RNNDecoder(**common)
 
 
-def build_encoder(cfg):
-    return Encoder(cfg["encoder"], cfg["encoder_weights"], cfg["encoded_size"], cfg["encoder_stages"],
-                   cfg["coord_channels"])
+def features_of(encoder, images):
+    """Encoder features B x P x D of uint8 images B x 3 x H x W, with a graph only where the encoder
+    trains; or cached features (float16 B x P x D, as the feature cache holds them) as they are."""
+    if images.dtype != torch.uint8:
+        return images.float()
+    with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder.frozen):
+        return encoder(images)
+
+
+def weights_id(ckpt):
+    """A short fingerprint of a checkpoint's weights: eval.py's results say which model they score."""
+    digest = hashlib.sha1()
+    for part in ("encoder", "decoder"):
+        for name, value in sorted(ckpt[part].items()):
+            digest.update(name.encode() + value.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def load_model(ckpt, device):
     """A checkpoint's encoder and decoder in eval mode, checked against its own word map."""
-    cfg, word_map = ckpt["config"], ckpt["word_map"]
+    word_map = ckpt["word_map"]
     rows = ckpt["decoder"]["embedding.weight"].shape[0]
     if rows != len(word_map):
         raise InputError(f"the checkpoint's decoder knows {rows} words but its word map has {len(word_map)}: "
                          "it mixes two vocabularies")
-    encoder = build_encoder(dict(cfg, encoder_weights="none"))
-    decoder = build_decoder(cfg, len(word_map), encoder.dim)
+    model = ModelConfig.of_checkpoint(ckpt)
+    encoder = build_encoder(model)
+    decoder = build_decoder(model, len(word_map), encoder.dim)
     try:
         encoder.load_state_dict(ckpt["encoder"])
         decoder.load_state_dict(ckpt["decoder"])
@@ -293,313 +344,3 @@ def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=Non
         loss = loss + alpha_c * ((1.0 - attended) ** 2).sum() / (images * alphas.size(2))
     hits = (picked.topk(min(5, picked.size(1)), dim=1).indices == wanted[:, None]).any(1).sum()
     return CaptionLoss(loss, ce_sum.detach(), hits, tokens)
-
-
-class LossSums:
-    """Sums over batches of what a training step reports: for cross-entropy, the loss x its
-    normalising token count, the cross-entropy, the top-5 hits and the tokens. One float64 tensor on
-    the device, so adding needs no host sync and the ranks sum it in one all-reduce; per_token()
-    divides the others by the last field."""
-    FIELDS = ("loss", "ce", "top5", "tokens")
-
-    def __init__(self, values=None, device="cpu"):
-        self.values = torch.zeros(len(self.FIELDS), dtype=torch.float64, device=device) if values is None else values
-
-    @classmethod
-    def of(cls, loss, norm_tokens=None):
-        """The sums of one CaptionLoss (its loss counted norm_tokens times: default, its own tokens)."""
-        norm = loss.tokens if norm_tokens is None else norm_tokens
-        return cls(torch.stack([loss.loss.detach() * norm, loss.ce_sum, loss.top5_hits.float(),
-                                loss.tokens.float()]).double())
-
-    def __iadd__(self, other):
-        self.values += other.values
-        return self
-
-    def to(self, device):
-        return type(self)(self.values.to(device))
-
-    def per_token(self):
-        """{field: sum / count} for every field but the last (the count), or {} when it is 0."""
-        *sums, count = self.values.tolist()
-        return {k: v / count for k, v in zip(self.FIELDS, sums, strict=False)} if count else {}
-
-
-class RewardSums(LossSums):
-    """The same for self-critical training: sums over the sampled captions of the reward, the
-    baseline, the length in words and whether <end> ended it, and the count of samples."""
-    FIELDS = ("reward", "baseline", "sample_length", "ended", "samples")
-
-
-# ----------------------------------------------------------------------------- decoding
-
-@dataclass(frozen=True)
-class DecodeOptions:
-    """How captions are searched for: what eval.py, caption.py and validation pass around."""
-    beam_size: int = 1
-    max_len: int = 50  # words at most; then <end> is forced
-    length_penalty: float = 0.0  # scores are divided by length ** length_penalty (0: plain sums)
-    block_ngram_repeat: int = 0  # forbid repeating an n-gram of this size (0: off)
-
-    def __post_init__(self):
-        if self.beam_size < 1 or self.max_len < 1 or self.length_penalty < 0 or self.block_ngram_repeat < 0:
-            raise InputError(f"decoding needs beam size and max length >= 1 and the others >= 0, got {self}")
-
-
-@dataclass
-class Decoded:
-    seqs: list  # per image: token ids, without <start>, ending with <end>
-    scores: torch.Tensor  # per image: sum of log-probabilities (length-normalised when asked)
-    alphas: list | None  # per image: len(seq) x P attention maps, one per generated token
-
-
-@dataclass
-class Caption:
-    words: list  # without <start> and <end>
-    score: float  # the search's score of the whole caption, <end> included
-    alphas: torch.Tensor | None  # len(words) x P: where the attention decoder looked for each word
-
-
-def decode(decoder, features, vocab, options=DecodeOptions()):
-    """Greedy for beam 1, beam search otherwise: the one entry point to search. features: B x P x D."""
-    if options.beam_size == 1 and not options.length_penalty and not options.block_ngram_repeat:
-        return greedy(decoder, features, vocab, options.max_len)
-    return beam_search(decoder, features, vocab, options)
-
-
-@torch.no_grad()
-def caption_images(encoder, decoder, vocab, images, options=DecodeOptions()):
-    """Images (uint8 B x 3 x H x W, or encoder features B x P x D as the feature cache holds them) ->
-    one Caption each. Validation, eval.py, caption.py and compare.py all caption through here."""
-    features = encoder(images) if images.dtype == torch.uint8 else images.float()
-    out = decode(decoder, features, vocab, options)
-    captions = []
-    for j, seq in enumerate(out.seqs):
-        words = vocab.decode(seq)
-        alphas = out.alphas[j][: len(words)] if out.alphas is not None else None
-        captions.append(Caption(words, float(out.scores[j]), alphas))
-    return captions
-
-
-@dataclass
-class Samples:
-    seqs: torch.Tensor  # R x L token ids (R = images x samples, image-major), <end> included, 0 after it
-    lengths: torch.Tensor  # R: tokens in each, <end> included
-    logprob: torch.Tensor  # R: sum of the drawn tokens' log-probabilities, with the graph
-    ended: torch.Tensor  # R: True where the caption ended in <end> by itself (not at max_len)
-
-
-def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
-    """`samples` captions per image, each word drawn from the model's distribution (sharpened or
-    flattened by `temperature` for the draw only), through the step API. The log-probability of each
-    drawn word under the model stays in the autograd graph, so a reward can be backpropagated.
-    <end> ends a caption, and is forced after max_len words; finished captions leave the batch.
-    features: B x P x D; returns Samples over R = B x samples rows (image-major)."""
-    feats = features.repeat_interleave(samples, 0)  # R x P x D
-    R, L, dev = feats.size(0), max_len + 1, features.device
-    state = decoder.init_state(feats)
-    live = torch.arange(R, device=dev)  # rows still writing
-    words = torch.full((R,), vocab.start, dtype=torch.long, device=dev)
-    seqs = torch.zeros(R, L, dtype=torch.long, device=dev)
-    lengths = torch.full((R,), L, dtype=torch.long, device=dev)
-    ended = torch.zeros(R, dtype=torch.bool, device=dev)
-    logprob = torch.zeros(R, device=dev)
-    for t in range(L):
-        logits, state, _ = decoder.step(words, state, feats)  # n x V
-        logp = torch.log_softmax(logits.float(), dim=1)  # the model's own: what the loss needs
-        with torch.no_grad():
-            if t == max_len:
-                words = torch.full_like(words, vocab.end)
-            else:  # restricted on a new tensor: logp stays as autograd saw it
-                draw = _allowed(logp.detach() / temperature, vocab, t, max_len)
-                words = torch.multinomial(torch.softmax(draw, dim=1), 1).squeeze(1)  # n
-        logprob = logprob.index_add(0, live, logp.gather(1, words[:, None]).squeeze(1))
-        seqs[live, t] = words
-        done = words == vocab.end  # n
-        if t < max_len:
-            ended[live[done]] = True
-        lengths[live[done]] = t + 1
-        if bool(done.all()):
-            break
-        if bool(done.any()):
-            keep = ~done
-            live, words, feats = live[keep], words[keep], feats[keep]
-            state = {k: v[keep] for k, v in state.items()}
-    return Samples(seqs, lengths, logprob, ended)
-
-
-def _finish(seq, length, score, alphas):
-    seqs = [s[:n].tolist() for s, n in zip(seq.cpu(), length.cpu(), strict=True)]
-    maps = None if alphas is None else [a[:n].float().cpu() for a, n in zip(alphas, length.cpu(), strict=True)]
-    return Decoded(seqs, score.float().cpu(), maps)
-
-
-def _allowed(logp, vocab, t, max_len, history=None, block_ngram_repeat=0):
-    """Next-word log-probabilities (rows x V, changed in place: the caller's own tensor) restricted to
-    the words that may follow: never <pad> or <start> (never targets in training, yet an untrained
-    model may pick them), only <end> at the max_len cut-off, and no word that would repeat an n-gram
-    of `history` (rows x t+1, <start> first) when blocking is on. Every search and sampling use it."""
-    logp[:, [vocab.pad, vocab.start]] = -math.inf
-    if t == max_len:
-        forced = torch.full_like(logp, -math.inf)
-        forced[:, vocab.end] = logp[:, vocab.end]
-        return forced
-    if block_ngram_repeat:
-        logp = _block_ngrams(logp, history, block_ngram_repeat)
-    return logp
-
-
-def _block_ngrams(logp, history, n):
-    """Forbid the words that would repeat an n-gram already in each hypothesis."""
-    if history.size(1) < n:
-        return logp
-    windows = history.unfold(1, n, 1)  # rows x W x n
-    prefix = history[:, -(n - 1):] if n > 1 else history[:, :0]  # rows x n-1
-    match = (windows[:, :, : n - 1] == prefix[:, None]).all(2)  # rows x W
-    counts = torch.zeros_like(logp, dtype=torch.long).scatter_add_(1, windows[:, :, -1], match.long())
-    return logp.masked_fill(counts > 0, -math.inf)
-
-
-@torch.no_grad()
-def greedy(decoder, features, vocab, max_len=50):
-    """The most likely word at every step, for a batch. At most max_len words, then <end> is forced."""
-    B, P = features.shape[:2]
-    L, dev = max_len + 1, features.device
-    state = decoder.init_state(features)
-    words = torch.full((B,), vocab.start, dtype=torch.long, device=dev)  # B: the last word of each caption
-    seq = torch.zeros(B, L, dtype=torch.long, device=dev)
-    length = torch.full((B,), L, dtype=torch.long, device=dev)
-    score = torch.zeros(B, device=dev)
-    done = torch.zeros(B, dtype=torch.bool, device=dev)
-    alphas = None  # B x L x P
-    for t in range(L):
-        logits, state, alpha = decoder.step(words, state, features)  # B x V, ..., B x P or None
-        best, words = _allowed(torch.log_softmax(logits.float(), dim=1), vocab, t, max_len).max(1)
-        score += torch.where(done, 0.0, best)
-        seq[:, t] = words
-        if alpha is not None:
-            alphas = alphas if alphas is not None else torch.zeros(B, L, P, device=dev)
-            alphas[:, t] = alpha.float()
-        ended = ~done & (words == vocab.end)
-        length[ended] = t + 1
-        done |= ended
-        if bool(done.all()):
-            break
-    return _finish(seq, length, score, alphas)
-
-
-@torch.no_grad()
-def beam_search(decoder, features, vocab, options):
-    """Beam search over a batch of images at once.
-
-    Each image keeps beam_size live hypotheses. At every step the 2 * beam_size best extensions are
-    ranked: those ending in <end> among the first beam_size are set aside as finished, the best
-    beam_size others stay live, so the beam never runs short. An image stops when no live hypothesis
-    can beat its best finished one (their log-probability can only fall), or at max_len words, where
-    <end> is forced; stopped images leave the batch, and the search ends when none is left. Scores are
-    sums of log-probabilities, divided by length ** length_penalty when that is not 0.
-
-    The words of the live hypotheses are reordered at every step (n-gram blocking reads them); the
-    attention maps are not: each step stores its maps and the beam every live hypothesis came from
-    (a backpointer), and each image's maps are traced back once, at the end.
-    """
-    K, max_len, penalty = options.beam_size, options.max_len, options.length_penalty
-    B, P = features.shape[:2]
-    L, dev = max_len + 1, features.device
-    # Each image's best finished hypothesis so far, and where it ended (for tracing its maps back).
-    best_seq = torch.zeros(B, L, dtype=torch.long, device=dev)
-    best_len = torch.full((B,), L, dtype=torch.long, device=dev)
-    best_score = torch.full((B,), -math.inf, device=dev)
-    best_step = torch.zeros(B, dtype=torch.long, device=dev)
-    best_beam = torch.zeros(B, dtype=torch.long, device=dev)
-
-    # The live hypotheses of the n images still searching: n x K of them, flattened to n*K rows.
-    ids = torch.arange(B, device=dev)  # n: the images still searching
-    state = {k: v.repeat_interleave(K, 0) for k, v in decoder.init_state(features).items()}  # n*K x ...
-    feats = features.repeat_interleave(K, 0)  # n*K x P x D
-    words = torch.full((B * K,), vocab.start, dtype=torch.long, device=dev)  # n*K: last word of each
-    tokens = torch.zeros(B, K, L, dtype=torch.long, device=dev)  # n x K x L: the words so far
-    score = torch.full((B, K), -math.inf, device=dev)  # n x K
-    score[:, 0] = 0.0  # one live start; the other beams fill up at the first step
-    parent = torch.zeros(L, B, K, dtype=torch.long, device=dev)  # step x image x beam: beam it came from
-    attention = None  # L x B x K x P: each step's maps, by image
-    for t in range(L):
-        n = ids.numel()
-        logits, state, alpha = decoder.step(words, state, feats)  # n*K x V, ..., n*K x P or None
-        history = None
-        if options.block_ngram_repeat:  # n*K x t+1, <start> first
-            history = torch.cat([torch.full((n * K, 1), vocab.start, device=dev), tokens.view(n * K, L)[:, :t]], 1)
-        logp = torch.log_softmax(logits.float(), dim=1)  # n*K x V
-        logp = _allowed(logp, vocab, t, max_len, history, options.block_ngram_repeat)
-        if alpha is not None:
-            attention = attention if attention is not None else torch.zeros(L, B, K, P, device=dev)
-            attention[t, ids] = alpha.float().view(n, K, P)
-        V = logp.size(1)
-        extensions = (score.view(n * K, 1) + logp).view(n, K * V)  # n x K*V: every one-word extension
-        top_score, top = extensions.topk(min(2 * K, K * V), dim=1)  # n x 2K
-        top_beam, top_word = top // V, top % V  # floor division: which beam, which word
-
-        # Finished: the best candidate ending in <end> among the first K replaces a worse result.
-        ended_score, at = _best_ended(top_score, top_word, vocab.end, K, (t + 1) ** penalty)  # n, n
-        better = ended_score > best_score[ids]
-        beam = top_beam.gather(1, at[:, None]).squeeze(1)  # n
-        seq = tokens[torch.arange(n, device=dev), beam]  # n x L (a copy)
-        seq[:, t] = vocab.end
-        won = ids[better]
-        best_seq[won], best_len[won], best_score[won] = seq[better], t + 1, ended_score[better]
-        best_step[won], best_beam[won] = t, beam[better]
-
-        # Live: the best K candidates that did not end.
-        score, pick = _best_live(top_score, top_word, vocab.end, K)  # n x K, n x K
-        from_beam, word = top_beam.gather(1, pick), top_word.gather(1, pick)  # n x K
-        parent[t, ids] = from_beam
-        rows = (torch.arange(n, device=dev)[:, None] * K + from_beam).view(-1)  # n*K: moves within an image
-        state = {k: v if k in decoder.image_state else v[rows] for k, v in state.items()}
-        tokens = tokens.view(n * K, L)[rows].view(n, K, L)
-        tokens[:, :, t] = word
-        words = word.view(-1)
-
-        # An image is done when even its best live hypothesis cannot overtake its best finished one.
-        done = best_score[ids] >= score[:, 0] / float(L) ** penalty  # n
-        if t == max_len or bool(done.all()):
-            break
-        if bool(done.any()):  # stopped images leave the batch
-            keep, rows = ~done, _rows_of(~done, K)  # n', n'*K
-            ids, score, tokens = ids[keep], score[keep], tokens[keep]
-            state = {k: v[rows] for k, v in state.items()}
-            feats, words = feats[rows], words[rows]
-    maps = None if attention is None else _trace_back(attention, parent, best_step, best_beam)
-    return _finish(best_seq, best_len, best_score, maps)
-
-
-def _best_ended(top_score, top_word, end, K, norm):
-    """Per image, the best of its ranked candidates that ends in <end> within the first K ranks:
-    (its score / norm, its rank); -inf where none does."""
-    rank = torch.arange(top_score.size(1), device=top_score.device)[None]
-    return (top_score.masked_fill((top_word != end) | (rank >= K), -math.inf) / norm).max(1)
-
-
-def _best_live(top_score, top_word, end, K):
-    """Per image, the K best ranked candidates that do not end: (their scores, their ranks), n x K."""
-    return top_score.masked_fill(top_word == end, -math.inf).topk(K, dim=1)
-
-
-def _rows_of(images, K):
-    """The hypothesis rows (n*K layout) of the images marked in the boolean mask `images` (n)."""
-    return (torch.nonzero(images).squeeze(1)[:, None] * K + torch.arange(K, device=images.device)).view(-1)
-
-
-def _trace_back(attention, parent, step, beam):
-    """Each image's attention maps (B x L x P), followed back through the backpointers from the step
-    and beam where its best hypothesis ended."""
-    L, B, _, P = attention.shape
-    images = torch.arange(B, device=attention.device)
-    maps = torch.zeros(B, L, P, device=attention.device)
-    row = beam.clone()  # B: the beam each image's hypothesis held at step s
-    for s in range(int(step.max()), -1, -1):
-        row = torch.where(step == s, beam, row)
-        inside = step >= s  # images whose hypothesis was still being written at step s
-        maps[inside, s] = attention[s, images[inside], row[inside]]
-        if s:
-            row = torch.where(inside, parent[s - 1, images, row], row)
-    return maps

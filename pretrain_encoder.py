@@ -19,7 +19,7 @@ from torch import nn
 
 import shapes
 from models import Encoder
-from utils import ArgumentParser, InputError, atomic_path, run_cli
+from utils import ArgumentParser, InputError, atomic_path, grid_side, run_cli
 
 TASKS = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "size": len(shapes.SIZES)}
 
@@ -43,7 +43,7 @@ class DenseHeads(nn.Module):
         self.heads = nn.ModuleDict({task: nn.Linear(dim, n + 1) for task, n in TASKS.items()})
 
     def forward(self, features, image_size):
-        grid = int(round(features.size(1) ** 0.5))
+        grid = grid_side(features.size(1))
         out = {}
         for task, head in self.heads.items():
             logits = head(features).transpose(1, 2).reshape(features.size(0), -1, grid, grid)

@@ -31,11 +31,12 @@ from tqdm import tqdm
 import distributed
 from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
 from config import dump_yaml, resolve_config
-from datasets import CaptionDataset, feature_cache, load_word_map
+from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_word_map
+from decoding import DecodeOptions, caption_images
 from hardware import amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
-from models import DecodeOptions, LossSums, build_decoder, build_encoder, caption_images, caption_loss
-from scst import Reward, scst_loss, train_references
+from models import ModelConfig, build_decoder, build_encoder, caption_loss, features_of
+from objectives import LossSums, Normalisers, build_objective
 from utils import InputError, run_cli
 
 
@@ -65,14 +66,13 @@ def main():
     random.seed(cfg["seed"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    run = build_run(cfg, word_map, train_set.image_size, device, rank, world, resuming=bool(ckpt or init))
+    run = build_run(cfg, word_map, train_set.image_size, device, rank, world, bool(ckpt or init), train_set)
     if ckpt:
         run.restore(ckpt)
     elif init:
         run.encoder.load_state_dict(init["encoder"])
         run.decoder.load_state_dict(init["decoder"])
     scst = cfg["objective"] == "scst"
-    reward = Reward(train_references(train_set)) if scst else None
     amp = amp_context(cfg, device)
     if cfg["cache_features"] is True and cfg["fine_tune_encoder"]:
         raise InputError("cache_features: true needs a frozen encoder (fine_tune_encoder: false)")
@@ -97,7 +97,8 @@ def main():
                             num_workers=cfg["workers"], pin_memory=pin, worker_init_fn=distributed.ignore_stop_signals)
     if len(sampler) == 0:
         raise InputError(f"an epoch has fewer TRAIN captions than one batch ({cfg['batch_size']} x {world} processes)")
-    log = RunLog(os.path.join(cfg["out"], "log.jsonl"), run.log_lines if ckpt else 0, cfg["tensorboard"], rank == 0)
+    log = run.log = RunLog(os.path.join(cfg["out"], "log.jsonl"), run.log_lines if ckpt else 0, cfg["tensorboard"],
+                           rank == 0)
     last, best = os.path.join(cfg["out"], "last.pt"), os.path.join(cfg["out"], "best.pt")
 
     with distributed.StopRequest() as stop:
@@ -107,14 +108,13 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.time()
-                stats = train_epoch(run, train_loader, log, amp, stop, reward)
+                stats = train_epoch(run, train_loader, amp, stop)
                 if stats is None:
                     say(f"stopped at max_steps {cfg['max_steps']}; continue with --resume {last} "
                         "--max_steps 0 (or a larger max_steps)")
                     break
                 val = validate(run, val_loader, amp, stop)
                 if val is None:  # asked to stop during validation: the epoch's training part is kept
-                    run.log_lines = log.lines
                     run.save(last)
                     raise distributed.Stopped
                 stats.update(val)
@@ -122,7 +122,6 @@ def main():
                 log.write({"kind": "epoch", "epoch": run.epoch, "step": run.step, **stats,
                            "lr": run.decoder_optimizer.param_groups[0]["lr"], "epoch_time_s": time.time() - t0,
                            "peak_memory_mb": peak_memory_mb(device), "skipped_steps": run.skipped, "best": improved})
-                run.log_lines = log.lines
                 run.save(last)
                 if improved:
                     run.save(best)
@@ -154,11 +153,13 @@ def main():
                 dist.destroy_process_group()
 
 
-def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False):
-    """The encoder, the decoder and their optimisers, as a fresh RunState."""
+def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False, train_set=None):
+    """The encoder, the decoder, the training objective around them and their optimisers, as a fresh
+    RunState. train_set: the TRAIN CaptionDataset, whose references self-critical training rewards."""
+    model = ModelConfig.of(cfg)
     # A resumed run takes its encoder weights from the checkpoint, never from a download.
-    encoder = build_encoder(dict(cfg, encoder_weights="none") if resuming else cfg)
-    decoder = build_decoder(cfg, len(word_map), encoder.dim)
+    encoder = build_encoder(model, "none" if resuming else cfg["encoder_weights"])
+    decoder = build_decoder(model, len(word_map), encoder.dim, cfg["dropout"])
     encoder.fine_tune(cfg["fine_tune_encoder"])
     if dist.is_initialized() and device.type == "cuda":
         # The plain decoder's BatchNorm (initial state) then normalises over the global batch, as a
@@ -170,11 +171,10 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
     decoder.to(device)
     if device.type == "cuda":
         encoder.to(memory_format=torch.channels_last)
-    train_encoder = train_decoder = None  # under torchrun, DDP wrappers that average the gradients
-    if dist.is_initialized():
-        train_decoder = DistributedDataParallel(decoder)
-        if not encoder.frozen:
-            train_encoder = DistributedDataParallel(encoder)
+    vocab = Vocabulary(word_map)
+    objective = build_objective(cfg, encoder, decoder, vocab, train_set)
+    if dist.is_initialized():  # DDP averages the gradients of whatever the objective trains
+        objective = DistributedDataParallel(objective)
     lr = cfg["scst_lr"] if cfg["objective"] == "scst" else cfg["decoder_lr"]
     decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
     encoder_optimizer = None
@@ -182,34 +182,33 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
         encoder_optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=cfg["encoder_lr"])
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and cfg["amp"]
                                   and cfg["amp_dtype"] == "float16")
-    return RunState(cfg, word_map, image_size, encoder, decoder, decoder_optimizer, encoder_optimizer, scaler, device,
-                    rank, world, train_encoder, train_decoder)
+    return RunState(cfg, word_map, image_size, encoder, decoder, objective, decoder_optimizer,
+                    encoder_optimizer, scaler, device, rank, world)
 
 
-def train_epoch(run, loader, log, amp, stop, reward=None):
+def train_epoch(run, loader, amp, stop):
     """One epoch (or what is left of it after a resume): steps, log lines, and last.pt where asked.
     Returns the epoch's training statistics, or None at max_steps."""
     cfg, device, world = run.cfg, run.device, run.world
     run.encoder.train()
     run.decoder.train()
     if run.samples == 0:  # a run resumed mid-epoch keeps the sums of the part before
-        run.sums, run.window = run.Sums(), run.Sums()
-    sums, window = run.sums.to(device), run.window.to(device)  # read only to log
+        run.sums, run.window = run.Sums(device=device), run.Sums(device=device)
     images_seen, t0 = 0, time.time()
     # A context manager, so that an error (out of memory, a stop) clears the bar before its message.
     with tqdm(total=len(loader), desc=f"train {run.epoch + 1}/{cfg['epochs']}", unit="batch", leave=False,
               disable=run.rank > 0) as bar:
         for group in batches_in_groups(loader, cfg["accumulation_steps"]):
-            step_sums = train_step(run, group, amp, reward)
-            sums += step_sums
-            window += step_sums
+            step_sums = train_step(run, group, amp)
+            run.sums += step_sums
+            run.window += step_sums
             images_seen += sum(len(b.image) for b in group) * world
             bar.update(len(group))
             if run.step % cfg["log_every"] == 0:
-                means = run.Sums(distributed.all_sum(window.values)).per_token()  # {} if every step was skipped
-                window = run.Sums(device=device)
+                means = run.Sums(distributed.all_sum(run.window.values)).per_token()  # {} if every step was skipped
+                run.window = run.Sums(device=device)
                 rate = images_seen / (time.time() - t0)
-                log.write({"kind": "step", "epoch": run.epoch + 1, "step": run.step,
+                run.log.write({"kind": "step", "epoch": run.epoch + 1, "step": run.step,
                            "lr": run.decoder_optimizer.param_groups[0]["lr"], "images_per_s": rate,
                            "skipped_steps": run.skipped, **means})
                 if means:
@@ -217,20 +216,14 @@ def train_epoch(run, loader, log, amp, stop, reward=None):
             at_max = cfg["max_steps"] and run.step >= cfg["max_steps"]
             stopping = stop.agreed(device)
             if at_max or stopping or cfg["checkpoint_every"] and run.step % cfg["checkpoint_every"] == 0:
-                run.log_lines = log.lines
-                run.sums, run.window = global_sums(sums), global_sums(window)
                 run.save(os.path.join(cfg["out"], "last.pt"))
             if stopping:
                 raise distributed.Stopped
             if at_max:
                 return None
-    run.sums, run.window = global_sums(sums), global_sums(window)
-    means = {k: 0.0 for k in run.Sums.FIELDS[:-1]} | run.sums.per_token()
+    sums, _ = run.global_sums()
+    means = {k: 0.0 for k in run.Sums.FIELDS[:-1]} | sums.per_token()
     return {**{f"train_{k}": v for k, v in means.items()}, "images_per_s": images_seen / (time.time() - t0)}
-
-
-def global_sums(sums):
-    return type(sums)(distributed.all_sum(sums.values).cpu())
 
 
 def batches_in_groups(loader, size):
@@ -245,44 +238,24 @@ def batches_in_groups(loader, size):
         yield group
 
 
-def train_step(run, group, amp, reward=None):
+def train_step(run, group, amp):
     """One optimiser step over a group of micro-batches (gradient accumulation). Returns this rank's
-    LossSums (RewardSums for scst) on the device, zero for a skipped step."""
+    sums of the objective's statistics on the device (LossSums, RewardSums for scst), zero for a
+    skipped step."""
     cfg, device = run.cfg, run.device
-    alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
-    # Normalise by the tokens and images of the whole group (on all ranks), so N micro-batches on W
-    # ranks give exactly the gradient of one batch N x W times larger (DDP averages over the ranks).
-    tokens = sum(int((b.length - 1).sum()) for b in group)
-    images = sum(len(b.image) for b in group)
-    if dist.is_initialized():
-        counts = distributed.all_sum(torch.tensor([tokens, images], dtype=torch.float32, device=device)) / run.world
-        tokens, images = counts[0], counts[1]
-    scst = cfg["objective"] == "scst"
+    norm = Normalisers(sum(int((b.length - 1).sum()) for b in group), sum(len(b.image) for b in group))
+    if dist.is_initialized():  # the whole step's counts, on all ranks
+        norm = Normalisers(*(distributed.all_sum(torch.tensor(norm, dtype=torch.float32, device=device)) / run.world))
     sums = run.Sums(device=device)
     for i, batch in enumerate(group):
-        imgs = batch.image.to(device, non_blocking=True)
-        caps, lens = batch.caption.to(device, non_blocking=True), batch.length.to(device, non_blocking=True)
+        batch = TrainItem(*(t.to(device, non_blocking=True) for t in batch[:3]), batch.index)
         with ExitStack() as stack:
-            if i < len(group) - 1:  # all-reduce the gradients once per step, not per micro-batch
-                for m in (run.train_encoder, run.train_decoder):
-                    if isinstance(m, DistributedDataParallel):
-                        stack.enter_context(m.no_sync())
+            if i < len(group) - 1 and isinstance(run.objective, DistributedDataParallel):
+                stack.enter_context(run.objective.no_sync())  # all-reduce once per step, not per micro-batch
             with amp:
-                if scst:  # normalised by every sample of the step; DDP's hooks are bypassed (grads summed below)
-                    loss, step_sums = scst_loss(run, run.features(imgs, train=True), batch.index, reward,
-                                                images * cfg["scst_samples"])
-                    sums += run.Sums(step_sums.to(device))
-                else:
-                    logits, alphas = run.train_decoder(run.features(imgs, train=True), caps, lens)
-                    loss = caption_loss(logits, alphas, caps, lens, alpha_c, tokens, images)
-                    sums += LossSums.of(loss, tokens)
-                    loss = loss.loss
+                loss, step_sums = run.objective(batch, norm)
+            sums += step_sums
             run.scaler.scale(loss).backward()
-    if scst and dist.is_initialized():  # sampling steps the plain modules: average the ranks' gradients here
-        for p in run.decoder.parameters():
-            if p.grad is not None:
-                dist.all_reduce(p.grad)
-                p.grad /= run.world
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"] or math.inf)
@@ -331,7 +304,7 @@ def validate(run, loader, amp, stop):
             return None
         all_captions = batch.captions.to(device)  # B x cpi x (max_len + 2)
         with amp:
-            feats = run.features(batch.image.to(device))  # B x P x D
+            feats = features_of(run.encoder, batch.image.to(device))  # B x P x D
             captions = all_captions.flatten(0, 1)  # B*cpi x (max_len + 2)
             lengths = (captions != vocab.pad).sum(1)
             logits, alphas = run.decoder(feats.repeat_interleave(all_captions.size(1), 0), captions, lengths)
@@ -343,7 +316,7 @@ def validate(run, loader, amp, stop):
         dist.all_gather_object(shards, (references, hypotheses))
         references = [r for refs, _ in shards for r in refs]
         hypotheses = [h for _, hyps in shards for h in hyps]
-    means = global_sums(sums).per_token()
+    means = LossSums(distributed.all_sum(sums.values)).per_token()
     cider = CiderD(references).score(hypotheses, references)  # CIDEr-D, document frequencies from VAL
     return {"val_loss": means["ce"], "val_top5": means["top5"], "val_bleu4": corpus_bleu(references, hypotheses),
             "val_cider": sum(cider) / len(cider)}

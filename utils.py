@@ -99,6 +99,11 @@ def write_json(path, obj):
         f.write(json.dumps(obj))  # dumps uses the C encoder; dump streams through the slow Python one
 
 
+def grid_side(cells):
+    """The side G of a square attention grid of `cells` = G * G cells."""
+    return int(round(cells ** 0.5))
+
+
 def option_key(name):
     """--beam-size and --beam_size name the same option: every script accepts both spellings."""
     return name.replace("-", "_")

@@ -1,4 +1,6 @@
-"""Attention overlays and report plots (matplotlib, written to files; no screen needed)."""
+"""Every picture the repository draws: attention overlays (caption.py, compare.py), the report's plots
+(curves, metrics, self-critical training) and the attention maps as bytes for the HTML pages.
+matplotlib, written to files; no screen needed."""
 import base64
 import math
 
@@ -10,14 +12,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 from skimage.transform import resize  # noqa: E402
 
-from utils import atomic_path  # noqa: E402
+from utils import atomic_path, grid_side  # noqa: E402
 
 PANEL_PX, DPI = 200, 100  # caption.py: every panel PANEL_PX square
 
 
 def overlay(ax, image, amap, word):
     """The image with one word's attention map (grid cells) upsampled smoothly over it."""
-    grid = int(round(amap.numel() ** 0.5))
+    grid = grid_side(amap.numel())
     smooth = resize(amap.reshape(grid, grid).numpy(), image.shape[:2], order=3, mode="edge")
     ax.imshow(image)
     ax.imshow(np.clip(smooth, 0, None), alpha=0.6, cmap="Greys_r")
@@ -87,6 +89,76 @@ def attention_grid(rows, path, max_words=24):
             axes[r, k + 1].title.set_fontsize(8)
     fig.tight_layout()
     save(fig, path, dpi=72)  # dozens of noisy overlays: keep the file small
+
+
+def label_axes(fig, path, axes):
+    """Title, axis labels, grid and legend for each (ax, title, ylabel, xlabel); then save the figure."""
+    for ax, title, ylabel, xlabel in axes:
+        ax.set_title(title)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+    fig.tight_layout()
+    save(fig, path, dpi=100)
+
+
+def training_curves(runs, path):
+    """compare.py's curves.png. runs: (label, [(step, training loss)], [(epoch, val loss, val BLEU-4)])."""
+    fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, steps, epochs in runs:
+        if steps:
+            ax1.plot(*zip(*steps, strict=True), label=label, lw=1)
+        if epochs:
+            epoch, loss, bleu = zip(*epochs, strict=True)
+            ax2.plot(epoch, loss, "o-", label=label)
+            ax3.plot(epoch, bleu, "o-", label=label)
+    label_axes(fig, path, ((ax1, "training loss", "loss (mean since the previous point)", "optimiser step"),
+                           (ax2, "validation loss", "cross-entropy per word", "epoch"),
+                           (ax3, "validation BLEU-4", "BLEU-4 (decoded)", "epoch")))
+
+
+def metric_bars(labels, names, values, title, path):
+    """compare.py's metrics.png: one group of bars per metric (`names`), one bar per run (`labels`);
+    values[run][metric] are fractions (CIDEr already divided by 10), None as 0."""
+    fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4.5))
+    width = 0.8 / len(labels)
+    for i, (label, row) in enumerate(zip(labels, values, strict=True)):
+        ax.bar([x + i * width for x in range(len(names))], [v or 0 for v in row], width, label=label)
+    ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(names))])
+    ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
+    ax.set_ylabel("score (fractions; CIDEr divided by 10)")
+    ax.set_title(title)
+    ax.set_ylim(0, 1.2)
+    ax.legend(fontsize=8, loc="upper left", ncol=len(labels))
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    save(fig, path, dpi=100)
+
+
+def scst_curves(runs, path):
+    """compare.py's scst_curves.png. runs: (label, [(step, reward, sample length)], [(training seconds,
+    validation CIDEr-D)])."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, steps, epochs in runs:
+        step, reward, length = zip(*steps, strict=True)
+        axes[0].plot(step, reward, label=label, lw=1)
+        axes[1].plot(step, length, label=label, lw=1)
+        axes[2].plot(*zip(*epochs, strict=True), "o-", label=label)
+    label_axes(fig, path, ((axes[0], "mean reward of the samples", "CIDEr-D", "optimiser step"),
+                           (axes[1], "sample length", "words", "optimiser step"),
+                           (axes[2], "validation CIDEr-D (greedy)", "CIDEr-D", "training time (s)")))
+
+
+def image_strip(images, titles, path):
+    """The images (3 x H x W uint8) side by side, titled: compare.py's errors.png."""
+    fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.6), squeeze=False)
+    for ax, image, title in zip(axes[0], images, titles, strict=True):
+        ax.imshow(image.transpose(1, 2, 0))
+        ax.set_title(title, fontsize=9)
+        ax.axis("off")
+    fig.tight_layout()
+    save(fig, path, dpi=100)
 
 
 def save(fig, path, **kw):

@@ -1,127 +1,17 @@
-import json
+"""The tests' fixtures (prepared shapes data, tiny trained checkpoints) and the two tiers: a test that
+runs a script in a subprocess is slow; `make test-fast` runs the others, and refuses a subprocess
+there. Shared helpers are in tests/helpers.py."""
 import os
-import re
+import shutil
 import subprocess
 import sys
-import time
 
 import pytest
+import yaml
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHAPES_NAME = "shapes_5_cap_per_img_0_min_word_freq"
-ENCODER = "encoder_resnet18_stages1.pt"
-# A model small enough that a test run takes seconds: resnet18 stem + layer1, a 4x4 grid.
-TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stages": 1, "encoded_size": 4,
-        "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "batch_size": 8, "workers": 0,
-        "log_every": 1, "max_decode_len": 20, "val_max_images": 0, "fine_tune_encoder": "false",
-        "train_captions_per_image": 0}
+from tests.helpers import ROOT, run_script, scst_args, train_args
 
-
-TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb")  # log.jsonl fields that differ run to run
-SIZE = 24  # image side of the prepared Karpathy-format test data
-
-
-def run_script(script, *args, **kw):
-    cmd = [sys.executable, script, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
-
-
-def run_main(module, argv, monkeypatch, capsys):
-    """A script's main() in this process, as its command line would run it: (exit code, stderr)."""
-    from utils import run_cli
-    monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
-    with pytest.raises(SystemExit) as exit:
-        run_cli(module.main)
-    return exit.value.code, capsys.readouterr().err
-
-
-def train(out, data, *extra, env=None, **overrides):
-    """train.py on a TINY model (train_args), in a subprocess."""
-    return run_script("train.py", *train_args(out, data, **overrides), *extra, env=env)
-
-
-def torchrun(nproc, *args):
-    """train.py under torchrun with nproc gloo processes on the CPU."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "train.py",
-           *map(str, args)]
-    env = dict(os.environ, OMP_NUM_THREADS="1")
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
-
-
-def popen(args, stderr):
-    """train.py in the background, its stderr to a file."""
-    return subprocess.Popen([sys.executable, "train.py", *map(str, args)], cwd=ROOT, stdout=subprocess.DEVNULL,
-                            stderr=stderr, text=True)
-
-
-def wait_for(proc, ready, timeout=120):
-    """Poll every millisecond until ready() holds; False if the process ended first."""
-    end = time.time() + timeout
-    while time.time() < end:
-        if ready():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(0.001)
-    raise TimeoutError
-
-
-def page_data(html):
-    """The JSON an HTML page of htmlpage.py carries for its script."""
-    return json.loads(re.search(r'<script type="application/json" id="data">(.*?)</script>', html, re.S).group(1))
-
-
-def log_lines(run):
-    path = run / "log.jsonl"
-    return path.read_text().count("\n") if path.exists() else 0
-
-
-def load(path):
-    import torch
-    return torch.load(path, map_location="cpu", weights_only=True)
-
-
-def weights(path):
-    """A checkpoint's encoder and decoder weights in one dict."""
-    ckpt = load(path)
-    return {**{f"e.{k}": v for k, v in ckpt["encoder"].items()}, **{f"d.{k}": v for k, v in ckpt["decoder"].items()}}
-
-
-def log_records(run, kind=None):
-    """A run's log.jsonl without the timing fields, only lines of `kind` (step, epoch) if given."""
-    with open(run / "log.jsonl") as f:
-        records = [json.loads(line) for line in f]
-    return [{k: v for k, v in r.items() if k not in TIMING} for r in records if kind in (None, r["kind"])]
-
-
-def prepare(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "create_input_files.py", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
-
-
-def prepare_coco(src, out, *extra):
-    return prepare("--dataset", "coco", "--karpathy-json", src / "dataset_coco.json",
-                   "--image-folder", src / "images", "--output-folder", out,
-                   "--min-word-freq", 0, "--image-size", SIZE, *extra)
-
-
-def photos(folder, n=2):
-    """n shapes scenes saved as JPEG photos in `folder`."""
-    from PIL import Image
-
-    import shapes
-    folder.mkdir(exist_ok=True)
-    for i in range(n):
-        image, _ = shapes.render(shapes.make_scene(shapes.scene_seed(5, i), 96))
-        Image.fromarray(image).save(folder / f"photo{i}.jpg")
-    return folder
-
-
-def train_args(out, data, **overrides):
-    """train.py's arguments for a TINY run on `data`, with the encoder the shapes_data fixture pretrained."""
-    cfg = dict(TINY, data_folder=data, out=out, encoder_weights=os.path.join(data, ENCODER))
-    cfg.update(overrides)
-    return [a for k, v in cfg.items() for a in (f"--{k}", v)]
+SCRIPTS = {"torchrun", "make"}  # besides sys.executable and *.py: what only slow tests may start
 
 
 @pytest.fixture(scope="session")
@@ -155,9 +45,62 @@ def trained(shapes_data, tmp_path_factory):
     return get
 
 
+@pytest.fixture(scope="session")
+def scst_run(trained, shapes_data, tmp_path_factory):
+    """Four epochs of self-critical training from the tiny attention checkpoint."""
+    run = tmp_path_factory.mktemp("scst") / "scst"
+    r = run_script("train.py", *scst_args(run, shapes_data, trained("attention")))
+    assert r.returncode == 0, r.stderr
+    return run
+
+
+# The demo's settings at test size: the same data, encoder and grid, small decoders, two epochs.
+TINY_DEMO = {"emb_dim": 32, "decoder_dim": 64, "attention_dim": 32, "epochs": 2, "val_max_images": 100}
+
+
+@pytest.fixture(scope="session")
+def demo_workspace(tmp_path_factory):
+    """A folder that looks like a clone of this repository after `make demo`, made by `make demo`
+    itself (the project's .venv linked in, configs/shapes.yaml at TINY_DEMO, 40 pretraining steps):
+    the docs' commands run there, and its report.html is a demo-sized page for the browser tests."""
+    ws = tmp_path_factory.mktemp("workspace")
+    for name in os.listdir(ROOT):
+        if name.endswith(".py") or name in ("html", "scripts", "Makefile", "requirements.txt", "pyproject.toml"):
+            os.symlink(os.path.join(ROOT, name), ws / name)
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), ws / ".venv")  # the venv this test runs in
+    shutil.copytree(os.path.join(ROOT, "configs"), ws / "configs")
+    with open(ws / "configs" / "shapes.yaml") as f:
+        demo = yaml.safe_load(f)
+    with open(ws / "configs" / "shapes.yaml", "w") as f:
+        yaml.safe_dump({**demo, **TINY_DEMO}, f, sort_keys=False)
+    (ws / ".installed").touch()  # newer than requirements.txt: make installs nothing
+    r = subprocess.run(["make", "demo", f"PY={sys.executable}", "STAMP=.installed", "PRETRAIN_ARGS=--steps 40"],
+                       cwd=ws, capture_output=True, text=True, timeout=1200)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return ws
+
+
 def pytest_collection_modifyitems(items):
     """A test that uses prepared data (shapes, or the Karpathy-format fixtures) or a model trained on
     it runs scripts in subprocesses: mark it slow (the other subprocess tests are marked by hand)."""
     for item in items:
-        if {"shapes_data", "trained", "coco", "src"} & set(getattr(item, "fixturenames", ())):
+        if {"shapes_data", "trained", "scst_run", "demo_workspace", "coco", "src"} & set(
+                getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+
+
+@pytest.fixture(autouse=True)
+def in_process_unless_slow(request, monkeypatch):
+    """A test not marked slow that starts a Python script (or torchrun) fails, saying to mark it: the
+    fast tier stays in one process. Tools the code under test runs itself (Java for coco-caption's
+    tokenizer) are allowed."""
+    if request.node.get_closest_marker("slow"):
+        return
+    start = subprocess.Popen.__init__
+
+    def refuse(self, args, *a, **kw):
+        first = str(args[0] if isinstance(args, list | tuple) else args).split()[0]
+        if first == sys.executable or first.endswith(".py") or os.path.basename(first) in SCRIPTS:
+            raise AssertionError(f"{request.node.nodeid} starts {first} in a subprocess: mark it slow")
+        start(self, args, *a, **kw)
+    monkeypatch.setattr(subprocess.Popen, "__init__", refuse)

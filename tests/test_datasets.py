@@ -1,14 +1,11 @@
-"""CaptionDataset over files in the tutorial's layout and over shapes data from the command line."""
+"""CaptionDataset over files in the tutorial's layout."""
 import json
 import os
-import subprocess
-import sys
 
 import h5py
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 from torch.utils.data import DataLoader
 
 from datasets import CaptionDataset, base_name, data_path, load_word_map
@@ -99,21 +96,3 @@ def test_missing_split_and_bad_word_map(tutorial, tmp_path):
     (tmp_path / f"WORDMAP_{name}.json").write_text('{"a": 1, "<pad>": 0}')
     with pytest.raises(InputError, match="<unk>"):
         load_word_map(tmp_path, name)
-
-
-def test_shapes_from_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "create_input_files.py", "--dataset", "shapes", "--output-folder",
-                        str(tmp_path), "--num-images", "40", "--min-word-freq", "0"],
-                       cwd=ROOT, capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    name = base_name("shapes", 5, 0)
-    for split, n in (("TRAIN", 32), ("VAL", 4), ("TEST", 4)):
-        ds = CaptionDataset(tmp_path, name, split)
-        assert ds.num_images == n and ds[0].image.shape == (3, 64, 64)
-        with open(data_path(tmp_path, "BOXES", name, split)) as f:
-            boxes = json.load(f)
-        assert len(boxes) == n and all(1 <= len(b) <= 3 for b in boxes)
-    samples = sorted(os.listdir(tmp_path / "samples"))
-    assert samples == [f"test_{k:02d}.png" for k in range(4)]  # TEST has 4 images here
-    first = np.asarray(Image.open(tmp_path / "samples" / samples[0])).transpose(2, 0, 1)
-    assert np.array_equal(first, CaptionDataset(tmp_path, name, "TEST")[0][0].numpy())

@@ -6,7 +6,8 @@ from hypothesis import strategies as st
 
 from create_input_files import build_word_map
 from datasets import Vocabulary
-from models import AttentionDecoder, DecodeOptions, RNNDecoder, decode
+from decoding import DecodeOptions, decode
+from models import AttentionDecoder, RNNDecoder
 
 words = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
 captions = st.lists(st.lists(words, min_size=1, max_size=12), min_size=1, max_size=20)

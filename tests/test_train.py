@@ -1,4 +1,7 @@
-"""train.py end to end on tiny shapes data: both decoders, exact resume, overfitting, bf16, early stop."""
+"""train.py end to end on tiny shapes data: both decoders, exact resume, overfitting, bf16, early stop,
+the config, and every bad setting (exit status 2, one `error:` line, nothing written)."""
+import glob
+import json
 import math
 import os
 import shutil
@@ -6,8 +9,9 @@ import shutil
 import pytest
 import torch
 import yaml
+from PIL import Image
 
-from tests.conftest import load, log_records, run_script, train
+from tests.helpers import ROOT, copy_data, files, load, log_records, refused, run_script, train, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -113,10 +117,8 @@ def test_early_stopping(tmp_path, shapes_data):
 
 def test_every_shipped_config_loads():
     """Each configs/*.yaml only uses known keys with the right types."""
-    import glob
     import os
 
-    from tests.conftest import ROOT
     from config import default_config, merge_config, read_yaml
     paths = sorted(glob.glob(os.path.join(ROOT, "configs", "*.yaml")))
     assert len(paths) == 5
@@ -146,3 +148,100 @@ def test_cached_features_give_the_same_loss_curve(tmp_path, shapes_data):
     r = train(tmp_path / "bad", shapes_data, cache_features="true", fine_tune_encoder="true", encoder_stages=2,
               encoder_weights="none")
     assert r.returncode == 2 and "frozen" in r.stderr
+
+
+# ----------------------------------------------------------------------------- bad inputs
+
+
+@pytest.fixture(scope="module")
+def run(shapes_data, tmp_path_factory):
+    """A finished one-epoch attention run."""
+    out = tmp_path_factory.mktemp("bad") / "run"
+    r = run_script("train.py", *train_args(out, shapes_data, decoder="attention", epochs=1))
+    assert r.returncode == 0, r.stderr
+    return out
+
+
+@pytest.mark.parametrize("override,needles", [
+    ({"decoder": "transformer"}, ("decoder", "transformer")),
+    ({"batch_size": 0}, ("batch_size", ">= 1")),
+    ({"batch_size": -4}, ("batch_size", "-4")),
+    ({"bacth_size": 4}, ("unknown config key", "bacth_size")),
+    ({"epochs": "two"}, ("epochs must be int",)),
+    ({"decoder_lr": 0}, ("decoder_lr", "> 0")),
+])
+def test_train_bad_setting(tmp_path, shapes_data, override, needles):
+    refused(train(tmp_path / "run", shapes_data, **{"epochs": 1, **override}), *needles)
+    assert files(tmp_path / "run") == {}
+
+
+@pytest.mark.parametrize("text,needles", [
+    ("decoder: rnn\nlearning_rate: 0.1\n", ("bad.yaml", "learning_rate")),
+    ("decoder: rnn\nepochs: ten\n", ("bad.yaml", "epochs must be int")),
+    ("decoder: [rnn\n", ("bad.yaml", "not valid YAML")),
+    ("- a list\n", ("bad.yaml", "key: value")),
+])
+@pytest.mark.slow
+def test_train_bad_yaml(tmp_path, text, needles):
+    (tmp_path / "bad.yaml").write_text(text)
+    refused(run_script("train.py", "--config", tmp_path / "bad.yaml"), *needles)
+
+
+def test_train_missing_data_folder_and_checkpoint(tmp_path, shapes_data):
+    refused(train(tmp_path / "run", tmp_path / "nowhere", epochs=1), "nowhere")
+    refused(run_script("train.py", "--resume", tmp_path / "nope.pt"), "nope.pt", "not found")
+    refused(run_script("train.py", "--config", tmp_path / "nope.yaml"), "nope.yaml", "not found")
+
+
+def test_train_keeps_another_runs_folder(run, shapes_data):
+    before = files(run)
+    refused(train(run, shapes_data, epochs=1), "already holds a run", "--overwrite")
+    assert files(run) == before
+
+
+def test_train_word_map_without_special_tokens(tmp_path, shapes_data):
+    words = copy_data(shapes_data, tmp_path / "data")
+    wm = json.loads(words.read_text())
+    del wm["<start>"]
+    words.write_text(json.dumps(wm))
+    refused(train(tmp_path / "run", tmp_path / "data", epochs=1), words.name, "<start>")
+
+
+def test_resume_refuses_another_vocabulary_decoder_or_encoder(run, tmp_path, shapes_data):
+    before = files(run)
+    words = copy_data(shapes_data, tmp_path / "data")
+    wm = json.loads(words.read_text())
+    wm["zebra"] = len(wm)
+    words.write_text(json.dumps(wm))
+    refused(run_script("train.py", "--resume", run / "last.pt", "--data_folder", tmp_path / "data"), "word map",
+            f"({len(wm) - 1} words)", f"({len(wm)} words)")
+    refused(run_script("train.py", "--resume", run / "last.pt", "--decoder", "rnn"), "decoder", "'attention'", "'rnn'")
+    refused(run_script("train.py", "--resume", run / "last.pt", "--encoder", "resnet34"), "'resnet18'", "'resnet34'")
+    assert files(run) == before
+
+
+def test_resume_refuses_a_checkpoint_without_training_state(tmp_path, run):
+    ckpt = torch.load(run / "best.pt", weights_only=True)
+    del ckpt["samples"]  # as in a checkpoint of an older train.py
+    torch.save(ckpt, tmp_path / "old.pt")
+    refused(run_script("train.py", "--resume", tmp_path / "old.pt"), "old.pt", "cannot be resumed", "'samples'")
+
+
+def test_malicious_checkpoint_runs_no_code(tmp_path, run):
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")  # unpickling would create the file
+    evil = tmp_path / "evil.pt"
+    torch.save({"config": {}, "payload": Payload()}, evil)
+    torch.load(evil, weights_only=False)  # the unsafe way really runs it ...
+    assert marker.exists()
+    marker.unlink()
+    (tmp_path / "in").mkdir()
+    Image.new("RGB", (32, 32)).save(tmp_path / "in" / "a.png")
+    for r in (run_script("eval.py", "--checkpoint", evil),  # ... every script here refuses it
+              run_script("caption.py", "--checkpoint", evil, "--folder", tmp_path / "in", "--out", tmp_path / "o"),
+              run_script("train.py", "--resume", evil)):
+        refused(r, "evil.pt", "not a loadable checkpoint")
+    assert not marker.exists() and not (tmp_path / "o").exists()

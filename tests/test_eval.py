@@ -1,11 +1,13 @@
-"""eval.py and caption.py end to end on tiny trained checkpoints."""
+"""eval.py end to end on tiny trained checkpoints."""
+import base64
 import json
-import math
+import shutil
 
 import pytest
+import torch
 from PIL import Image
 
-from tests.conftest import page_data, photos, run_script
+from tests.helpers import copy_data, refused, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -13,7 +15,7 @@ pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 @pytest.mark.parametrize("decoder", ["rnn", "attention"])
 def test_eval(trained, tmp_path, decoder):
     out = tmp_path / "res" / "eval.json"
-    r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out, "--attention-maps")
+    r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out)
     assert r.returncode == 0, r.stderr
     report = json.loads(out.read_text())
     assert report["images"] == 6 and report["split"] == "TEST" and report["decoder"] == decoder
@@ -28,7 +30,9 @@ def test_eval(trained, tmp_path, decoder):
         assert all(isinstance(c["caption"], str) and "<end>" not in c["caption"] for c in captions)
         check_per_image(json.loads((out.parent / res["images_file"]).read_text()), captions, res, decoder)
     assert "BLEU-4" in r.stdout and "CIDEr" in r.stdout
-    assert ("the plain decoder, which has no attention maps" in r.stdout) == (decoder == "rnn")
+    assert "0 counts" not in r.stdout + r.stderr  # nltk's warning about short captions is not printed
+    assert report["weights"] and report["decoder_parameters"] == sum(
+        v.numel() for v in torch.load(trained(decoder), weights_only=True)["decoder"].values())
     # shapes images have 6 captions, 5 of them encoded: coco-caption used all 6
     assert report["references"] == {"kind": "raw", "per_image_min": 6, "per_image_max": 6, "per_image_mean": 6.0}
     assert report["nltk_bleu4_references"] == "encoded" and "against the raw references" in r.stdout
@@ -36,7 +40,6 @@ def test_eval(trained, tmp_path, decoder):
 
 def check_per_image(table, captions, res, decoder):
     """eval.py's per-image file agrees with its captions file and its corpus numbers."""
-    import base64
     rows = table["images"]
     assert [r["caption"] for r in rows] == [c["caption"] for c in captions]
     assert [r["index"] for r in rows] == list(range(6)) and table["beam_size"] in (1, 3)
@@ -59,7 +62,6 @@ def check_per_image(table, captions, res, decoder):
 def test_eval_without_a_references_file_uses_the_encoded_ones(trained, shapes_data, tmp_path):
     """Data prepared elsewhere (the tutorial) has no REFS file: eval says so and scores against the
     encoded references; nltk BLEU-4 is the same either way."""
-    import shutil
     data = tmp_path / "data"
     shutil.copytree(shapes_data, data, ignore=shutil.ignore_patterns("*_REFS_*", "cache"))
     runs = {}
@@ -81,76 +83,8 @@ def test_eval_decoding_benchmark(trained):
     assert "True" in r.stdout.splitlines()[-1]  # batched and one-at-a-time captions agree
 
 
-
-def test_caption_attention_panels(trained, tmp_path):
-    src = photos(tmp_path / "in")
-    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", src, "--out", tmp_path / "out",
-                   "--beam-size", 3)
-    assert r.returncode == 0, r.stderr
-    lines = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]
-    assert len(lines) == 2
-    for i, line in enumerate(lines):
-        words = line.split(": ", 1)[1].split()
-        panels = len(words) + 1  # the image, then one panel per word
-        png = Image.open(tmp_path / "out" / f"photo{i}.png")
-        assert png.size == (min(panels, 6) * 200, math.ceil(panels / 6) * 200)
-        assert png.info["Description"] == f"{panels} panels"
-
-
-def test_caption_html_page(trained, tmp_path):
-    """caption.py --html: one self-contained page with each image, its caption and, for the attention
-    decoder, every word's map; a folder given as the page is refused."""
-    import base64
-    page = tmp_path / "page" / "captions.html"
-    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", photos(tmp_path / "in", 3),
-                   "--out", tmp_path / "png", "--html", page, "--beam-size", 2)
-    assert r.returncode == 0, r.stderr
-    text = page.read_text()
-    assert "http://" not in text and "https://" not in text and 'src="' not in text  # nothing from elsewhere
-    data = page_data(text)
-    printed = dict(line.split(": ", 1) for line in r.stdout.splitlines() if line.startswith(str(tmp_path / "in")))
-    assert data["runs"][0]["grid"] == 4 and len(data["images"]) == 3
-    for image in data["images"]:
-        cap = image["caps"][0]
-        assert image["src"].startswith("data:image/") and printed[image["title"]] == cap["caption"]
-        assert len(base64.b64decode(cap["attention"])) == len(cap["caption"].split()) * 16
-    r = run_script("caption.py", "--checkpoint", trained("rnn"), "--image", tmp_path / "in" / "photo0.jpg",
-                   "--out", tmp_path / "png2", "--html", tmp_path)
-    assert r.returncode != 0 and "is a folder" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-
-
-def test_caption_plain_decoder_and_single_file(trained, tmp_path):
-    src = photos(tmp_path / "in", 1)
-    r = run_script("caption.py", "--checkpoint", trained("rnn"), "--image", src / "photo0.jpg",
-                   "--out", tmp_path / "one.png")
-    assert r.returncode == 0, r.stderr
-    assert Image.open(tmp_path / "one.png").size == (200, 200)
-
-
-def test_python_captioner_takes_paths_pil_images_and_arrays(trained, tmp_path):
-    """captioner.Captioner: the same captions as caption.py for a path, a Pillow image and a uint8 array."""
-    import numpy as np
-
-    from captioner import Captioner
-    src = photos(tmp_path / "in", n=2)
-    paths = sorted(str(p) for p in src.iterdir())
-    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", src, "--beam-size", 3,
-                   "--out", tmp_path / "out")
-    assert r.returncode == 0, r.stderr
-    printed = [line.split(": ", 1)[1] for line in r.stdout.splitlines() if line.startswith(str(src))]
-    captioner = Captioner(trained("attention"), device="cpu")
-    pil = Image.open(paths[1])
-    array = np.asarray(Image.open(paths[0]))  # H x W x 3
-    for images in (paths, [array, pil], [array.transpose(2, 0, 1), pil]):
-        out = captioner.caption(images, beam_size=3)
-        assert [" ".join(c.words) for c in out] == printed
-        assert all(c.alphas.shape == (len(c.words), 16) and math.isfinite(c.score) for c in out)
-    assert captioner.caption(paths, beam_size=1, max_len=2)[0].words.__len__() <= 2
-
-
 def test_a_tutorial_checkpoint_is_named_as_such(tmp_path):
     """sgrvinod's tutorial pickles whole models: say what the file is, without torch's colour codes."""
-    import torch
 
     import models
     cls = type("DecoderWithAttention", (torch.nn.Module,), {"__module__": "models"})
@@ -168,3 +102,44 @@ def test_a_tutorial_checkpoint_is_named_as_such(tmp_path):
         (line,) = r.stderr.splitlines()
         assert "pickled model objects (models.DecoderWithAttention)" in line and "tutorial" in line
         assert "train here" in line and "\x1b" not in line
+
+
+def test_eval_split_not_prepared_and_other_vocabulary(trained, tmp_path, shapes_data):
+    ckpt = trained("rnn")
+    copy_data(shapes_data, tmp_path / "data")
+    for f in (tmp_path / "data").glob("VAL_*"):
+        f.unlink()
+    refused(run_script("eval.py", "--checkpoint", ckpt, "--split", "VAL", "--data_folder", tmp_path / "data"),
+            "VAL", "not prepared")
+    refused(run_script("eval.py", "--checkpoint", ckpt, "--data_folder", tmp_path), "WORDMAP")
+    refused(run_script("eval.py", "--checkpoint", ckpt, "--beam-size", 0), "beam")
+    assert not list(ckpt.parent.glob("eval_*"))
+
+
+def test_a_later_eval_keeps_the_earlier_beams_and_says_what_it_replaced(trained, tmp_path):
+    """Beams 1 and 3, then beam 1 again: beam 3's results and per-image file (with its maps) stay, beam 1's
+    are replaced, and one line says so. Another checkpoint replaces everything, also said in one line."""
+    run = tmp_path / "run"
+    shutil.copytree(trained("attention").parent, run)
+    r = run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 1, 3)
+    assert r.returncode == 0, r.stderr
+    first = json.loads((run / "eval_TEST.json").read_text())
+    beam3 = (run / "eval_TEST_images_beam3.json").read_bytes()
+    r = run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 1, "--max-len", 2)
+    assert r.returncode == 0, r.stderr
+    (line,) = [ln for ln in r.stdout.splitlines() if "replaced" in ln]
+    assert "replaced the earlier results of beam 1; kept beam 3" in line
+    second = json.loads((run / "eval_TEST.json").read_text())
+    assert list(second["results"]) == ["beam1", "beam3"]
+    assert second["results"]["beam3"] == first["results"]["beam3"]
+    assert second["results"]["beam1"]["max_len"] == 2 and first["results"]["beam1"]["max_len"] == 20
+    assert (run / "eval_TEST_images_beam3.json").read_bytes() == beam3
+    assert "attention" in json.loads(beam3)["images"][0]
+    shutil.copy(trained("rnn"), run / "best.pt")  # another model in the same place
+    r = run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 5)
+    assert r.returncode == 0, r.stderr
+    assert "replaced the earlier results (beam 1, 3," in r.stdout and "another checkpoint or other images" in r.stdout
+    assert list(json.loads((run / "eval_TEST.json").read_text())["results"]) == ["beam5"]
+    (run / "eval_TEST.json").write_text("{broken")
+    refused(run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 1), "eval_TEST.json",
+            "not valid JSON")

@@ -8,9 +8,9 @@ from PIL import Image
 
 from create_input_files import tokenize
 from datasets import base_name, data_path
-from tests.conftest import prepare
+from tests.helpers import prepare
 
-pytestmark = pytest.mark.slow  # create_input_files.py runs in subprocesses
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 NAME = base_name("mine", 5, 0)
 
@@ -119,33 +119,3 @@ def test_bad_image_skipped_when_asked(src):
     assert r.returncode == 0, r.stderr
     ids = [x["image_id"] for s in ("TRAIN", "VAL", "TEST") for x in read(src / "out", "REFS", s)]
     assert names[5] not in ids and len(ids) == 19
-
-
-def test_readme_worked_example_runs_as_written(tmp_path):
-    """The README's "Your own images and captions" commands, run as written in a fresh folder (only
-    `python` and the script paths are pointed at this interpreter and repository)."""
-    import re
-    import subprocess
-    import sys
-
-    from tests.conftest import ROOT
-    readme = open(f"{ROOT}/README.md").read()
-    block = re.search(r"<!-- own-data-example -->\n```bash\n(.*?)```\n<!-- /own-data-example -->", readme, re.S)
-    script = re.sub(r"\bpython (\w+\.py)", rf"{sys.executable} {ROOT}/\1", block.group(1))
-    script = script.replace("python -c", f"{sys.executable} -c")
-    r = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=tmp_path, capture_output=True, text=True,
-                       timeout=600)
-    assert r.returncode == 0, r.stderr[-3000:]
-    refs = [json.loads((tmp_path / "data" / "mine" / f"{s}_REFS_mine_5_cap_per_img_0_min_word_freq.json").read_text())
-            for s in ("TRAIN", "VAL", "TEST")]
-    # 8 images without a split: 80/10/10 puts one each in VAL and TEST, beside coins.png and camera.png
-    assert [len(x) for x in refs] == [6, 2, 2] and "camera.png" in [x["image_id"] for x in refs[2]]
-    assert {"image_id": "coins.png", "file": "photos/coins.png", "references": ["rows of old coins"]} in refs[1]
-    report = json.loads((tmp_path / "runs" / "mine" / "eval_TEST.json").read_text())
-    assert report["checkpoint"].endswith("last.pt")
-    assert report["references"]["kind"] == "raw" and report["images"] == 2
-    captions = json.loads((tmp_path / "runs" / "mine" / "eval_TEST_captions_beam3.json").read_text())
-    assert [c["image_id"] for c in captions] == [x["image_id"] for x in refs[2]]
-    assert r.stdout.count("photos/") >= 10  # caption.py printed a caption per photo
-    assert len(list((tmp_path / "runs" / "mine" / "captions").glob("*.png"))) == 10
-    print(r.stdout[-2500:])

@@ -1,4 +1,5 @@
-"""Crash safety: SIGKILL at any moment, Ctrl-C and SIGTERM, non-finite losses, out of memory, a full disk."""
+"""train.py's crash safety: SIGKILL at any moment, Ctrl-C and SIGTERM, non-finite losses, out of memory,
+a full disk."""
 import errno
 import glob
 import os
@@ -10,8 +11,7 @@ import pytest
 import torch
 
 import train
-from tests.conftest import (ROOT, load, log_lines, log_records, popen, run_main, run_script, train_args, wait_for,
-                            weights)
+from tests.helpers import ROOT, load, log_lines, log_records, popen, run_main, run_script, train_args, wait_for, weights
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 

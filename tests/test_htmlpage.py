@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 
 import htmlpage
-from tests.browser import INSTALL, chromium, open_page
-from tests.conftest import ENCODER, page_data, run_script, train
+from scripts.browser import INSTALL, chromium, open_page
+from tests.helpers import page_data, run_script
 from visualize import attention_bytes, attention_from_bytes
 
 
@@ -84,26 +84,13 @@ def browser():
 
 
 @pytest.fixture(scope="module")
-def demo_page(shapes_data, tmp_path_factory):
-    """compare.py's report.html over 1,000 TEST images: the shapes data at the demo's size (10,000
-    images), both decoders trained for one short epoch and evaluated at beam 3, attention maps kept."""
-    root = tmp_path_factory.mktemp("demo-page")
-    data = root / "data"
-    r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", data, "--min-word-freq", 0,
-                   "--workers", 2)
-    assert r.returncode == 0, r.stderr
-    tables = {}
-    for decoder in ("rnn", "attention"):
-        out = root / f"demo-{decoder}"
-        r = train(out, data, decoder=decoder, epochs=1, train_captions_per_image=1, batch_size=64,
-                  decoder_lr=5e-3, val_max_images=64, log_every=20, encoder_weights=shapes_data / ENCODER)
-        assert r.returncode == 0, r.stderr
-        r = run_script("eval.py", "--checkpoint", out / "best.pt", "--beam-size", 3, "--attention-maps")
-        assert r.returncode == 0, r.stderr
-        tables[decoder] = json.loads((out / "eval_TEST_images_beam3.json").read_text())["images"]
-    r = run_script("compare.py", root / "demo-rnn", root / "demo-attention", "--out", root / "report")
-    assert r.returncode == 0, r.stderr
-    return root / "report" / "report.html", tables
+def demo_page(demo_workspace):
+    """The report.html `make demo` wrote in the test workspace: 1,000 TEST images, both decoders at
+    beam 3, the attention decoder's maps (conftest.demo_workspace)."""
+    runs = demo_workspace / "runs"
+    tables = {d: json.loads((runs / f"demo-{d}" / "eval_TEST_images_beam3.json").read_text())["images"]
+              for d in ("rnn", "attention")}
+    return demo_workspace / "reports" / "demo" / "report.html", tables
 
 
 def shown(page):
@@ -221,3 +208,12 @@ def test_screenshot_is_not_blank(browser, demo_page, tmp_path):
         page.screenshot(path=tmp_path / "shot.png")
     pixels = np.asarray(Image.open(tmp_path / "shot.png").convert("RGB")).reshape(-1, 3)
     assert len(np.unique(pixels, axis=0)) > 500 and pixels.std() > 20
+
+
+def test_the_browser_script_times_a_page_and_saves_a_screenshot(browser, demo_page, tmp_path):
+    """scripts/browser.py as the docs run it: the load time, the filtered count, and a picture."""
+    r = run_script("scripts/browser.py", demo_page[0], "--screenshot", tmp_path / "shot.png", "--filter", "x-wrong",
+                   "--x", 0, "--y", 1, "--sort", "diff-desc", "--word", 8)
+    assert r.returncode == 0, r.stderr
+    assert "load event" in r.stdout and "console errors: 0" in r.stdout
+    assert Image.open(tmp_path / "shot.png").size == (1400, 1000)

@@ -2,7 +2,7 @@
 it is, so it never downloads one of its own). The tests use `chromium()` and `open_page()`; run as a
 script it times opening a page and saves a screenshot of its results browser:
 
-    python -m tests.browser reports/demo/report.html --screenshot reports/demo/browser.png \
+    python scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
         --filter x-wrong --x 0 --y 1 --sort diff-desc --word 4
 """
 import argparse

@@ -1,7 +1,7 @@
 """Builds a small Karpathy-format dataset on disk: real image files of many Pillow modes, a
 dataset_*.json beside them. Used by the tests, and on its own to time data preparation:
 
-    python tests/fixtures.py --out /tmp/kp --num-images 2000 --width 640 --height 480
+    python scripts/fixtures.py --out /tmp/kp --num-images 2000 --width 640 --height 480
     python create_input_files.py --dataset coco --karpathy-json /tmp/kp/dataset_coco.json \
         --image-folder /tmp/kp/images --output-folder /tmp/kp/out --workers 1
 

@@ -1,0 +1,182 @@
+"""Evaluation results on disk, written by eval.py and read by compare.py, in one place.
+
+Beside the checkpoint (or --out), with STEM = eval_{SPLIT}:
+
+    STEM.json                    EvalResults: what was evaluated, and a BeamResult per beam size
+    STEM_captions_beam{K}.json   the captions in the COCO results format: [{"image_id": id, "caption": "..."}]
+    STEM_images_beam{K}.json     an ImageTable: per image of the split, in its order, an ImageRow with
+                                 the caption and what is known of it (its own CIDEr, exact match, for
+                                 shapes what it gets wrong, for attention the per-word maps)
+
+A later eval of the same checkpoint on the same images adds its beam sizes to the file and replaces
+only the beam sizes it recomputed (merge); another checkpoint or other images replace it whole.
+"""
+import json
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+
+from utils import InputError, atomic_path, write_json
+
+# What a BeamResult holds besides its metrics, as keys of the same JSON object.
+BOOKKEEPING = ("images_per_s", "seconds", "max_len", "length_penalty", "block_ngram_repeat", "captions_file",
+               "images_file")
+
+
+@dataclass
+class BeamResult:
+    beam_size: int
+    metrics: dict  # name -> value, None where it could not be computed (see EvalResults.unavailable)
+    images_per_s: float  # decoding speed
+    seconds: float
+    max_len: int  # the decoding options
+    length_penalty: float
+    block_ngram_repeat: int
+    captions_file: str  # file names beside the results file
+    images_file: str
+
+    def to_json(self):
+        return {**self.metrics, **{k: getattr(self, k) for k in BOOKKEEPING}}
+
+    @classmethod
+    def from_json(cls, beam_size, entry, defaults):
+        """defaults: the decoding options of files written before each beam kept its own."""
+        metrics = {k: v for k, v in entry.items() if k not in BOOKKEEPING and k != "images"}
+        return cls(beam_size, metrics, **{k: entry.get(k, defaults.get(k)) for k in BOOKKEEPING})
+
+
+@dataclass
+class EvalResults:
+    checkpoint: str  # its absolute path
+    weights: str | None  # a fingerprint of its weights (checkpoint.weights_id): which model was scored
+    epoch: int
+    split: str
+    images: int
+    data_folder: str
+    data_name: str
+    decoder: str
+    decoder_parameters: int | None
+    references: dict  # which references coco-caption used: kind (raw | encoded), per image min, max, mean
+    config: dict  # the checkpoint's config
+    beams: dict = field(default_factory=dict)  # beam size -> BeamResult, ascending
+    unavailable: dict = field(default_factory=dict)  # metric -> why it could not run
+    nltk_bleu4_references: str = "encoded"
+
+    def to_json(self):
+        out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "beams"}
+        out["results"] = {f"beam{k}": b.to_json() for k, b in sorted(self.beams.items())}
+        return out
+
+    @classmethod
+    def from_json(cls, data):
+        names = {f.name for f in fields(cls)} - {"beams"}
+        top = {k: data.get(k) for k in names}
+        top["unavailable"] = top["unavailable"] or {}
+        top["nltk_bleu4_references"] = top["nltk_bleu4_references"] or "encoded"
+        beams = {int(key[len("beam"):]): BeamResult.from_json(int(key[len("beam"):]), entry, data)
+                 for key, entry in data["results"].items()}
+        return cls(**top, beams=dict(sorted(beams.items())))
+
+    def same_evaluation(self, other):
+        """Whether two results score the same model on the same images, so their beams can be merged."""
+        key = lambda r: (r.weights, r.split, r.data_name, r.images)  # noqa: E731
+        return self.weights is not None and key(self) == key(other)
+
+
+@dataclass
+class ImageRow:
+    """One image's caption and what eval.py found about it."""
+    index: int  # in the split
+    image_id: int | str  # the dataset's id (COCO's cocoid, a file name, ...)
+    caption: str
+    CIDEr: float  # its own, against its references (their mean over the split is the CIDEr)
+    exact_match: bool  # equal to one of its encoded references
+    describes_scene: bool | None = None  # shapes: names every object, nothing else, only true relations
+    scene_errors: dict | None = None  # shapes: {"missing", "invented", "false"} phrases
+    pointing: list | None = None  # attention on shapes, per word: 1 on a matching object, 0 not, None names none
+    attention: str | None = None  # attention decoder: the per-word maps, visualize.attention_bytes
+
+    @property
+    def right(self):
+        """The rule every report uses: true of the scene where the data has one (shapes), else an
+        exact match of a reference."""
+        return self.exact_match if self.describes_scene is None else self.describes_scene
+
+
+@dataclass
+class ImageTable:
+    split: str
+    beam_size: int
+    attention_grid: int | None  # the side of the maps' grid, None without maps
+    rows: list  # ImageRow per image, in the split's order
+
+    def to_json(self):
+        return {"split": self.split, "beam_size": self.beam_size, "attention_grid": self.attention_grid,
+                "images": [{k: v for k, v in asdict(r).items() if v is not None} for r in self.rows]}
+
+    @classmethod
+    def from_json(cls, data):
+        return cls(data["split"], data["beam_size"], data["attention_grid"],
+                   [ImageRow(**row) for row in data["images"]])
+
+    @property
+    def has_maps(self):
+        return self.attention_grid is not None and all(r.attention is not None for r in self.rows)
+
+
+def file_names(path, beam_size):
+    """The captions file and the per-image file of one beam size, beside the results file `path`."""
+    stem = os.path.splitext(os.path.basename(path))[0]
+    return f"{stem}_captions_beam{beam_size}.json", f"{stem}_images_beam{beam_size}.json"
+
+
+def _read(path):
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise InputError(f"{path} is not valid JSON ({e}): evaluate again with eval.py") from None
+
+
+def read_results(path):
+    """The EvalResults in `path`, or None when there is none."""
+    return EvalResults.from_json(_read(path)) if os.path.isfile(path) else None
+
+
+def read_table(path, beam):
+    """The ImageTable of one BeamResult of the results file `path`, or None when it is missing."""
+    table = os.path.join(os.path.dirname(path), beam.images_file or "")
+    return ImageTable.from_json(_read(table)) if beam.images_file and os.path.isfile(table) else None
+
+
+def merge(old, new):
+    """What the results file holds after `new`: `new`'s beam sizes added to `old`'s when both score
+    the same model on the same images, else `new` alone. Returns (merged, a line saying what was
+    replaced, or None when nothing was)."""
+    if old is None:
+        return new, None
+    beams = lambda r: ", ".join(map(str, r.beams)) or "none"  # noqa: E731
+    if not old.same_evaluation(new):
+        why = "an older eval.py's, which do not say which weights they scored" if old.weights is None else \
+            "another checkpoint or other images"
+        return new, f"replaced the earlier results (beam {beams(old)}, {old.checkpoint} epoch {old.epoch}, " \
+                    f"{old.images} images): {why}"
+    redone, kept = sorted(set(old.beams) & set(new.beams)), sorted(set(old.beams) - set(new.beams))
+    merged = replace(new, beams=dict(sorted({**old.beams, **new.beams}.items())),
+                     unavailable={**old.unavailable, **new.unavailable})
+    if not redone:
+        return merged, None
+    return merged, (f"replaced the earlier results of beam {', '.join(map(str, redone))}"
+                    + (f"; kept beam {', '.join(map(str, kept))}" if kept else ""))
+
+
+def write(path, results, captions, tables):
+    """Write the results file and, per beam size in `tables`, its captions file (captions: beam ->
+    [{"image_id", "caption"}]) and per-image file. Each is written whole or not at all."""
+    folder = os.path.dirname(os.path.abspath(path))
+    for k, table in tables.items():
+        captions_file, images_file = file_names(path, k)
+        for name, data in ((captions_file, captions[k]), (images_file, table.to_json())):
+            with atomic_path(os.path.join(folder, name)) as tmp:
+                write_json(tmp, data)
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
+        json.dump(results.to_json(), f, indent=1)

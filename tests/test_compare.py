@@ -1,0 +1,146 @@
+"""compare.py: the shortened demo (trained runs -> eval -> the report), what it says of each run, the
+self-critical section, and what it says when a run lacks the beam size asked for or its maps."""
+import json
+import re
+import shutil
+
+import pytest
+import yaml
+
+from tests.helpers import page_data, refused, run_script, train_args
+
+pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
+
+
+def tables_under(report, heading):
+    """The pipe tables of one section (## or ###) of a report, each as {row label: {column: cell}}."""
+    text = report.split(f"{heading}\n", 1)[1]
+    text = re.split(r"\n#{2,3} ", text, maxsplit=1)[0]
+    tables = []
+    for block in re.findall(r"((?:^\|.*\|\n)+)", text, re.M):
+        rows = [[c.strip() for c in line.strip().strip("|").split(" | ")] for line in block.strip().splitlines()]
+        tables.append({row[0]: dict(zip(rows[0][1:], row[1:], strict=True)) for row in rows[2:]})
+    return tables
+
+
+@pytest.fixture(scope="module")
+def evaluated(trained, tmp_path_factory):
+    """Both tiny decoders copied and evaluated at beam 1 and 3."""
+    root = tmp_path_factory.mktemp("compare")
+    runs = []
+    for decoder in ("rnn", "attention"):
+        run = root / decoder
+        shutil.copytree(trained(decoder).parent, run)
+        r = run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 1, 3)
+        assert r.returncode == 0, r.stderr
+        runs.append(run)
+    return runs
+
+
+def test_shortened_demo_report(evaluated, tmp_path, shapes_data):
+    runs = evaluated
+    # a third run that stopped early and was never evaluated
+    stopped = tmp_path / "stopped"
+    r = run_script("train.py", *train_args(stopped, shapes_data, decoder="attention", epochs=5, patience=1,
+                                           decoder_lr=1e-12))
+    assert r.returncode == 0, r.stderr
+    out = tmp_path / "report"
+    r = run_script("compare.py", *runs, stopped, "--out", out)
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    for beam in (1, 3):  # every cell of the quality table is the eval result of its run and metric
+        (cells,) = tables_under(report, f"### beam {beam}")
+        for run in runs:
+            results = json.loads((run / "eval_TEST.json").read_text())["results"][f"beam{beam}"]
+            row = cells[f"{run.name} ({run.name})"]
+            for metric in ("BLEU-4", "CIDEr", "ROUGE-L", "nltk BLEU-4"):
+                assert row[metric] == f"{results[metric]:.4f}", (run.name, beam, metric)
+            assert row["exact match"] == f"{results['exact_match']:.1%}"
+        assert cells["stopped (attention)"]["CIDEr"] == "n/a"
+        margin = cells["margin attention - rnn"]["CIDEr"]
+        assert float(margin) == pytest.approx(float(cells["attention (attention)"]["CIDEr"])
+                                              - float(cells["rnn (rnn)"]["CIDEr"]), abs=2e-4)
+    assert "**stopped (attention): no eval results yet**" in report
+    assert "stopped (attention) stopped early after 2 of 5 epochs" in report
+    (cost,) = tables_under(report, "## Cost")
+    parameters = json.loads((runs[1] / "eval_TEST.json").read_text())["decoder_parameters"]
+    assert cost["attention (attention)"]["decoder parameters"] == f"{parameters / 1e6:.2f} M"
+    for png in ("curves.png", "metrics.png", "attention.png"):
+        assert (out / png).stat().st_size > 1000
+    # the errors table marks as wrong exactly the captions eval.py's per-image files call wrong
+    rows = {run.name: json.loads((run / "eval_TEST_images_beam3.json").read_text())["images"] for run in runs}
+    if "## Typical errors" in report:
+        (errors,) = tables_under(report, "## Typical errors")
+        for image, cells in errors.items():
+            index = int(image.split()[1])
+            for name in ("rnn", "attention"):
+                row = rows[name][index]
+                assert cells[name] == (row["caption"] if row["describes_scene"] else f"*{row['caption']}*")
+    page = (out / "report.html").read_text()
+    data = page_data(page)
+    assert [r["name"] for r in data["runs"]] == ["rnn", "attention"] and len(data["images"]) == 6
+    assert data["runs"][1]["grid"] == 4 and data["runs"][0]["grid"] is None  # the attention run's 4x4 maps
+    for k, name in enumerate(("rnn", "attention")):  # the beam-3 captions and CIDEr eval.py kept
+        assert [im["caps"][k]["caption"] for im in data["images"]] == [r["caption"] for r in rows[name]]
+        assert [im["caps"][k]["CIDEr"] for im in data["images"]] == [r["CIDEr"] for r in rows[name]]
+        assert [im["caps"][k]["right"] for im in data["images"]] == [r["describes_scene"] for r in rows[name]]
+    assert "Browse the 6 TEST images" in page and "[report.html](report.html#browse)" in report
+    r = run_script("compare.py", *runs, "--out", tmp_path / "first4", "--browse-images", 4, "--thumb-size", 32)
+    assert r.returncode == 0, r.stderr
+    assert "Browse the 4 TEST images" in (tmp_path / "first4" / "report.html").read_text()
+    assert "a browser of the first 4 TEST images" in (tmp_path / "first4" / "report.md").read_text()
+
+
+def test_a_missing_beam_size_or_missing_maps_is_said(evaluated, tmp_path):
+    """--beam-size 5 when the runs have 1 and 3: the report uses 1 and says so; an attention run whose
+    per-image file has no maps gets the command to run, and no per-image file means no browser."""
+    runs = [tmp_path / run.name for run in evaluated]
+    for src, run in zip(evaluated, runs, strict=True):
+        shutil.copytree(src, run)
+    r = run_script("compare.py", *runs, "--out", tmp_path / "r5", "--beam-size", 5)
+    assert r.returncode == 0, r.stderr
+    note = "rnn, attention: no beam 5 results, so the figures, errors and browser use beam 1"
+    assert note in r.stdout and note in (tmp_path / "r5" / "report.md").read_text()
+    table = runs[1] / "eval_TEST_images_beam3.json"
+    data = json.loads(table.read_text())
+    for row in data["images"]:
+        del row["attention"]
+    table.write_text(json.dumps(data))
+    r = run_script("compare.py", *runs, "--out", tmp_path / "r3")
+    assert r.returncode == 0, r.stderr
+    assert "attention: its beam-3 results have no attention maps" in r.stdout
+    command = f"python eval.py --checkpoint {runs[1] / 'best.pt'} --beam-size 3"
+    assert command in (tmp_path / "r3" / "report.md").read_text()
+    for f in runs[0].glob("eval_TEST_images_*.json"):
+        f.unlink()
+    r = run_script("compare.py", *runs, "--out", tmp_path / "r3")
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "r3" / "report.md").read_text()
+    assert "No browser of the TEST images in report.html: rnn: no per-image results at beam 3: evaluate again" in report
+    assert 'id="data"' not in (tmp_path / "r3" / "report.html").read_text()
+
+
+def test_report_says_what_self_critical_training_changed(trained, scst_run, tmp_path):
+    """compare.py pairs an scst run with the run its --init_from names, and says what changed."""
+    xe, scst = tmp_path / "xe", tmp_path / "scst"
+    shutil.copytree(trained("attention").parent, xe)
+    shutil.copytree(scst_run, scst)
+    cfg = yaml.safe_load((scst / "config.yaml").read_text())
+    (scst / "config.yaml").write_text(yaml.safe_dump({**cfg, "init_from": str(xe / "best.pt")}))
+    for folder in (xe, scst):
+        r = run_script("eval.py", "--checkpoint", folder / "best.pt", "--beam-size", 1, "--workers", 0)
+        assert r.returncode == 0, r.stderr
+    r = run_script("compare.py", xe, scst, "--out", tmp_path / "report", "--beam-size", 1, "--images", 2)
+    assert r.returncode == 0, r.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "## What self-critical training changed" in report and "xe -> scst" in report
+    (changes,) = tables_under(report.split("## What self-critical training changed")[1], "### beam 1")
+    before = json.loads((xe / "eval_TEST.json").read_text())["results"]["beam1"]["CIDEr"]
+    after = json.loads((scst / "eval_TEST.json").read_text())["results"]["beam1"]["CIDEr"]
+    assert changes["CIDEr"]["xe -> scst"].startswith(f"{before:.4f} -> {after:.4f}")
+    assert "caption length" in changes and "The template that moved most" in report
+    assert (tmp_path / "report" / "scst_curves.png").stat().st_size > 10000
+
+
+def test_compare_refuses_a_folder_without_a_run(trained, tmp_path):
+    refused(run_script("compare.py", trained("rnn").parent, tmp_path, "--out", tmp_path / "r"), "config.yaml")
