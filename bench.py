@@ -46,7 +46,9 @@ def parse_args():
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--encoder-mode", nargs="+", default=list(ENCODERS), choices=ENCODERS)
     p.add_argument("--accumulation", nargs="+", type=int, default=[1, 2])
-    p.add_argument("--batch-size", nargs="+", type=int, default=[32], help="effective batch sizes")
+    p.add_argument("--batch-size", nargs="+", type=int, default=[32], help="effective batch sizes, in captions")
+    p.add_argument("--group", nargs="+", type=int, default=[1], metavar="K", help="captions per image in a batch "
+                   "(group_by_image; 1: every caption with its own image)")
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--vocab", type=int, default=10000, help="words (about COCO's at min_word_freq 5; the "
                    "tutorial's word map, counted over all splits, has 9490)")
@@ -137,22 +139,26 @@ def word_map_of(size):
     return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
 
 
-def micro_batches(run, n, micro, args, cached, feature_shape):
-    """`n` micro-batches on the host, as the DataLoader hands them over (pinned on CUDA)."""
+def micro_batches(run, n, micro, args, cached, feature_shape, k=1):
+    """`n` micro-batches of `micro` captions on the host, as the DataLoader hands them over (pinned on
+    CUDA); with k > 1, micro / k images with k captions each (group_by_image)."""
     g = torch.Generator().manual_seed(0)
     batches = []
     for _ in range(n):
         if cached:
-            x = torch.randn((micro,) + feature_shape, generator=g).half()
+            x = torch.randn((micro // k,) + feature_shape, generator=g).half()
         else:
-            x = torch.randint(0, 256, (micro, 3, args.image_size, args.image_size), dtype=torch.uint8, generator=g)
+            x = torch.randint(0, 256, (micro // k, 3, args.image_size, args.image_size), dtype=torch.uint8,
+                              generator=g)
         lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (micro,), generator=g)
         lens[0] = args.caption_len
         caps = torch.randint(1, len(run.word_map) - 3, (micro, args.caption_len), generator=g)
         caps[:, 0] = run.word_map["<start>"]
         caps[torch.arange(micro), lens - 1] = run.word_map["<end>"]
         caps[torch.arange(args.caption_len)[None] >= lens[:, None]] = 0
-        batch = TrainItem(x, caps, lens, torch.arange(micro))
+        if k > 1:
+            caps, lens = caps.view(micro // k, k, -1), lens.view(micro // k, k)
+        batch = TrainItem(x, caps, lens, torch.arange(micro // k))
         if run.device.type == "cuda":
             batch = TrainItem(*(b.pin_memory() for b in batch))
         batches.append(batch)
@@ -166,34 +172,35 @@ def run_steps(run, group, amp, n):
 
 def bench_training(args, base, device, word_map):
     rows, profiled = [], set()
-    matrix = itertools.product(args.decoder, args.precision, args.encoder_mode, args.batch_size, args.accumulation)
-    for decoder, precision, mode, batch, acc in matrix:
-        if precision == "fp16" and device.type != "cuda" or batch % acc:
+    matrix = itertools.product(args.decoder, args.precision, args.encoder_mode, args.batch_size, args.accumulation,
+                               args.group)
+    for decoder, precision, mode, batch, acc, k in matrix:
+        if precision == "fp16" and device.type != "cuda" or batch % acc or (batch // acc) % k:
             continue  # CPU autocast in fp16 is slow and train.py does not use it
         cfg = dict(base, decoder=decoder, fine_tune_encoder=mode == "finetune", batch_size=batch // acc,
                    accumulation_steps=acc, **PRECISIONS[precision])
         torch.manual_seed(0)
         run = train.build_run(cfg, word_map, args.image_size, device)
-        shape = feature_shape(run, args) if mode == "cached" else None
+        shape = feature_shape(run, args, cached=True) if mode == "cached" else None
         run.encoder.train()
         run.decoder.train()
-        group = micro_batches(run, acc, batch // acc, args, mode == "cached", shape)
+        group = micro_batches(run, acc, batch // acc, args, mode == "cached", shape, k)
         steps = functools.partial(run_steps, run, group, amp_context(cfg, device), args.steps)
         row = {"decoder": decoder, "precision": precision, "encoder": mode, "batch": batch, "accumulation": acc,
-               "micro_batch": batch // acc}
+               "micro_batch": batch // acc, "captions_per_image": k}
         try:
             with PeakMemory(device) as mem:
                 med, lo, hi = timed(steps, device, args.runs, args.warmup)
         except RuntimeError as e:  # a kernel this machine lacks: say which, and go on with the others
             rows.append({**row, "error": str(e).splitlines()[0][:200]})
-            print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc}: cannot run here "
+            print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k}: cannot run here "
                   f"({rows[-1]['error']})", flush=True)
             continue
         images = batch * args.steps
         row.update({"images_per_s": images / med, "images_per_s_min": images / hi, "images_per_s_max": images / lo,
                     "peak_memory_mb": mem.mb})
         rows.append(row)
-        print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc}: {row['images_per_s']:8.1f} img/s, "
+        print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k}: {row['images_per_s']:8.1f} img/s, "
               f"{mem.mb:7.0f} MiB", flush=True)
         if args.profile and args.out and decoder not in profiled:
             profile(args, steps, device, f"{decoder}_{precision}_{mode}")
@@ -201,10 +208,12 @@ def bench_training(args, base, device, word_map):
     return rows
 
 
-def feature_shape(run, args):
+def feature_shape(run, args, cached=False):
+    """What the decoders read of one image (P x D), or what the feature cache holds of it (C x g x g)."""
     with torch.no_grad():
         probe = torch.zeros(1, 3, args.image_size, args.image_size, dtype=torch.uint8, device=run.device)
-        return tuple(run.encoder.eval()(probe).shape[1:])
+        encoder = run.encoder.eval()
+        return tuple((encoder.cache_grid(probe) if cached else encoder(probe)).shape[1:])
 
 
 def profile(args, fn, device, name):
@@ -285,8 +294,8 @@ def bench_data(args, cfg):
     loader = DataLoader(dataset, batch_size=max(args.batch_size), shuffle=True, num_workers=cfg["workers"],
                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
     n, t0 = 0, time.perf_counter()
-    for i, (images, _, _) in enumerate(loader):
-        n += len(images)
+    for i, batch in enumerate(loader):
+        n += len(batch.image)
         if i == 200:
             break
     rate = n / (time.perf_counter() - t0)
@@ -296,15 +305,16 @@ def bench_data(args, cfg):
 
 def markdown(result):
     lines = [f"{result['card']}, torch {result['torch']}, {result['date']}; model: {result['model']}", "",
-             "| decoder | precision | encoder | batch (micro x acc) | images/s (min-max) | peak memory MiB |",
+             "| decoder | precision | encoder | batch (micro x acc) | captions/s (min-max) | peak memory MiB |",
              "|---|---|---|---|---|---|"]
     for r in result["training"]:
         if "error" in r:
             lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
                          f"{r['accumulation']}) | cannot run here: {r['error']} | |")
             continue
+        per_image = f", {r['captions_per_image']} per image" if r.get("captions_per_image", 1) > 1 else ""
         lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
-                     f"{r['accumulation']}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
+                     f"{r['accumulation']}{per_image}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
                      f"{r['images_per_s_max']:.1f}) | {r['peak_memory_mb']:.0f} |")
     lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up | same captions |",
               "|---|---|---|---|---|---|"]

@@ -141,7 +141,7 @@ def image_array(im, size):
 
 class TrainItem(NamedTuple):
     """One (image, caption) pair of TRAIN. The DataLoader batches it field by field."""
-    image: torch.Tensor  # uint8 3 x H x W, or float16 P x D cached features
+    image: torch.Tensor  # uint8 3 x H x W, or a float16 C x g x g grid from the feature cache
     caption: torch.Tensor  # max_len + 2 token ids: <start> ... <end> <pad> ...
     length: torch.Tensor  # tokens in caption, <start> and <end> included
     index: torch.Tensor  # the image's index in the split (self-critical training looks up its references)
@@ -149,7 +149,7 @@ class TrainItem(NamedTuple):
 
 class EvalItem(NamedTuple):
     """One image of VAL or TEST with everything evaluation uses."""
-    image: torch.Tensor  # uint8 3 x H x W, or float16 P x D cached features
+    image: torch.Tensor  # uint8 3 x H x W, or a float16 C x g x g grid from the feature cache
     captions: torch.Tensor  # captions_per_image x (max_len + 2): all its encoded captions
     index: torch.Tensor  # its index in the split
 
@@ -160,7 +160,7 @@ class CaptionDataset(Dataset):
     TRAIN yields a TrainItem per (image, caption) pair; VAL and TEST an EvalItem per image, so an
     epoch of evaluation visits each image once. Images are uint8 3 x H x W: normalise per batch on the
     device, which is several times faster than per sample in the workers. After use_features(path) (a
-    .npy file of N x P x D float16, see feature_cache) items carry features, not images.
+    .npy file of N x C x g x g float16, see feature_cache) items carry the encoder's grids, not images.
     """
 
     def __init__(self, data_folder, data_name, split):
@@ -205,11 +205,15 @@ class CaptionDataset(Dataset):
         return {**self.__dict__, "_h5": None, "_pid": None, "_feats": None}
 
     def __getitem__(self, i):
-        img_idx = i // self.cpi if self.split == "TRAIN" else i
+        """TRAIN: caption i, or a tuple of caption indices of one image (distributed.EpochSampler with
+        group_by_image), whose image is read once: then caption is k x (max_len + 2), length k."""
+        first = i[0] if isinstance(i, tuple) else i
+        img_idx = first // self.cpi if self.split == "TRAIN" else i
         image = self._images()[img_idx]
         image = torch.from_numpy(np.array(image) if self.features else image)  # memmaps are read-only
         if self.split == "TRAIN":
-            return TrainItem(image, self.captions[i].long(), self.caplens[i].long(), torch.tensor(img_idx))
+            rows = torch.tensor(i) if isinstance(i, tuple) else i
+            return TrainItem(image, self.captions[rows].long(), self.caplens[rows].long(), torch.tensor(img_idx))
         return EvalItem(image, self.image_captions(img_idx), torch.tensor(img_idx))
 
     def image_captions(self, img_idx):
@@ -217,24 +221,29 @@ class CaptionDataset(Dataset):
         return self.captions[img_idx * self.cpi:(img_idx + 1) * self.cpi].long()
 
 
+CACHE_LAYOUT = "grid"  # what a cache file holds (Encoder.cache_grid); part of its name, so no other layout is misread
+
+
 @torch.no_grad()
 def feature_cache(dataset, encoder, cfg, device, amp):
     """Encode every image of a split once with the frozen encoder, into a float16 .npy file under
     {data_folder}/cache/ named by a hash of the encoder's weights and settings: later epochs, and
-    later runs with the same encoder, read features instead of running the encoder again. Returns
-    the file's path."""
+    later runs with the same encoder, read it instead of running the encoder again. It keeps the
+    trunk's own grid (N x C x g x g, Encoder.cache_grid), which the training step pools to the decoders'
+    cells on the device: ResNet-101 at 256 px caches 8 x 8 cells per image, not 14 x 14. Returns the
+    file's path."""
     encoder.eval()
     images_file = os.stat(dataset.h5_path)  # prepared again means cached again
     key = hashlib.sha1(repr([cfg[k] for k in ("encoder", "encoder_stages", "encoded_size", "coord_channels")]
-                            + [dataset.h5_path, images_file.st_size, images_file.st_mtime_ns]).encode())
+                            + [CACHE_LAYOUT, dataset.h5_path, images_file.st_size, images_file.st_mtime_ns]).encode())
     for name, value in encoder.state_dict().items():
         key.update(name.encode() + value.cpu().numpy().tobytes())
     path = os.path.join(cfg["data_folder"], "cache", f"{dataset.split}_{cfg['data_name']}_{key.hexdigest()[:12]}.npy")
-    if os.path.exists(path):
+    images, n, size = dataset._images(), dataset.num_images, cfg["batch_size"]
+    shape = (n,) + tuple(encoder.cache_grid(torch.from_numpy(images[:1]).to(device)).shape[1:])  # N x C x g x g
+    if os.path.exists(path) and np.load(path, mmap_mode="r").shape == shape:
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    images, n, size = dataset._images(), dataset.num_images, cfg["batch_size"]
-    shape = (n,) + tuple(encoder(torch.from_numpy(images[:1]).to(device)).shape[1:])  # N x P x D
     need, free = 2 * math.prod(shape), shutil.disk_usage(os.path.dirname(path)).free
     if need > 0.9 * free:
         raise InputError(f"caching {dataset.split} features needs {need / 2**30:.1f} GiB in {os.path.dirname(path)}, "
@@ -243,7 +252,8 @@ def feature_cache(dataset, encoder, cfg, device, amp):
         cache = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.float16, shape=shape)
         for s in tqdm(range(0, n, size), desc=f"cache {dataset.split} features", unit="batch", leave=False):
             with amp:
-                cache[s:s + size] = encoder(torch.from_numpy(images[s:s + size]).to(device)).float().cpu().numpy()
+                grid = encoder.cache_grid(torch.from_numpy(images[s:s + size]).to(device))  # b x C x g x g
+            cache[s:s + size] = grid.float().cpu().numpy()
         cache.flush()
         del cache
     print(f"cached {dataset.split} encoder features: {path} ({os.path.getsize(path) / 2**20:.0f} MiB)")

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from models import features_of
+from models import expand, features_of
 from utils import InputError
 
 @dataclass(frozen=True)
@@ -49,9 +49,15 @@ def decode(decoder, features, vocab, options=DecodeOptions()):
 
 @torch.no_grad()
 def caption_images(encoder, decoder, vocab, images, options=DecodeOptions()):
-    """Images (uint8 B x 3 x H x W, or encoder features B x P x D as the feature cache holds them) ->
-    one Caption each. Validation, eval.py, caption.py and compare.py all caption through here."""
-    out = decode(decoder, features_of(encoder, images), vocab, options)
+    """Images (uint8 B x 3 x H x W, or the feature cache's grids B x C x g x g) -> one Caption each.
+    eval.py, caption.py and the Python API caption through here."""
+    return caption_features(decoder, vocab, features_of(encoder, images), options)
+
+
+@torch.no_grad()
+def caption_features(decoder, vocab, features, options=DecodeOptions()):
+    """The decoders' features B x P x D -> one Caption each (validation has them already)."""
+    out = decode(decoder, features, vocab, options)
     captions = []
     for j, seq in enumerate(out.seqs):
         words = vocab.decode(seq)
@@ -73,10 +79,11 @@ def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
     flattened by `temperature` for the draw only), through the step API. The log-probability of each
     drawn word under the model stays in the autograd graph, so a reward can be backpropagated.
     <end> ends a caption, and is forced after max_len words; finished captions leave the batch.
-    features: B x P x D; returns Samples over R = B x samples rows (image-major)."""
-    feats = features.repeat_interleave(samples, 0)  # R x P x D
+    features: B x P x D; returns Samples over R = B x samples rows (image-major). The initial state
+    (and the attention projection) is computed once per image, then repeated for its samples."""
+    state = expand(decoder.init_state(features), samples)  # R x ... each
+    feats = features.repeat_interleave(samples, 0)  # R x P x D: rows leave one by one as they end
     R, L, dev = feats.size(0), max_len + 1, features.device
-    state = decoder.init_state(feats)
     live = torch.arange(R, device=dev)  # rows still writing
     words = torch.full((R,), vocab.start, dtype=torch.long, device=dev)
     seqs = torch.zeros(R, L, dtype=torch.long, device=dev)

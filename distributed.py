@@ -51,19 +51,22 @@ def check_ranks_agree(modules, world):
 
 
 class EpochSampler(Sampler):
-    """A permutation drawn from (seed, epoch), read from position `start`: a run resumed in the middle
-    of an epoch sees exactly the samples the uninterrupted run would have seen. With `per_image` k > 0
-    an epoch visits each image with k of its captions, drawn afresh each epoch, instead of all.
+    """A permutation drawn from (seed, epoch), read from position `start` (in captions): a run resumed
+    in the middle of an epoch sees exactly the samples the uninterrupted run would have seen. With
+    `per_image` k > 0 an epoch visits each image with k of its captions, drawn afresh each epoch,
+    instead of all. `grouped` keeps an image's k captions together: each item is then the tuple of
+    their indices (CaptionDataset reads the image once for them), and a batch of batch_size captions
+    is batch_size / k images.
 
     Under torchrun every rank draws the same permutation and takes every world-th item of it, so the
     ranks' batches together are the batch a single process would take at batch_size x world; the
     incomplete last global batch is dropped, so every rank runs the same number of steps. (It does
     what DistributedSampler does, plus the mid-epoch start and the per-image caption draw.)"""
 
-    def __init__(self, num_images, cpi, seed, per_image=0, batch_size=1, rank=0, world=1):
+    def __init__(self, num_images, cpi, seed, per_image=0, batch_size=1, rank=0, world=1, grouped=False):
         self.num_images, self.cpi, self.seed = num_images, cpi, seed
         self.k = per_image if 0 < per_image < cpi else cpi
-        self.batch, self.rank, self.world = batch_size, rank, world
+        self.batch, self.rank, self.world, self.grouped = batch_size, rank, world, grouped
         self.epoch, self.start = 0, 0
 
     def set_epoch(self, epoch, start=0):
@@ -76,12 +79,18 @@ class EpochSampler(Sampler):
         else:
             pick = torch.rand(self.num_images, self.cpi, generator=g).argsort(1)[:, : self.k]
             items = (torch.arange(self.num_images)[:, None] * self.cpi + pick).flatten()
+        if self.grouped:  # images in random order, each with its k captions
+            groups = items.view(self.num_images, self.k)[torch.randperm(self.num_images, generator=g)]
+            groups = groups[self.start // self.k:][: len(self) * self.world][self.rank :: self.world]
+            return iter([tuple(group) for group in groups.tolist()])
         items = items[torch.randperm(len(items), generator=g)][self.start:]
         return iter(items[: len(self) * self.world][self.rank :: self.world].tolist())
 
     def __len__(self):
+        """Items this rank takes in the (rest of the) epoch: captions, or images when grouped."""
         whole = self.batch * self.world
-        return (self.num_images * self.k - self.start) // whole * self.batch
+        captions = (self.num_images * self.k - self.start) // whole * self.batch
+        return captions // self.k if self.grouped else captions
 
 
 class Stopped(Exception):

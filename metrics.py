@@ -7,6 +7,7 @@ needs neither nltk nor Java.
 """
 import math
 import os
+import time
 from collections import Counter
 
 import torch
@@ -131,21 +132,30 @@ def _spice_missing():
     return None
 
 
-def coco_metrics(references, systems, spice=False):
+def coco_metrics(references, systems, spice=False, seconds=None):
     """coco-caption scores, as papers report them, for one or more sets of captions of the same images
     (say, one per beam size: the references are tokenised once and Java started once per tool).
 
     references: {id: [sentence, ...]}; systems: {name: {id: sentence}}. Returns (scores, unavailable,
     cider): scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
     unavailable maps the metrics that could not run to the reason; cider maps each name to every
-    image's own CIDEr ({id: float}, their mean is the corpus CIDEr)."""
+    image's own CIDEr ({id: float}, their mean is the corpus CIDEr). `seconds`, a dict, gets the time
+    each part took (tokenize, BLEU, METEOR, ROUGE-L, CIDEr, SPICE)."""
     from pycocoevalcap.bleu.bleu import Bleu
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
+    seconds = {} if seconds is None else seconds
+
+    def timed(part, fn, *args, **kw):
+        t0 = time.perf_counter()
+        out = fn(*args, **kw)
+        seconds[part] = seconds.get(part, 0.0) + time.perf_counter() - t0
+        return out
+
     ids = sorted(next(iter(systems.values())))
-    gts = ptb_tokenize({i: references[i] for i in ids})
-    tokens = ptb_tokenize({(name, i): [hyps[i]] for name, hyps in systems.items() for i in ids})
+    gts = timed("tokenize", ptb_tokenize, {i: references[i] for i in ids})
+    tokens = timed("tokenize", ptb_tokenize, {(name, i): [hyps[i]] for name, hyps in systems.items() for i in ids})
     unavailable = {}
     java = java_available()
     if not java:
@@ -155,21 +165,22 @@ def coco_metrics(references, systems, spice=False):
     meteor = None
     if java:
         from pycocoevalcap.meteor.meteor import Meteor
-        meteor = Meteor()
+        meteor = timed("METEOR", Meteor)
     results, per_image = {}, {}
     for name in systems:
         res = {i: [tokens[(name, i)][0]] for i in ids}  # an empty caption scores as it is
-        scores = {f"BLEU-{n + 1}": b for n, b in enumerate(Bleu(4).compute_score(gts, res, verbose=0)[0])}
-        scores["METEOR"] = meteor.compute_score(gts, res)[0] if meteor else None
-        scores["ROUGE-L"] = Rouge().compute_score(gts, res)[0]
-        scores["CIDEr"], cider = Cider().compute_score(gts, res)
+        bleu = timed("BLEU", Bleu(4).compute_score, gts, res, verbose=0)[0]
+        scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
+        scores["METEOR"] = timed("METEOR", meteor.compute_score, gts, res)[0] if meteor else None
+        scores["ROUGE-L"] = timed("ROUGE-L", Rouge().compute_score, gts, res)[0]
+        scores["CIDEr"], cider = timed("CIDEr", Cider().compute_score, gts, res)
         per_image[name] = {i: float(c) for i, c in zip(gts, cider, strict=True)}  # Cider walks gts in order
         if spice:
             if "SPICE" in unavailable:
                 scores["SPICE"] = None
             else:
                 from pycocoevalcap.spice.spice import Spice
-                scores["SPICE"] = Spice().compute_score(gts, res)[0]
+                scores["SPICE"] = timed("SPICE", Spice().compute_score, gts, res)[0]
         results[name] = {k: (float(v) if v is not None else None) for k, v in scores.items()}
     return results, unavailable, per_image
 

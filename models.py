@@ -152,12 +152,30 @@ class Encoder(nn.Module):
     def frozen(self):
         return not any(p.requires_grad for p in self.parameters())
 
-    def forward(self, images):
-        x = (images.float() - self.mean) / self.std
-        x = self.pool(self.net(x)).flatten(2).transpose(1, 2)  # B x P x D
+    def trunk(self, images):
+        """uint8 images B x 3 x H x W -> the last stage's grid B x C x h x w (h = H / 32 for 4 stages)."""
+        return self.net((images.float() - self.mean) / self.std)
+
+    def head(self, grid):
+        """A grid B x C x g x g (the trunk's, or read from the feature cache) -> the decoders' features
+        B x P x D: pooled to encoded_size x encoded_size cells, each cell's x, y appended."""
+        # channels-last: the pooling kernel is 3x faster so, and B x P x C comes out without a copy
+        x = self.pool(grid.contiguous(memory_format=torch.channels_last)).flatten(2).transpose(1, 2)  # B x P x C
         if self.coords:
-            x = torch.cat([x, self.grid.to(x.dtype).expand(x.size(0), -1, -1)], dim=2)
+            x = torch.cat([x, self.grid.to(x.dtype).expand(x.size(0), -1, -1)], dim=2)  # B x P x (C + 2)
         return x
+
+    def forward(self, images):
+        return self.head(self.trunk(images))
+
+    def cache_grid(self, images):
+        """What the feature cache keeps of uint8 images: the trunk's own grid (ResNet-101 at 256 px: 8 x 8,
+        a third of the 14 x 14 cells pooling spreads it over), or the pooled grid where the trunk's is
+        larger; head() of it is forward() of the images. B x C x g x g."""
+        grid = self.trunk(images)
+        if grid.shape[2] * grid.shape[3] > self.pool.output_size ** 2:
+            grid = self.pool(grid)
+        return grid
 
 
 # ----------------------------------------------------------------------------- decoders
@@ -195,8 +213,10 @@ class RNNDecoder(nn.Module):
         return self.fc(self.dropout(out[:, 0])), {"h": h[0], "c": c[0]}, None
 
     def forward(self, features, captions, lengths):
-        """captions: B x L with <start> first; returns logits B x T x V for T = max(lengths) - 1."""
-        state = self.init_state(features)
+        """features: N x P x D; captions: B x L with <start> first, B = N x k for k captions per image
+        (image-major: group_by_image), whose initial state is computed once per image; returns logits
+        B x T x V for T = max(lengths) - 1."""
+        state = expand(self.init_state(features), captions.size(0) // features.size(0))  # B x H each
         x = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
         out, _ = self._lstm(x, state["h"], state["c"])
         return self.fc(self.dropout(out)), None
@@ -216,6 +236,14 @@ class Attention(nn.Module):
         return self.encoder_att(features)
 
     def forward(self, features, projected, h):
+        """features B x P x D and their projection B x P x A, h: B x H -> context B x D, alpha B x P. With
+        h of N x k rows for N images (k captions each, image-major), each image's grid serves its k rows."""
+        if h.size(0) != features.size(0):
+            N, P = features.shape[:2]
+            att_h = self.decoder_att(h).view(N, -1, 1, projected.size(2))  # N x k x 1 x A
+            scores = self.full_att(torch.relu(projected.unsqueeze(1) + att_h)).squeeze(3)  # N x k x P
+            alpha = torch.softmax(scores.float(), dim=2).to(features.dtype)  # N x k x P
+            return torch.bmm(alpha, features).flatten(0, 1), alpha.flatten(0, 1)  # N*k x D, N*k x P
         scores = self.full_att(torch.relu(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)
         alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)  # B x P
         context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # B x D
@@ -253,10 +281,12 @@ class AttentionDecoder(nn.Module):
         return self.fc(self.dropout(h)), state, alpha
 
     def forward(self, features, captions, lengths):
-        """Returns logits B x T x V and attention weights B x T x P, T = max(lengths) - 1. The whole
-        batch runs every step (finished captions are masked in the loss): shrinking the batch as
-        captions end costs more in bookkeeping than it saves."""
-        state = self.init_state(features)
+        """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major); the
+        initial state and the attention projection run once per image. Returns logits B x T x V and
+        attention weights B x T x P, T = max(lengths) - 1. The whole batch runs every step (finished
+        captions are masked in the loss): shrinking it as captions end costs more than it saves."""
+        k = captions.size(0) // features.size(0)
+        state = expand(self.init_state(features), k, keep=self.image_state)  # proj stays N x P x A
         emb = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
         hs, alphas = [], []
         for t in range(emb.size(1)):
@@ -264,6 +294,14 @@ class AttentionDecoder(nn.Module):
             hs.append(h)
             alphas.append(alpha)
         return self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
+
+
+def expand(state, k, keep=()):
+    """A decoder state computed once per image, repeated for each of its k captions (image-major);
+    the entries in `keep` stay per image."""
+    if k == 1:
+        return state
+    return {name: v if name in keep else v.repeat_interleave(k, 0) for name, v in state.items()}
 
 
 def build_encoder(model, weights="none"):
@@ -281,9 +319,9 @@ def build_decoder(model, vocab_size, encoder_dim, dropout=0.0):
 
 def features_of(encoder, images):
     """Encoder features B x P x D of uint8 images B x 3 x H x W, with a graph only where the encoder
-    trains; or cached features (float16 B x P x D, as the feature cache holds them) as they are."""
+    trains; or of the feature cache's grids (float16 B x C x g x g, Encoder.cache_grid), pooled here."""
     if images.dtype != torch.uint8:
-        return images.float()
+        return encoder.head(images.float())
     with torch.set_grad_enabled(torch.is_grad_enabled() and not encoder.frozen):
         return encoder(images)
 

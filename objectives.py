@@ -25,11 +25,12 @@ from models import caption_loss, features_of
 
 
 class Normalisers(NamedTuple):
-    """What the losses of one optimiser step are divided by: the real tokens and the images of all
-    its micro-batches on all ranks, so that N micro-batches on W ranks give exactly the gradient of
-    one batch N x W times larger (DDP averages over the ranks, hence the division by W)."""
+    """What the losses of one optimiser step are divided by: the real tokens and the captions (for
+    self-critical training: the images) of all its micro-batches on all ranks, so that N micro-batches
+    on W ranks give exactly the gradient of one batch N x W times larger (DDP averages over the ranks,
+    hence the division by W)."""
     tokens: torch.Tensor | int
-    images: torch.Tensor | int
+    captions: torch.Tensor | int
 
 
 class LossSums:
@@ -88,8 +89,11 @@ class CrossEntropy(Objective):
         self.alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
 
     def forward(self, batch, norm):
-        logits, alphas = self.decoder(self.features(batch.image), batch.caption, batch.length)
-        loss = caption_loss(logits, alphas, batch.caption, batch.length, self.alpha_c, norm.tokens, norm.images)
+        """batch.image: N images (or cached grids); batch.caption: N x L, or N x k x L with k captions
+        per image (group_by_image), whose image-only work then runs once per image, in the decoder."""
+        captions, lengths = batch.caption.flatten(0, -2), batch.length.flatten()  # B x L, B
+        logits, alphas = self.decoder(self.features(batch.image), captions, lengths)  # N x P x D features in
+        loss = caption_loss(logits, alphas, captions, lengths, self.alpha_c, norm.tokens, norm.captions)
         return loss.loss, LossSums.of(loss, norm.tokens)
 
 
@@ -121,7 +125,8 @@ class SelfCritical(Objective):
         self.vocab, self.reward = vocab, reward
 
     def forward(self, batch, norm):
-        """The loss of one micro-batch, divided by the samples of the whole step (norm.images x k)."""
+        """The loss of one micro-batch (one caption row per image), divided by the samples of the
+        whole step (norm.captions x k)."""
         cfg, k = self.cfg, self.cfg["scst_samples"]
         features = self.features(batch.image)  # B x P x D
         for m in self.decoder.modules():  # the plain decoder's initial-state BatchNorm would see k copies of each image
@@ -141,7 +146,7 @@ class SelfCritical(Objective):
             self.decoder.train(was_training)
             baseline = self.reward([s[:-1] for s in g.seqs], images.tolist()).view(-1, 1).expand(-1, k)  # no <end>
         advantage = (r - baseline).flatten().to(out.logprob.device, torch.float32)
-        loss = -(advantage * out.logprob).sum() / (norm.images * k)
+        loss = -(advantage * out.logprob).sum() / (norm.captions * k)
         sums = torch.stack([r.sum(), baseline.sum(), (out.lengths - 1).sum().double().cpu(),
                             out.ended.sum().double().cpu(), torch.tensor(float(r.numel()), dtype=torch.float64)])
         return loss, RewardSums(sums.to(out.logprob.device))

@@ -32,7 +32,7 @@ import distributed
 from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
 from config import dump_yaml, resolve_config
 from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_word_map
-from decoding import DecodeOptions, caption_images
+from decoding import DecodeOptions, caption_features
 from hardware import amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
 from models import ModelConfig, build_decoder, build_encoder, caption_loss, features_of
@@ -86,10 +86,19 @@ def main():
 
     pin = device.type == "cuda"
     per_image = 1 if scst else cfg["train_captions_per_image"]  # scst: every image once an epoch
+    grouped = scst or cfg["group_by_image"]  # each image read (and encoded) once for its captions of the batch
     sampler = distributed.EpochSampler(train_set.num_images, train_set.cpi, cfg["seed"], per_image,
-                                       cfg["batch_size"], rank, world)
+                                       cfg["batch_size"], rank, world, grouped)
+    if grouped and cfg["batch_size"] % sampler.k:
+        raise InputError(f"group_by_image needs a batch_size that is a multiple of the {sampler.k} captions per image "
+                         f"(train_captions_per_image, 0: all {train_set.cpi}); got batch_size {cfg['batch_size']}")
+    if grouped and not scst and cfg["decoder"] == "rnn" and cfg["batch_size"] // sampler.k < 32:
+        say(f"note: group_by_image: the plain decoder's BatchNorm (its initial state) normalises over "
+            f"{cfg['batch_size'] // sampler.k} images per batch, not {cfg['batch_size']}; batch_size "
+            f"{32 * sampler.k} keeps 32 (docs/training.md)")
     loader_rng = torch.Generator().manual_seed(cfg["seed"] + rank)  # worker seeds, kept off the global RNG
-    train_loader = DataLoader(train_set, batch_size=cfg["batch_size"], sampler=sampler, num_workers=cfg["workers"],
+    train_loader = DataLoader(train_set, batch_size=cfg["batch_size"] // sampler.k if grouped else cfg["batch_size"],
+                              sampler=sampler, num_workers=cfg["workers"],
                               pin_memory=pin, generator=loader_rng, persistent_workers=cfg["workers"] > 0,
                               worker_init_fn=distributed.ignore_stop_signals)
     val_images = min(cfg["val_max_images"] or len(val_set), len(val_set))
@@ -202,7 +211,7 @@ def train_epoch(run, loader, amp, stop):
             step_sums = train_step(run, group, amp)
             run.sums += step_sums
             run.window += step_sums
-            images_seen += sum(len(b.image) for b in group) * world
+            images_seen += sum(b.length.numel() for b in group) * world  # (image, caption) pairs
             bar.update(len(group))
             if run.step % cfg["log_every"] == 0:
                 means = run.Sums(distributed.all_sum(run.window.values)).per_token()  # {} if every step was skipped
@@ -243,7 +252,7 @@ def train_step(run, group, amp):
     sums of the objective's statistics on the device (LossSums, RewardSums for scst), zero for a
     skipped step."""
     cfg, device = run.cfg, run.device
-    norm = Normalisers(sum(int((b.length - 1).sum()) for b in group), sum(len(b.image) for b in group))
+    norm = Normalisers(sum(int((b.length - 1).sum()) for b in group), sum(b.length.numel() for b in group))
     if dist.is_initialized():  # the whole step's counts, on all ranks
         norm = Normalisers(*(distributed.all_sum(torch.tensor(norm, dtype=torch.float32, device=device)) / run.world))
     sums = run.Sums(device=device)
@@ -309,7 +318,7 @@ def validate(run, loader, amp, stop):
             lengths = (captions != vocab.pad).sum(1)
             logits, alphas = run.decoder(feats.repeat_interleave(all_captions.size(1), 0), captions, lengths)
             sums += LossSums.of(caption_loss(logits, alphas, captions, lengths, alpha_c))
-            hypotheses += [c.words for c in caption_images(run.encoder, run.decoder, vocab, feats, options)]
+            hypotheses += [c.words for c in caption_features(run.decoder, vocab, feats, options)]
         references += [[vocab.decode(c) for c in caps] for caps in all_captions.tolist()]
     if dist.is_initialized():
         shards = [None] * run.world

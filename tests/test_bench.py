@@ -5,7 +5,7 @@ import sys
 
 import pytest
 
-from tests.helpers import run_script
+from tests.helpers import SHAPES_NAME, run_script
 
 
 @pytest.mark.slow
@@ -68,3 +68,13 @@ def test_timed_is_the_median_and_spread_of_the_timed_runs(monkeypatch):
     monkeypatch.setattr(bench.time, "perf_counter", lambda: clock[0])
     assert bench.timed(work, bench.torch.device("cpu"), runs=5, warmup=1) == (3.0, 1.0, 7.0)
     assert len(calls) == 6
+
+
+@pytest.mark.slow
+def test_bench_times_the_loader_over_prepared_images(shapes_data):
+    r = run_script("bench.py", "--tiny", "--device", "cpu", "--decoder", "rnn", "--precision", "fp32", "--encoder-mode",
+                   "cached", "--accumulation", 1, "--group", 1, 2, "--beam-size", 1, "--data-folder", shapes_data,
+                   "--data-name", SHAPES_NAME)
+    assert r.returncode == 0, r.stderr
+    assert "data: " in r.stdout and "DataLoader over prepared 64 px images" in r.stdout
+    assert "| rnn | fp32 | cached | 4 (4 x 1, 2 per image) |" in r.stdout  # grouped: 2 images x 2 captions

@@ -96,3 +96,77 @@ def test_missing_split_and_bad_word_map(tutorial, tmp_path):
     (tmp_path / f"WORDMAP_{name}.json").write_text('{"a": 1, "<pad>": 0}')
     with pytest.raises(InputError, match="<unk>"):
         load_word_map(tmp_path, name)
+
+
+def cache_config(folder, name, encoded_size=4):
+    return {"encoder": "resnet18", "encoder_stages": 1, "encoded_size": encoded_size, "coord_channels": True,
+            "data_folder": str(folder), "data_name": name, "batch_size": 4}
+
+
+def test_feature_cache_keeps_the_trunk_grid_and_reads_as_the_encoder_output(tutorial):
+    """The cache holds the trunk's 2 x 2 grid of these 8 px images, not the 4 x 4 cells of
+    encoded_size; pooled on the way out, it gives the encoder's features to float16 rounding."""
+    from contextlib import nullcontext
+
+    from datasets import feature_cache
+    from models import Encoder, features_of
+    folder, name = tutorial
+    encoder = Encoder("resnet18", "none", encoded_size=4, stages=1, coords=True)
+    train = CaptionDataset(folder, name, "TRAIN")
+    path = feature_cache(train, encoder, cache_config(folder, name), torch.device("cpu"), nullcontext())
+    assert np.load(path, mmap_mode="r").shape == (6, 64, 2, 2)
+    images = torch.stack([train[5 * i].image for i in range(6)])
+    train.use_features(path)
+    cached = next(iter(DataLoader(train, batch_size=30))).image[::5]  # each image's first caption
+    assert cached.dtype == torch.float16 and cached.shape == (6, 64, 2, 2)
+    with torch.no_grad():
+        torch.testing.assert_close(features_of(encoder, cached), encoder(images), atol=2e-3, rtol=1e-3)
+    item = train[(5, 7, 9)]  # group_by_image: one read of image 1 for three of its captions
+    assert item.caption.shape == (3, 12) and item.length.shape == (3,) and int(item.index) == 1
+    assert torch.equal(item.image, train[5].image)
+
+
+def test_a_cache_of_another_layout_is_not_misread(tutorial):
+    """A cache written before the grid layout (N x P x D, named without it) is another file; a file of
+    the wrong shape under the new name is written again."""
+    import hashlib
+    from contextlib import nullcontext
+
+    from datasets import feature_cache
+    from models import Encoder
+    folder, name = tutorial
+    cfg = cache_config(folder, name, encoded_size=3)
+    encoder = Encoder("resnet18", "none", encoded_size=3, stages=1, coords=True)
+    val = CaptionDataset(folder, name, "VAL")
+    stat = os.stat(val.h5_path)  # how the cache was named before (no layout in the key)
+    old = hashlib.sha1(repr([cfg[k] for k in ("encoder", "encoder_stages", "encoded_size", "coord_channels")]
+                            + [val.h5_path, stat.st_size, stat.st_mtime_ns]).encode())
+    for key, value in encoder.state_dict().items():
+        old.update(key.encode() + value.cpu().numpy().tobytes())
+    old_path = os.path.join(folder, "cache", f"VAL_{name}_{old.hexdigest()[:12]}.npy")
+    os.makedirs(os.path.dirname(old_path), exist_ok=True)
+    np.save(old_path, np.zeros((6, 9, 66), np.float16))
+    path = feature_cache(val, encoder, cfg, torch.device("cpu"), nullcontext())
+    assert path != old_path and np.load(path).shape == (6, 64, 2, 2)
+    np.save(path, np.zeros((6, 9, 66), np.float16))
+    assert feature_cache(val, encoder, cfg, torch.device("cpu"), nullcontext()) == path
+    assert np.load(path).shape == (6, 64, 2, 2)  # rewritten, not read as it was
+
+
+def test_the_disk_space_check_counts_the_grid(tutorial, monkeypatch, tmp_path):
+    """6 grids of 64 x 2 x 2 float16 need 3 KiB; the 4 x 4 cells with coordinates would need 12."""
+    from collections import namedtuple
+    from contextlib import nullcontext
+
+    import datasets
+    from models import Encoder
+    folder, name = tutorial
+    test = CaptionDataset(folder, name, "TEST")
+    cfg = dict(cache_config(folder, name), data_folder=str(tmp_path))
+    encoder = Encoder("resnet18", "none", encoded_size=4, stages=1, coords=True)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(datasets.shutil, "disk_usage", lambda _: usage(0, 0, 3300))
+    with pytest.raises(InputError, match="needs 0.0 GiB"):
+        datasets.feature_cache(test, encoder, cfg, torch.device("cpu"), nullcontext())
+    monkeypatch.setattr(datasets.shutil, "disk_usage", lambda _: usage(0, 0, 5000))
+    assert os.path.getsize(datasets.feature_cache(test, encoder, cfg, torch.device("cpu"), nullcontext())) < 5000

@@ -94,6 +94,46 @@ def test_accumulation_equals_one_big_batch():
     torch.testing.assert_close(grads(dec), big, atol=1e-6, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["rnn", "attention"])
+def test_grouped_forward_equals_the_forward_of_repeated_images(kind):
+    """group_by_image: the initial state and the attention projection once per image, for its k
+    captions, give the logits, maps and loss of feeding each image once per caption; in training
+    mode too (BatchNorm over the distinct images has the statistics of the repeated ones)."""
+    dec = make(kind).train()
+    features, captions, lengths = batch(12, seed=7)
+    images = features[::3]  # 4 images, 3 captions each
+    grouped, grouped_alphas = dec(images, captions, lengths)
+    repeated, repeated_alphas = dec(images.repeat_interleave(3, 0), captions, lengths)
+    torch.testing.assert_close(grouped, repeated, atol=1e-5, rtol=1e-5)
+    if kind == "attention":
+        torch.testing.assert_close(grouped_alphas, repeated_alphas, atol=1e-6, rtol=1e-5)
+    a = caption_loss(grouped, grouped_alphas, captions, lengths, alpha_c=1.0)
+    b = caption_loss(repeated, repeated_alphas, captions, lengths, alpha_c=1.0)
+    torch.testing.assert_close(a.loss, b.loss)
+    assert int(a.tokens) == int(b.tokens) == int((lengths - 1).sum())  # the loss stays per token
+
+
+def test_grouped_accumulation_equals_one_big_batch():
+    """The objective on grouped micro-batches (2 x 4 images x 4 captions) of cached grids, normalised
+    by the whole step, gives the gradient of one batch of 8 images x 4 captions."""
+    from datasets import TrainItem
+    from objectives import CrossEntropy, Normalisers
+    _, captions, lengths = batch(32, seed=9)
+    encoder = Encoder("resnet18", "none", encoded_size=3, stages=1)  # 64 channels
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(V, encoder.dim, emb_dim=12, decoder_dim=20, attention_dim=10, dropout=0.0)
+    objective = CrossEntropy(encoder, decoder, {"decoder": "attention", "alpha_c": 1.0})
+    grids = torch.randn(8, 64, 3, 3).half()  # as the feature cache hands them over
+    norm = Normalisers(int((lengths - 1).sum()), 32)
+    whole = TrainItem(grids, captions.view(8, 4, -1), lengths.view(8, 4), torch.arange(8))
+    objective(whole, norm)[0].backward()
+    big = grads(decoder)
+    decoder.zero_grad()
+    for part in (slice(0, 4), slice(4, 8)):
+        objective(TrainItem(*(t[part] for t in whole)), norm)[0].backward()
+    torch.testing.assert_close(grads(decoder), big, atol=1e-6, rtol=1e-5)
+
+
 def test_encoder_shapes_fine_tune_and_frozen_batchnorm():
     enc = Encoder("resnet18", "none", encoded_size=3, stages=2)
     assert enc.dim == 128 and enc.frozen
@@ -137,3 +177,20 @@ def test_imagenet_download_failure_is_one_clear_error(monkeypatch, tmp_path):
         Encoder("resnet101", "imagenet")
     msg = str(e.value)
     assert "resnet101-63fe2227.pth" in msg and "sha256 starting 63fe2227" in msg and "--encoder_weights" in msg
+
+
+@pytest.mark.parametrize("encoded_size", [2, 8])
+def test_cached_grid_gives_the_features_of_the_images(encoded_size):
+    """The feature cache keeps the trunk's 4 x 4 grid (encoded_size 8: pooling would spread it over 64
+    cells) or the pooled one where that is smaller (2 x 2); head() of it, read back in float16, is the
+    encoder's output to float16 rounding."""
+    enc = Encoder("resnet18", "none", encoded_size=encoded_size, stages=2, coords=True).eval()
+    images = torch.randint(0, 256, (3, 3, 32, 32), dtype=torch.uint8)
+    with torch.no_grad():
+        grid = enc.cache_grid(images)
+        assert grid.shape == (3, 128, min(4, encoded_size), min(4, encoded_size))
+        from_cache = enc.head(grid.half().float())
+        direct = enc(images)
+    assert from_cache.shape == direct.shape == (3, encoded_size ** 2, 130)
+    torch.testing.assert_close(from_cache, direct, atol=2e-3, rtol=1e-3)  # float16 keeps 11 bits
+    torch.testing.assert_close(from_cache, direct.half().float(), atol=2e-3, rtol=1e-3)

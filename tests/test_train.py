@@ -31,12 +31,17 @@ def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
     assert '"decoder": "' + decoder in r.stdout  # the resolved config is printed
 
 
-@pytest.mark.parametrize("decoder,stop", [("rnn", {"epochs": 1}), ("attention", {"max_steps": 5})])
-def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop):
-    """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume."""
+GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches of 4 images x 2 captions
+
+
+@pytest.mark.parametrize("decoder,stop,grouping", [("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {}),
+                                                   ("attention", {"max_steps": 5}, GROUPED)])
+def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop, grouping):
+    """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume; also with
+    grouped batches."""
     # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
     common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2,
-                  encoder_weights="none")
+                  encoder_weights="none", **grouping)
     straight, split = tmp_path / "straight", tmp_path / "split"
     assert train(straight, shapes_data, epochs=2, **common).returncode == 0
     assert train(split, shapes_data, **{"epochs": 2, **common, **stop}).returncode == 0
@@ -245,3 +250,11 @@ def test_malicious_checkpoint_runs_no_code(tmp_path, run):
               run_script("train.py", "--resume", evil)):
         refused(r, "evil.pt", "not a loadable checkpoint")
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_grouped_batches_need_a_multiple_of_the_captions_per_image(tmp_path, shapes_data):
+    refused(train(tmp_path / "run", shapes_data, epochs=1, group_by_image="true"), "group_by_image",
+            "multiple of the 5 captions per image", "batch_size 8")
+    r = train(tmp_path / "rnn", shapes_data, decoder="rnn", epochs=1, **GROUPED)
+    assert r.returncode == 0, r.stderr
+    assert "BatchNorm (its initial state) normalises over 4 images per batch, not 8" in r.stdout

@@ -74,3 +74,18 @@ def test_resume_under_torchrun_with_the_same_or_another_world_size(two_process_r
     for k in a["decoder"]:
         if k != "attention.full_att.bias":  # see above
             assert torch.allclose(a["decoder"][k], c["decoder"][k], rtol=1e-3, atol=1e-5), k
+
+
+def test_grouped_batches_on_two_processes_match_one(shapes_data, tmp_path):
+    """group_by_image under torchrun: the ranks take every other image of the global batch."""
+    grouped = dict(COMMON, epochs=1, group_by_image="true", train_captions_per_image=2)
+    r = torchrun(2, *train_args(tmp_path / "ddp", shapes_data, batch_size=4, **grouped))
+    assert r.returncode == 0, r.stderr[-3000:]
+    s = run_script("train.py", *train_args(tmp_path / "single", shapes_data, batch_size=8, **grouped))
+    assert s.returncode == 0, s.stderr
+    a, b = losses(tmp_path / "single"), losses(tmp_path / "ddp")
+    assert [x["step"] for x in a] == [x["step"] for x in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "ce", "train_loss", "val_loss"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=TOLERANCE, abs=1e-6), (x["step"], key)
