@@ -9,6 +9,7 @@
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into reports/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into reports/scst/
+#   hard        hard attention on the demo's data, evaluated both ways, compared with the demo: reports/hard/
 #   tutorial    docs/tutorial.md's code on the demo's data and models, which redraws docs/tutorial/*.png
 #   gpu-wheels  PyYAML wheels for a GPU machine without internet (.wheels/)
 #   clean       remove the demo's data and runs
@@ -24,7 +25,7 @@ PRETRAIN_ARGS ?=
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint browser demo bench study scst tutorial gpu-wheels clean
+.PHONY: install test test-fast lint browser demo bench study scst hard tutorial gpu-wheels clean
 
 install: $(STAMP)
 
@@ -128,6 +129,26 @@ reports/scst/report.md: $(SCST_EVALS) compare.py
 
 scst: install reports/scst/report.md
 
+# Hard attention (Xu et al. 2015, section 4.1) on the demo's data, encoder and settings, evaluated with both
+# inferences (the expected context, and the argmax cell), then compared with the two demo runs.
+HARD_ARGS := --attention hard --hard_estimator gumbel
+
+runs/hard-attention/.trained: $(ENCODER) configs/shapes.yaml
+	$(call STAGE,hard: train,$(PY) train.py --decoder attention --config configs/shapes.yaml $(HARD_ARGS) \
+		--out runs/hard-attention --overwrite)
+	touch $@
+
+runs/hard-attention/eval_TEST.json: runs/hard-attention/.trained
+	$(call STAGE,hard: evaluate (expected context),$(PY) eval.py --checkpoint runs/hard-attention/best.pt --beam-size 1 3)
+	$(call STAGE,hard: evaluate (argmax cell),$(PY) eval.py --checkpoint runs/hard-attention/best.pt --beam-size 1 3 \
+		--hard-inference argmax --out runs/hard-attention/eval_TEST_argmax.json)
+
+reports/hard/report.md: $(EVALS) runs/hard-attention/eval_TEST.json compare.py
+	$(call STAGE,hard: compare,$(PY) compare.py runs/demo-rnn runs/demo-attention runs/hard-attention \
+		runs/hard-attention/eval_TEST_argmax.json --out reports/hard --beam-size 3)
+
+hard: install reports/hard/report.md
+
 # The tutorial reads the demo's data and models; its code writes the figures docs/tutorial.md shows.
 tutorial: demo
 	$(PY) scripts/run_docs.py docs/tutorial.md
@@ -138,4 +159,5 @@ gpu-wheels: install
 		--python-version $$v --platform manylinux2014_x86_64 -d .wheels; done
 
 clean:
-	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/scst-rnn runs/scst-attention .pytest_cache .ruff_cache
+	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/scst-rnn runs/scst-attention runs/hard-attention \
+		.pytest_cache .ruff_cache

@@ -74,6 +74,8 @@ def main():
     p.add_argument("--html", metavar="PAGE", help="also write this self-contained HTML page (say captions.html)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be read, saying "
                    "which, instead of stopping")
+    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="attention decoder: attend to the "
+                   "alpha-weighted mean of the cells, or to the most likely cell (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
     if args.beam_size < 1 or args.length_penalty < 0:
@@ -86,7 +88,7 @@ def main():
         raise InputError(f"--out {out} is one file but there are {len(paths)} images: give a folder")
     if args.html and os.path.isdir(args.html):
         raise InputError(f"--html {args.html} is a folder: give the page's file name, say {args.html}/captions.html")
-    captioner = Captioner(args.checkpoint, args.device)
+    captioner = Captioner(args.checkpoint, args.device, args.hard_inference)
     paths, arrays = read_images(captioner, paths, args.skip_bad_images)  # every file is read before any output
     names, seen = [], {}
     for path in paths:  # photo.png, and photo_2.png for a second photo.* from another folder

@@ -22,10 +22,12 @@ from utils import InputError, load_checkpoint, pick_device
 class Captioner:
     """A trained encoder and decoder in eval mode, with their vocabulary and image size."""
 
-    def __init__(self, checkpoint, device="auto"):
+    def __init__(self, checkpoint, device="auto", hard_inference=None):
+        """hard_inference: the attention decoder attends to the expected context or to the argmax cell
+        (default: the checkpoint's hard_inference)."""
         ckpt = load_checkpoint(checkpoint)
         self.device = pick_device(device)
-        self.encoder, self.decoder = load_model(ckpt, self.device)
+        self.encoder, self.decoder = load_model(ckpt, self.device, hard_inference)
         self.vocab = Vocabulary(ckpt["word_map"])
         self.image_size = ckpt["image_size"]
         self.config = ckpt["config"]

@@ -21,8 +21,8 @@ from utils import InputError, atomic_path
 
 # The counters of a run, saved and restored as they are.
 COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "skipped")
-CHECKPOINT_KEYS = ("config", "model", "word_map", "image_size", "encoder", "decoder", "decoder_optimizer",
-                   "encoder_optimizer", "scaler", *COUNTERS, "log_lines", "sums", "window", "rng")
+CHECKPOINT_KEYS = ("config", "model", "word_map", "image_size", "encoder", "decoder", "objective", "decoder_optimizer",
+                   "encoder_optimizer", "scaler", *COUNTERS, "log_lines", "sums", "window", "attention_grads", "rng")
 
 
 @dataclass
@@ -52,12 +52,24 @@ class RunState:
     nonfinite_run: int = 0  # ... of them in a row (not saved: a resumed run starts a new count)
     sums: LossSums = None  # this rank's training sums of the epoch so far (objective.Sums), on the device
     window: LossSums = None  # ... since the last log line
+    attention_grads: "AttentionGrads" = None  # the attention's gradients since the last log line
 
     def __post_init__(self):
-        self.Sums = getattr(self.objective, "module", self.objective).Sums  # LossSums, or RewardSums for scst
+        self.Sums = self.objective_module.Sums  # LossSums, AttentionSums or RewardSums
         self.sums, self.window = self.Sums(device=self.device), self.Sums(device=self.device)
+        self.attention_grads = AttentionGrads(getattr(self.decoder, "attention", None), self.device)
         self.vocab = Vocabulary(self.word_map)
         self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]  # for clipping
+
+    @property
+    def objective_module(self):
+        """The objective itself, within its DDP wrapper under torchrun."""
+        return getattr(self.objective, "module", self.objective)
+
+    def objective_state(self):
+        """The objective's own state (hard attention's baseline), without the models it holds."""
+        state = self.objective_module.state_dict()
+        return {k: v for k, v in state.items() if not k.startswith(("encoder.", "decoder."))}
 
     @property
     def optimizers(self):
@@ -76,11 +88,12 @@ class RunState:
             "config": self.cfg, "model": asdict(ModelConfig.of(self.cfg)), "word_map": self.word_map,
             "image_size": self.image_size,
             "encoder": self.encoder.state_dict(), "decoder": self.decoder.state_dict(),
+            "objective": self.objective_state(),
             "decoder_optimizer": self.decoder_optimizer.state_dict(),
             "encoder_optimizer": self.encoder_optimizer.state_dict() if self.encoder_optimizer else None,
             "scaler": self.scaler.state_dict(),
             **{k: getattr(self, k) for k in COUNTERS}, "log_lines": self.log.lines,
-            "sums": sums.values, "window": window.values,
+            "sums": sums.values, "window": window.values, "attention_grads": self.attention_grads.state(),
             "rng": {"torch": torch.get_rng_state(), "python": random.getstate(),
                     "cuda": torch.cuda.get_rng_state_all() if self.device.type == "cuda" else []},
         }
@@ -93,6 +106,7 @@ class RunState:
         the resumed run draws what the uninterrupted one would have drawn."""
         self.encoder.load_state_dict(ckpt["encoder"])
         self.decoder.load_state_dict(ckpt["decoder"])
+        self.objective_module.load_state_dict({**self.objective_module.state_dict(), **ckpt["objective"]})
         self.decoder_optimizer.load_state_dict(ckpt["decoder_optimizer"])
         # Fine-tuning switched on at resume starts a fresh encoder optimiser.
         if self.encoder_optimizer and ckpt["encoder_optimizer"]:
@@ -102,12 +116,55 @@ class RunState:
             setattr(self, k, ckpt[k])
         if self.rank == 0:  # the saved sums are global: the other ranks add theirs from zero
             self.sums, self.window = (self.Sums(ckpt[k]).to(self.device) for k in ("sums", "window"))
+        self.attention_grads.restore(ckpt["attention_grads"])  # the same on every rank (DDP averaged them)
         torch.set_rng_state(ckpt["rng"]["torch"])
         if self.device.type == "cuda" and ckpt["rng"]["cuda"]:
             torch.cuda.set_rng_state_all(ckpt["rng"]["cuda"])
         random.setstate(ckpt["rng"]["python"])
         if self.rank:  # different dropout masks on every rank
             torch.manual_seed(self.cfg["seed"] + 1000003 * self.rank + self.step)
+
+
+class AttentionGrads:
+    """How noisy the attention's gradient is: over the steps since the last log line, the variance of
+    each attention parameter's gradient, averaged over the parameters, and the signal-to-noise ratio
+    (mean squared mean gradient / that variance). Hard attention's estimators differ most in this."""
+
+    def __init__(self, attention, device):
+        self.params = list(attention.parameters()) if attention is not None else []
+        size = sum(p.numel() for p in self.params)
+        self.sum = torch.zeros(size, dtype=torch.float64, device=device)
+        self.squares = torch.zeros_like(self.sum)
+        self.steps = 0
+
+    def add(self):
+        """After backward (and unscaling): this step's gradients."""
+        if not self.params:
+            return
+        g = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).flatten() for p in self.params]).double()
+        self.sum += g
+        self.squares += g * g
+        self.steps += 1
+
+    def take(self):
+        """{attention_grad_var, attention_grad_snr} since the last call ({} with fewer than 2 steps), then reset."""
+        out = {}
+        if self.steps >= 2:
+            mean = self.sum / self.steps
+            var = (self.squares / self.steps - mean * mean) * self.steps / (self.steps - 1)
+            out = {"attention_grad_var": float(var.mean()),
+                   "attention_grad_snr": float((mean * mean).mean() / var.mean())}
+        self.sum.zero_(), self.squares.zero_()
+        self.steps = 0
+        return out
+
+    def state(self):
+        return {"sum": self.sum.cpu(), "squares": self.squares.cpu(), "steps": self.steps}
+
+    def restore(self, state):
+        if self.params:
+            self.sum.copy_(state["sum"]), self.squares.copy_(state["squares"])
+            self.steps = state["steps"]
 
 
 def check_resumable(ckpt, cfg, path):

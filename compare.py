@@ -24,10 +24,15 @@ from results import read_results, read_table
 from utils import ArgumentParser, InputError, atomic_path, run_cli
 
 class Run:
-    """What one run folder says about itself."""
+    """What one run folder says about itself: given a folder, with its eval_{split}.json; given a
+    results file in it (eval.py --out), with those results, named after the folder and the file."""
 
-    def __init__(self, folder, split):
+    def __init__(self, path, split, results_file=None):
+        folder = os.path.dirname(path) if path.endswith(".json") else path
         self.folder, self.name = folder, os.path.basename(os.path.normpath(folder))
+        if path.endswith(".json"):
+            stem = os.path.splitext(os.path.basename(path))[0]
+            self.name += "-" + (stem[len(f"eval_{split}_"):] if stem.startswith(f"eval_{split}_") else stem)
         for needed in ("config.yaml", "log.jsonl"):
             if not os.path.isfile(os.path.join(folder, needed)):
                 raise InputError(f"{folder} is not a run folder: {needed} is missing (train.py writes it)")
@@ -38,7 +43,9 @@ class Run:
         # not all-skipped windows; scst runs log the reward instead of the loss
         self.steps = [r for r in records if r["kind"] == "step" and ("loss" in r or "reward" in r)]
         self.epochs = [r for r in records if r["kind"] == "epoch"]
-        self.results_path = os.path.join(folder, f"eval_{split}.json")
+        self.results_path = path if path.endswith(".json") else os.path.join(folder, f"eval_{split}.json")
+        if path.endswith(".json") and not os.path.isfile(path):
+            raise InputError(f"{path} not found: give a run folder, or a results file eval.py wrote in one")
         self.results = read_results(self.results_path)  # results.EvalResults, or None before eval.py ran
         self._tables = {}
         improved = [e for e in self.epochs if e["best"]]  # best.pt is the last epoch train.py marked best
@@ -51,7 +58,10 @@ class Run:
 
     @property
     def label(self):
-        return f"{self.name} ({self.cfg['decoder']})"
+        how = self.cfg["decoder"]
+        if self.cfg.get("attention") == "hard":
+            how = f"hard attention, {self.results.attention_inference if self.results else 'not evaluated'}"
+        return f"{self.name} ({how})"
 
     @property
     def beams(self):
@@ -180,12 +190,13 @@ class Comparison:
 
 # The report, top to bottom: each section reads the Comparison and returns its Markdown lines.
 SECTIONS = (report.header, report.summary, report.quality, report.cost, report.curves, report.metrics,
-            report.self_critical, report.attention, report.errors, report.every_image)
+            report.self_critical, report.attention_maps, report.attention, report.errors, report.every_image)
 
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders; the first is the baseline")
+    p.add_argument("runs", nargs="+", help="run folders (or results files eval.py wrote in one, say "
+                   "runs/NAME/eval_TEST_argmax.json); the first is the baseline")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
     p.add_argument("--beam-size", type=int, default=3, help="beam of the figures, the errors and the browser")

@@ -21,12 +21,16 @@ CHOICES = {
     "cache_features": ("auto", True, False),
     "objective": ("xe", "scst"),
     "scst_baseline": ("mean", "greedy"),
+    "attention": ("soft", "hard"),
+    "hard_estimator": ("reinforce", "loo", "gumbel"),
+    "hard_inference": ("expected", "argmax"),
 }
 AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.metadata},
             "batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
             "train_captions_per_image": 0, "val_beam_size": 1, "max_decode_len": 1, "patience": 0,
             "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
-            "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1,
+            "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1, "hard_sample_p": 0.0, "hard_lambda_r": 0.0,
+            "hard_lambda_e": 0.0, "hard_samples": 1, "hard_tau": 0.0,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 
@@ -176,6 +180,14 @@ def resolve_config(argv, usage=""):
     if cfg["objective"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
         raise InputError(f"scst_baseline mean averages the other samples of each image: it needs scst_samples >= 2 "
                          f"(got {cfg['scst_samples']}), or use scst_baseline greedy")
+    if cfg["attention"] == "hard" and cfg["decoder"] != "attention":
+        raise InputError("attention: hard is a way of the attention decoder: give --decoder attention")
+    if cfg["attention"] == "hard" and cfg["hard_estimator"] == "loo" and cfg["hard_samples"] < 2:
+        raise InputError(f"hard_estimator loo takes each draw's baseline from the other draws: it needs hard_samples "
+                         f">= 2 (got {cfg['hard_samples']})")
+    if cfg["hard_sample_p"] > 1 or cfg["hard_tau"] <= 0:
+        raise InputError(f"hard_sample_p must be a share in [0, 1] and hard_tau > 0 (got {cfg['hard_sample_p']}, "
+                         f"{cfg['hard_tau']})")
     if not cfg["out"]:
         cfg["out"] = os.path.join("runs", cfg["decoder"])
     return cfg, ckpt, init, "overwrite" in flags

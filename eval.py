@@ -47,6 +47,9 @@ def parse_args():
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
+    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="attention decoder: attend to the "
+                   "alpha-weighted mean of the cells (expected) or to the most likely cell (argmax); default: the "
+                   "checkpoint's hard_inference")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--benchmark-decoding", type=int, default=0, metavar="N",
@@ -76,6 +79,16 @@ def image_rows(ids, image_ids, caps, cider, references, boxes, points):
     return rows
 
 
+def attention_spread(maps):
+    """How spread the attention maps of the generated words are: the mean entropy of a word's map (nats;
+    ln P when uniform, 0 when one cell has it all) and the share of words whose map puts more than half
+    its weight on one cell. maps: per caption, words x P."""
+    alphas = torch.cat([m.float() for m in maps if len(m)])  # words x P
+    entropy = -(alphas * alphas.clamp_min(1e-12).log()).sum(1)
+    peaked = (alphas.max(1).values > 0.5).float().mean()
+    return {"attention_entropy": float(entropy.mean()), "attention_peaked": float(peaked)}
+
+
 def setup(args):
     ckpt = load_checkpoint(args.checkpoint)
     cfg = ckpt["config"]
@@ -88,7 +101,7 @@ def setup(args):
     if args.max_images:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
     device = pick_device(args.device)
-    encoder, decoder = load_model(ckpt, device)
+    encoder, decoder = load_model(ckpt, device, args.hard_inference)
     boxes = load_boxes(folder, name, args.split)
     refs = load_references(folder, name, args.split, len(dataset.dataset if isinstance(dataset, Subset) else dataset))
     return ckpt, dataset, encoder, decoder, device, boxes, refs
@@ -182,7 +195,8 @@ def main():
         images=len(dataset), data_folder=args.data_folder or cfg["data_folder"],
         data_name=args.data_name or cfg["data_name"], decoder=cfg["decoder"],
         decoder_parameters=sum(v.numel() for v in ckpt["decoder"].values()), references=used, config=cfg,
-        unavailable=unavailable)
+        unavailable=unavailable, attention_inference=("argmax" if decoder.argmax_attention else "expected")
+        if cfg["decoder"] == "attention" else None)
     coco_captions, tables = {}, {}
     for k, caps in captions.items():
         scores = scores_by_beam[k]
@@ -196,6 +210,8 @@ def main():
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
+        if cfg["decoder"] == "attention":
+            scores.update(attention_spread([caps[i].alphas for i in ids]))
         options = decoding_options(args, cfg, k)
         captions_file, images_file = results.file_names(out, k)
         new.beams[k] = results.BeamResult(k, scores, len(ids) / timings[k], timings[k], options.max_len,

@@ -222,8 +222,22 @@ class RNNDecoder(nn.Module):
         return self.fc(self.dropout(out)), None
 
 
+class Pick(NamedTuple):
+    """How hard ("stochastic", Xu et al. 2015 section 4.1) attention picks one cell per row at a step:
+    a cell drawn from alpha by the Gumbel-max trick with this noise, in the rows `sampled` (the other
+    rows take the expected context, the alpha-weighted mean); with `tau`, a straight-through
+    Gumbel-softmax sample (one-hot forward, the relaxed sample's gradient)."""
+    gumbel: torch.Tensor  # B x P standard Gumbel noise
+    sampled: torch.Tensor  # B bool
+    tau: float | None = None
+
+
+ARGMAX = "argmax"  # a Pick for decoding: the most likely cell, and its one-hot map
+
+
 class Attention(nn.Module):
-    """Additive (Bahdanau) attention over the grid cells."""
+    """Additive (Bahdanau) attention over the grid cells: soft (the alpha-weighted mean of the cells)
+    or, given a Pick, hard (one cell's features)."""
 
     def __init__(self, encoder_dim, decoder_dim, attention_dim):
         super().__init__()
@@ -235,23 +249,46 @@ class Attention(nn.Module):
         """The encoder side, computed once per image rather than once per word."""
         return self.encoder_att(features)
 
-    def forward(self, features, projected, h):
-        """features B x P x D and their projection B x P x A, h: B x H -> context B x D, alpha B x P. With
-        h of N x k rows for N images (k captions each, image-major), each image's grid serves its k rows."""
-        if h.size(0) != features.size(0):
-            N, P = features.shape[:2]
+    def forward(self, features, projected, h, pick=None):
+        """features B x P x D and their projection B x P x A, h: B x H -> context B x D, alpha B x P (the
+        distribution; one-hot for ARGMAX) and the cells picked (B, -1 where not sampled; None when soft).
+        With h of N x k rows for N images (k captions each, image-major), each image's grid serves its
+        k rows."""
+        N, P = features.shape[:2]
+        grouped = h.size(0) != N
+        if grouped:
             att_h = self.decoder_att(h).view(N, -1, 1, projected.size(2))  # N x k x 1 x A
-            scores = self.full_att(torch.relu(projected.unsqueeze(1) + att_h)).squeeze(3)  # N x k x P
-            alpha = torch.softmax(scores.float(), dim=2).to(features.dtype)  # N x k x P
-            return torch.bmm(alpha, features).flatten(0, 1), alpha.flatten(0, 1)  # N*k x D, N*k x P
-        scores = self.full_att(torch.relu(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)
+            scores = self.full_att(torch.relu(projected.unsqueeze(1) + att_h)).squeeze(3).flatten(0, 1)  # N*k x P
+        else:
+            scores = self.full_att(torch.relu(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)  # B x P
         alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)  # B x P
-        context = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # B x D
-        return context, alpha
+        weights, cells = (alpha, None) if pick is None else choose(scores, alpha, pick)  # B x P
+        if grouped:
+            context = torch.bmm(weights.view(N, -1, P), features).flatten(0, 1)  # N*k x D
+        else:
+            context = torch.bmm(weights.unsqueeze(1), features).squeeze(1)  # B x D
+        return context, weights if pick is ARGMAX else alpha, cells
+
+
+def choose(scores, alpha, pick):
+    """Hard attention's weights (B x P: one-hot where a cell is picked, alpha where the expected context
+    is used) and the cells picked (B, -1 where none is)."""
+    logp = torch.log_softmax(scores.float(), dim=1)  # B x P
+    if pick is ARGMAX:
+        cells = logp.argmax(1)
+        return F.one_hot(cells, logp.size(1)).to(alpha.dtype), cells
+    cells = (logp + pick.gumbel).argmax(1)  # Gumbel-max: a draw from alpha
+    hard = F.one_hot(cells, logp.size(1)).to(alpha.dtype)
+    if pick.tau is not None:  # straight-through: forward the draw, backward the relaxed draw's gradient
+        soft = torch.softmax((logp + pick.gumbel) / pick.tau, dim=1).to(alpha.dtype)
+        hard = hard - soft.detach() + soft
+    return torch.where(pick.sampled[:, None], hard, alpha), torch.where(pick.sampled, cells, -1)
 
 
 class AttentionDecoder(nn.Module):
-    """Show, Attend and Tell: LSTMCell input is [word embedding; sigmoid(f_beta(h)) * context]."""
+    """Show, Attend and Tell: LSTMCell input is [word embedding; sigmoid(f_beta(h)) * context]. Soft
+    attention by default; `argmax_attention` makes decoding attend to the most likely cell alone
+    (hard attention's argmax inference), and forward() with a HardNoise draws cells (its training)."""
 
     image_state = ("proj",)  # the projected grid: beam search need not reorder it between beams
 
@@ -265,35 +302,51 @@ class AttentionDecoder(nn.Module):
         self.cell = nn.LSTMCell(emb_dim + encoder_dim, decoder_dim)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_dim, vocab_size)
+        self.argmax_attention = False
 
     def init_state(self, features):
         mean = features.mean(1)
         return {"h": self.init_h(mean), "c": self.init_c(mean), "proj": self.attention.project(features)}
 
-    def _cell(self, emb, state, features):
-        context, alpha = self.attention(features, state["proj"], state["h"])
+    def _cell(self, emb, state, features, pick=None):
+        context, alpha, cells = self.attention(features, state["proj"], state["h"], pick)
         gated = torch.sigmoid(self.f_beta(state["h"])) * context
         h, c = self.cell(torch.cat([emb, gated], dim=1), (state["h"], state["c"]))
-        return h, {"h": h, "c": c, "proj": state["proj"]}, alpha
+        return h, {"h": h, "c": c, "proj": state["proj"]}, alpha, cells
 
     def step(self, prev_words, state, features):
-        h, state, alpha = self._cell(self.embedding(prev_words), state, features)
+        h, state, alpha, _ = self._cell(self.embedding(prev_words), state, features,
+                                        ARGMAX if self.argmax_attention else None)
         return self.fc(self.dropout(h)), state, alpha
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, noise=None):
         """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major); the
         initial state and the attention projection run once per image. Returns logits B x T x V and
-        attention weights B x T x P, T = max(lengths) - 1. The whole batch runs every step (finished
-        captions are masked in the loss): shrinking it as captions end costs more than it saves."""
+        attention weights B x T x P, T = max(lengths) - 1; with `noise` (a HardNoise) the cells are
+        drawn, and the cells picked (B x T, -1 where not sampled) come third. The whole batch runs every
+        step (finished captions are masked in the loss): shrinking it as captions end costs more than
+        it saves."""
         k = captions.size(0) // features.size(0)
         state = expand(self.init_state(features), k, keep=self.image_state)  # proj stays N x P x A
         emb = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
-        hs, alphas = [], []
+        hs, alphas, picked = [], [], []
         for t in range(emb.size(1)):
-            h, state, alpha = self._cell(emb[:, t], state, features)
+            pick = None if noise is None else Pick(noise.gumbel[:, t], noise.sampled, noise.tau)
+            h, state, alpha, cells = self._cell(emb[:, t], state, features, pick)
             hs.append(h)
             alphas.append(alpha)
-        return self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
+            picked.append(cells)
+        out = self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
+        return out if noise is None else (*out, torch.stack(picked, 1))
+
+
+class HardNoise(NamedTuple):
+    """The draws of one hard-attention forward: Gumbel noise per row, step and cell, the rows that
+    sample (the others use the expected context), and the straight-through temperature (None: plain
+    draws, for REINFORCE)."""
+    gumbel: torch.Tensor  # B x T x P
+    sampled: torch.Tensor  # B bool
+    tau: float | None = None
 
 
 def expand(state, k, keep=()):
@@ -335,8 +388,10 @@ def weights_id(ckpt):
     return digest.hexdigest()[:16]
 
 
-def load_model(ckpt, device):
-    """A checkpoint's encoder and decoder in eval mode, checked against its own word map."""
+def load_model(ckpt, device, hard_inference=None):
+    """A checkpoint's encoder and decoder in eval mode, checked against its own word map. The attention
+    decoder attends as its config's hard_inference says (expected: soft; argmax: the most likely cell),
+    or as `hard_inference` overrides."""
     word_map = ckpt["word_map"]
     rows = ckpt["decoder"]["embedding.weight"].shape[0]
     if rows != len(word_map):
@@ -350,6 +405,8 @@ def load_model(ckpt, device):
         decoder.load_state_dict(ckpt["decoder"])
     except RuntimeError as e:
         raise InputError(f"the checkpoint's weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
+    if model.decoder == "attention":
+        decoder.argmax_attention = (hard_inference or ckpt["config"].get("hard_inference", "expected")) == "argmax"
     return encoder.to(device).eval(), decoder.to(device).eval()
 
 

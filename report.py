@@ -269,6 +269,34 @@ def self_critical(c):
     return md + ["![reward, sample length and validation CIDEr-D over training](scst_curves.png)", ""]
 
 
+def attention_maps(c):
+    """How peaked each attention run's maps are (eval.py's attention_entropy and attention_peaked), with
+    its pointing and its training time: hard attention against soft."""
+    rows = []
+    for r in c.evaluated:
+        m = r.results.beams[c.beam].metrics if c.beam in r.results.beams else {}
+        if "attention_entropy" in m:
+            rows.append([r.label, f"{m['attention_entropy']:.2f}", f"{m['attention_peaked']:.1%}",
+                         fmt("pointing", m.get("pointing")), fmt("train_time_s", r.cost["train_time_s"])])
+    if not rows:
+        return []
+    trained = {r.folder: r for r in c.runs if r.cfg["decoder"] == "attention"}.values()  # one curve per training run
+    visualize.attention_curves(
+        [(f"{os.path.basename(os.path.normpath(r.folder))} ({r.cfg.get('attention', 'soft')} attention)",
+          [(sum(e["epoch_time_s"] for e in r.epochs[: i + 1]), e["val_cider"]) for i, e in enumerate(r.epochs)
+           if "val_cider" in e],
+          [(s["step"], s["attention_grad_var"]) for s in r.steps if "attention_grad_var" in s],
+          [(s["step"], s["entropy"]) for s in r.steps if "entropy" in s]) for r in trained],
+        os.path.join(c.out, "attention_curves.png"))
+    return ["## Attention maps", "", f"At beam {c.beam}: the mean entropy of a generated word's map (nats; a uniform "
+            "map over the grid has the most), the share of words whose map puts more than half its weight on one "
+            "cell, pointing accuracy, and the training time.", "",
+            table(["run", "map entropy (nats)", "words with one cell > 50%", "pointing", "train time (s)"], rows), "",
+            "How training went: validation CIDEr-D against training time, the variance of the attention parameters' "
+            "gradient over the steps between two log lines (what hard attention's estimators differ in), and the "
+            "entropy of alpha.", "", "![attention training curves](attention_curves.png)", ""]
+
+
 def attention(c):
     """attention.png: where the first attention run looked for each word of its captions of the first
     images, drawn from the maps eval.py stored, with the other runs' captions of the same images."""

@@ -9,7 +9,8 @@ Beside the checkpoint (or --out), with STEM = eval_{SPLIT}:
                                  shapes what it gets wrong, for attention the per-word maps)
 
 A later eval of the same checkpoint on the same images adds its beam sizes to the file and replaces
-only the beam sizes it recomputed (merge); another checkpoint or other images replace it whole.
+only the beam sizes it recomputed (merge); another checkpoint, other images or another attention
+inference (hard attention's expected or argmax) replace it whole.
 """
 import json
 import os
@@ -60,6 +61,7 @@ class EvalResults:
     beams: dict = field(default_factory=dict)  # beam size -> BeamResult, ascending
     unavailable: dict = field(default_factory=dict)  # metric -> why it could not run
     nltk_bleu4_references: str = "encoded"
+    attention_inference: str | None = None  # attention decoder: expected (alpha-weighted mean) | argmax
 
     def to_json(self):
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "beams"}
@@ -78,7 +80,7 @@ class EvalResults:
 
     def same_evaluation(self, other):
         """Whether two results score the same model on the same images, so their beams can be merged."""
-        key = lambda r: (r.weights, r.split, r.data_name, r.images)  # noqa: E731
+        key = lambda r: (r.weights, r.split, r.data_name, r.images, r.attention_inference)  # noqa: E731
         return self.weights is not None and key(self) == key(other)
 
 
@@ -157,7 +159,7 @@ def merge(old, new):
     beams = lambda r: ", ".join(map(str, r.beams)) or "none"  # noqa: E731
     if not old.same_evaluation(new):
         why = "an older eval.py's, which do not say which weights they scored" if old.weights is None else \
-            "another checkpoint or other images"
+            "another checkpoint, other images or another attention inference"
         return new, f"replaced the earlier results (beam {beams(old)}, {old.checkpoint} epoch {old.epoch}, " \
                     f"{old.images} images): {why}"
     redone, kept = sorted(set(old.beams) & set(new.beams)), sorted(set(old.beams) - set(new.beams))

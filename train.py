@@ -36,7 +36,7 @@ from decoding import DecodeOptions, caption_features
 from hardware import amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
 from models import ModelConfig, build_decoder, build_encoder, caption_loss, features_of
-from objectives import LossSums, Normalisers, build_objective
+from objectives import LossSums, Step, build_objective
 from utils import InputError, run_cli
 
 
@@ -181,7 +181,9 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
     if device.type == "cuda":
         encoder.to(memory_format=torch.channels_last)
     vocab = Vocabulary(word_map)
-    objective = build_objective(cfg, encoder, decoder, vocab, train_set)
+    if cfg["decoder"] == "attention":  # how validation (and later decoding) attends: hard attention's argmax
+        decoder.argmax_attention = cfg["hard_inference"] == "argmax"
+    objective = build_objective(cfg, encoder, decoder, vocab, train_set, rank, world)
     if dist.is_initialized():  # DDP averages the gradients of whatever the objective trains
         objective = DistributedDataParallel(objective)
     lr = cfg["scst_lr"] if cfg["objective"] == "scst" else cfg["decoder_lr"]
@@ -219,7 +221,8 @@ def train_epoch(run, loader, amp, stop):
                 rate = images_seen / (time.time() - t0)
                 run.log.write({"kind": "step", "epoch": run.epoch + 1, "step": run.step,
                            "lr": run.decoder_optimizer.param_groups[0]["lr"], "images_per_s": rate,
-                           "skipped_steps": run.skipped, **means})
+                           "skipped_steps": run.skipped, **means, **run.attention_grads.take(),
+                           **{k: float(v) for k, v in run.objective_state().items()}})
                 if means:
                     bar.set_postfix({k: f"{v:.3f}" for k, v in list(means.items())[:3]}, img_s=f"{rate:.0f}")
             at_max = cfg["max_steps"] and run.step >= cfg["max_steps"]
@@ -249,12 +252,12 @@ def batches_in_groups(loader, size):
 
 def train_step(run, group, amp):
     """One optimiser step over a group of micro-batches (gradient accumulation). Returns this rank's
-    sums of the objective's statistics on the device (LossSums, RewardSums for scst), zero for a
+    sums of the objective's statistics on the device (LossSums, AttentionSums, RewardSums), zero for a
     skipped step."""
     cfg, device = run.cfg, run.device
-    norm = Normalisers(sum(int((b.length - 1).sum()) for b in group), sum(b.length.numel() for b in group))
+    counts = (sum(int((b.length - 1).sum()) for b in group), sum(b.length.numel() for b in group))
     if dist.is_initialized():  # the whole step's counts, on all ranks
-        norm = Normalisers(*(distributed.all_sum(torch.tensor(norm, dtype=torch.float32, device=device)) / run.world))
+        counts = distributed.all_sum(torch.tensor(counts, dtype=torch.float32, device=device)) / run.world
     sums = run.Sums(device=device)
     for i, batch in enumerate(group):
         batch = TrainItem(*(t.to(device, non_blocking=True) for t in batch[:3]), batch.index)
@@ -262,11 +265,13 @@ def train_step(run, group, amp):
             if i < len(group) - 1 and isinstance(run.objective, DistributedDataParallel):
                 stack.enter_context(run.objective.no_sync())  # all-reduce once per step, not per micro-batch
             with amp:
-                loss, step_sums = run.objective(batch, norm)
+                # the micro-batch's seed: the same on every rank, and again after a resume
+                loss, step_sums = run.objective(batch, Step(*counts, seed=cfg["seed"] * 1000003 + run.step * 1009 + i))
             sums += step_sums
             run.scaler.scale(loss).backward()
     for opt in run.optimizers:
         run.scaler.unscale_(opt)
+    run.attention_grads.add()
     norm = torch.nn.utils.clip_grad_norm_(run.params, cfg["grad_clip"] or math.inf)
     if run.scaler.is_enabled():  # the fp16 scaler skips non-finite steps itself, and lowers its scale
         for opt in run.optimizers:

@@ -150,6 +150,24 @@ def scst_curves(runs, path):
                            (axes[2], "validation CIDEr-D (greedy)", "CIDEr-D", "training time (s)")))
 
 
+def attention_curves(runs, path):
+    """compare.py's attention_curves.png: how each attention run's training went. runs: (label,
+    [(training seconds, validation CIDEr-D)], [(step, attention gradient variance)], [(step, entropy of
+    alpha per word)])."""
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    for label, cider, variance, entropy in runs:
+        if cider:
+            axes[0].plot(*zip(*cider, strict=True), "o-", label=label)
+        if variance:
+            axes[1].semilogy(*zip(*variance, strict=True), label=label, lw=1)
+        if entropy:
+            axes[2].plot(*zip(*entropy, strict=True), label=label, lw=1)
+    label_axes(fig, path, ((axes[0], "validation CIDEr-D (decoded)", "CIDEr-D", "training time (s)"),
+                           (axes[1], "variance of the attention's gradient", "mean variance per parameter",
+                            "optimiser step"),
+                           (axes[2], "entropy of alpha in training", "nats per word", "optimiser step")))
+
+
 def image_strip(images, titles, path):
     """The images (3 x H x W uint8) side by side, titled: compare.py's errors.png."""
     fig, axes = plt.subplots(1, len(images), figsize=(3.2 * len(images), 3.6), squeeze=False)

@@ -4,6 +4,7 @@ import json
 import os
 import re
 import shutil
+import signal
 import struct
 import subprocess
 import sys
@@ -67,6 +68,24 @@ def wait_for(proc, ready, timeout=120):
             return False
         time.sleep(0.001)
     raise TimeoutError
+
+
+def kill_then_resume(args, run, lines):
+    """train.py with args, SIGKILLed once its log has `lines` lines, then resumed from run/last.pt to the end."""
+    with open(run.parent / f"{run.name}-stderr.txt", "w") as err:
+        proc = popen(args, err)
+        assert wait_for(proc, lambda: log_lines(run) >= lines), "the run ended before the kill point"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    r = run_script("train.py", "--resume", run / "last.pt")
+    assert r.returncode == 0, r.stderr
+
+
+def same_weights(a, b):
+    """Whether two runs' last.pt hold equal weights, bit for bit."""
+    import torch
+    a, b = weights(a / "last.pt"), weights(b / "last.pt")
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def page_data(html):

@@ -117,14 +117,14 @@ def test_grouped_accumulation_equals_one_big_batch():
     """The objective on grouped micro-batches (2 x 4 images x 4 captions) of cached grids, normalised
     by the whole step, gives the gradient of one batch of 8 images x 4 captions."""
     from datasets import TrainItem
-    from objectives import CrossEntropy, Normalisers
+    from objectives import CrossEntropy, Step
     _, captions, lengths = batch(32, seed=9)
     encoder = Encoder("resnet18", "none", encoded_size=3, stages=1)  # 64 channels
     torch.manual_seed(0)
     decoder = AttentionDecoder(V, encoder.dim, emb_dim=12, decoder_dim=20, attention_dim=10, dropout=0.0)
     objective = CrossEntropy(encoder, decoder, {"decoder": "attention", "alpha_c": 1.0})
     grids = torch.randn(8, 64, 3, 3).half()  # as the feature cache hands them over
-    norm = Normalisers(int((lengths - 1).sum()), 32)
+    norm = Step(int((lengths - 1).sum()), 32)
     whole = TrainItem(grids, captions.view(8, 4, -1), lengths.view(8, 4), torch.arange(8))
     objective(whole, norm)[0].backward()
     big = grads(decoder)

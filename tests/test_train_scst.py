@@ -1,10 +1,8 @@
 """train.py --objective scst: self-critical training from a tiny cross-entropy checkpoint."""
-import signal
 
 import pytest
-import torch
 
-from tests.helpers import log_lines, log_records, popen, run_script, scst_args, torchrun, wait_for, weights
+from tests.helpers import kill_then_resume, log_records, run_script, same_weights, scst_args, torchrun
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -28,21 +26,12 @@ def test_scst_refusals(trained, shapes_data, tmp_path):
 
 
 def test_scst_resumed_after_sigkill_ends_bit_identical(trained, shapes_data, tmp_path):
-
-    from tests.helpers import log_records, run_script
     common = dict(epochs=2, checkpoint_every=1, log_every=1, scst_baseline="greedy")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
     r = run_script("train.py", *scst_args(straight, shapes_data, trained("rnn"), **common))
     assert r.returncode == 0, r.stderr
-    with open(tmp_path / "err.txt", "w") as err:
-        proc = popen(scst_args(killed, shapes_data, trained("rnn"), **common), err)
-        assert wait_for(proc, lambda: log_lines(killed) >= 4)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-    r = run_script("train.py", "--resume", killed / "last.pt")
-    assert r.returncode == 0, r.stderr
-    a, b = weights(straight / "last.pt"), weights(killed / "last.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    kill_then_resume(scst_args(killed, shapes_data, trained("rnn"), **common), killed, lines=4)
+    assert same_weights(straight, killed)
     assert log_records(straight) == log_records(killed)
 
 
