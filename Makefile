@@ -1,7 +1,7 @@
 # Targets (everything runs in .venv, created on first use):
 #   install     .venv with the packages of requirements.txt and this project (pip install -e .)
 #   test        the whole test suite, what CI runs
-#   test-fast   the in-process tests only (no subprocess), for the edit-and-test loop
+#   test-fast   the tests that start no subprocess, for the edit-and-test loop
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
@@ -22,6 +22,11 @@ ENCODER := $(DATA)/encoder_resnet18_stages2.pt
 # PRETRAIN_ARGS="--steps 100" for a smaller, quicker demo (the tests run one with fewer steps).
 SHAPES_ARGS ?=
 PRETRAIN_ARGS ?=
+# Test processes (pytest-xdist; auto: one per core), each with one thread so that they share the
+# cores instead of contending for them. A test file runs whole in one process, in order
+# (--dist loadfile): tests/test_docs.py's pages build on each other in one workspace.
+TEST_WORKERS ?= auto
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
@@ -38,10 +43,10 @@ $(STAMP): requirements.txt pyproject.toml
 	touch $@
 
 test: install
-	$(PY) -m pytest
+	$(PYTEST)
 
 test-fast: install
-	$(PY) -m pytest -m "not slow"
+	$(PYTEST) -m "not slow"
 
 lint: install
 	$(PY) -m ruff check .

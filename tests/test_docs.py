@@ -1,7 +1,8 @@
 """Every command of the README and the docs pages, run as written: in a workspace that `make demo`
 made (conftest.demo_workspace), page after page in the order the README lists them, each block after
 the ones before it, with the project's .venv activated as the pages say to (scripts/run_docs.py).
-A block the page marks `<!-- not run: why -->` is skipped, saying why."""
+A block the page marks `<!-- not run: why -->` is skipped, saying why. So the tests of this file run
+in one process, in order (make test's `--dist loadfile`)."""
 import json
 import os
 import re
