@@ -27,10 +27,11 @@ class Run:
     """What one run folder says about itself: given a folder, with its eval_{split}.json; given a
     results file in it (eval.py --out), with those results, named after the folder and the file."""
 
-    def __init__(self, path, split, results_file=None):
-        folder = os.path.dirname(path) if path.endswith(".json") else path
+    def __init__(self, path, split):
+        given = path.endswith(".json")  # a results file, not the folder's own eval_{split}.json
+        folder = os.path.dirname(path) if given else path
         self.folder, self.name = folder, os.path.basename(os.path.normpath(folder))
-        if path.endswith(".json"):
+        if given:
             stem = os.path.splitext(os.path.basename(path))[0]
             self.name += "-" + (stem[len(f"eval_{split}_"):] if stem.startswith(f"eval_{split}_") else stem)
         for needed in ("config.yaml", "log.jsonl"):
@@ -43,8 +44,8 @@ class Run:
         # not all-skipped windows; scst runs log the reward instead of the loss
         self.steps = [r for r in records if r["kind"] == "step" and ("loss" in r or "reward" in r)]
         self.epochs = [r for r in records if r["kind"] == "epoch"]
-        self.results_path = path if path.endswith(".json") else os.path.join(folder, f"eval_{split}.json")
-        if path.endswith(".json") and not os.path.isfile(path):
+        self.results_path = path if given else os.path.join(folder, f"eval_{split}.json")
+        if given and not os.path.isfile(path):
             raise InputError(f"{path} not found: give a run folder, or a results file eval.py wrote in one")
         self.results = read_results(self.results_path)  # results.EvalResults, or None before eval.py ran
         self._tables = {}

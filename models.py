@@ -222,22 +222,22 @@ class RNNDecoder(nn.Module):
         return self.fc(self.dropout(out)), None
 
 
-class Pick(NamedTuple):
-    """How hard ("stochastic", Xu et al. 2015 section 4.1) attention picks one cell per row at a step:
-    a cell drawn from alpha by the Gumbel-max trick with this noise, in the rows `sampled` (the other
-    rows take the expected context, the alpha-weighted mean); with `tau`, a straight-through
-    Gumbel-softmax sample (one-hot forward, the relaxed sample's gradient)."""
-    gumbel: torch.Tensor  # B x P standard Gumbel noise
+class HardNoise(NamedTuple):
+    """The draws of hard ("stochastic", Xu et al. 2015 section 4.1) attention: in the rows `sampled`
+    a cell is drawn from alpha by the Gumbel-max trick with this noise (the other rows take the
+    expected context, the alpha-weighted mean); with `tau`, a straight-through Gumbel-softmax draw (one
+    cell forward, the relaxed draw's gradient backward; None: plain draws, for REINFORCE)."""
+    gumbel: torch.Tensor  # B x T x P standard Gumbel noise for a forward; B x P for one step
     sampled: torch.Tensor  # B bool
     tau: float | None = None
 
 
-ARGMAX = "argmax"  # a Pick for decoding: the most likely cell, and its one-hot map
+ARGMAX = "argmax"  # a pick for decoding: the most likely cell, and its one-hot map
 
 
 class Attention(nn.Module):
     """Additive (Bahdanau) attention over the grid cells: soft (the alpha-weighted mean of the cells)
-    or, given a Pick, hard (one cell's features)."""
+    or, given one step's HardNoise (or ARGMAX), hard (one cell's features)."""
 
     def __init__(self, encoder_dim, decoder_dim, attention_dim):
         super().__init__()
@@ -250,23 +250,16 @@ class Attention(nn.Module):
         return self.encoder_att(features)
 
     def forward(self, features, projected, h, pick=None):
-        """features B x P x D and their projection B x P x A, h: B x H -> context B x D, alpha B x P (the
-        distribution; one-hot for ARGMAX) and the cells picked (B, -1 where not sampled; None when soft).
-        With h of N x k rows for N images (k captions each, image-major), each image's grid serves its
-        k rows."""
+        """features N x P x D and their projection N x P x A, h: B x H with B = N x k rows (k captions
+        per image, image-major; k = 1 when decoding), each image's grid serving its k rows -> context
+        B x D, alpha B x P (the distribution; one-hot for ARGMAX) and the cells picked (B, -1 where not
+        sampled; None when soft)."""
         N, P = features.shape[:2]
-        grouped = h.size(0) != N
-        if grouped:
-            att_h = self.decoder_att(h).view(N, -1, 1, projected.size(2))  # N x k x 1 x A
-            scores = self.full_att(torch.relu(projected.unsqueeze(1) + att_h)).squeeze(3).flatten(0, 1)  # N*k x P
-        else:
-            scores = self.full_att(torch.relu(projected + self.decoder_att(h).unsqueeze(1))).squeeze(2)  # B x P
+        att_h = self.decoder_att(h).view(N, -1, 1, projected.size(2))  # N x k x 1 x A
+        scores = self.full_att(torch.relu(projected.unsqueeze(1) + att_h)).squeeze(3).flatten(0, 1)  # B x P
         alpha = torch.softmax(scores.float(), dim=1).to(features.dtype)  # B x P
         weights, cells = (alpha, None) if pick is None else choose(scores, alpha, pick)  # B x P
-        if grouped:
-            context = torch.bmm(weights.view(N, -1, P), features).flatten(0, 1)  # N*k x D
-        else:
-            context = torch.bmm(weights.unsqueeze(1), features).squeeze(1)  # B x D
+        context = torch.bmm(weights.view(N, -1, P), features).flatten(0, 1)  # B x D
         return context, weights if pick is ARGMAX else alpha, cells
 
 
@@ -331,22 +324,13 @@ class AttentionDecoder(nn.Module):
         emb = self.embedding(captions[:, : int(lengths.max()) - 1])  # B x T x E
         hs, alphas, picked = [], [], []
         for t in range(emb.size(1)):
-            pick = None if noise is None else Pick(noise.gumbel[:, t], noise.sampled, noise.tau)
+            pick = None if noise is None else noise._replace(gumbel=noise.gumbel[:, t])  # B x P
             h, state, alpha, cells = self._cell(emb[:, t], state, features, pick)
             hs.append(h)
             alphas.append(alpha)
             picked.append(cells)
         out = self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
         return out if noise is None else (*out, torch.stack(picked, 1))
-
-
-class HardNoise(NamedTuple):
-    """The draws of one hard-attention forward: Gumbel noise per row, step and cell, the rows that
-    sample (the others use the expected context), and the straight-through temperature (None: plain
-    draws, for REINFORCE)."""
-    gumbel: torch.Tensor  # B x T x P
-    sampled: torch.Tensor  # B bool
-    tau: float | None = None
 
 
 def expand(state, k, keep=()):

@@ -235,10 +235,11 @@ class HardAttention(Objective):
         tokens, rows = step.tokens * D, step.captions * D  # the likelihood: the mean over the D draws
         loss = caption_loss(logits, alphas, captions, lengths, self.alpha_c, tokens, rows)
         entropy, log_alpha, mask = map_entropy(alphas, lengths)  # summed over real words; B*D x T x P; B*D x T
-        nll = F.cross_entropy(logits.float().transpose(1, 2), captions[:, 1:T + 1], reduction="none")  # B*D x T
-        L = (nll * mask).sum(1).detach()  # each caption's summed cross-entropy
         total = loss.loss - self.cfg["hard_lambda_e"] * entropy / tokens
-        if self.estimator != "gumbel":
+        if self.estimator != "gumbel":  # REINFORCE: each caption's summed cross-entropy L, against a baseline
+            with torch.no_grad():
+                nll = F.cross_entropy(logits.float().transpose(1, 2), captions[:, 1:T + 1], reduction="none")  # B*D x T
+                L = (nll * mask).sum(1)
             picked = log_alpha.gather(2, cells.clamp_min(0).unsqueeze(2)).squeeze(2) * mask * noise.sampled[:, None]
             baseline = self.baselines(L, noise.sampled)
             total = total + self.cfg["hard_lambda_r"] * ((L - baseline) * noise.sampled * picked.sum(1)).sum() / tokens

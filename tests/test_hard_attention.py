@@ -8,7 +8,7 @@ from scipy import stats
 
 from datasets import TrainItem, Vocabulary
 from decoding import DecodeOptions, beam_search, greedy
-from models import ARGMAX, AttentionDecoder, HardNoise, Pick, caption_loss
+from models import ARGMAX, AttentionDecoder, HardNoise, caption_loss
 from objectives import CrossEntropy, HardAttention, Step
 
 V, P, D = 10, 3, 6
@@ -72,7 +72,7 @@ def test_drawn_contexts_are_exactly_the_cells_and_follow_alpha():
     features = torch.randn(1, P, D, dtype=torch.float64).expand(20000, -1, -1)
     state = dec.init_state(features)
     gumbel = -torch.log(-torch.log(torch.rand(20000, P, dtype=torch.float64)))
-    pick = Pick(gumbel, torch.ones(20000, dtype=bool))
+    pick = HardNoise(gumbel, torch.ones(20000, dtype=bool))  # one step: B x P
     context, alpha, cells = dec.attention(features, state["proj"], state["h"], pick)
     assert torch.equal(context, features[torch.arange(20000), cells])  # a[s], not a mixture
     counts = torch.bincount(cells, minlength=P).numpy()

@@ -11,7 +11,8 @@ import pytest
 import torch
 
 import train
-from tests.helpers import ROOT, load, log_lines, log_records, popen, run_main, run_script, train_args, wait_for, weights
+from tests.helpers import (ROOT, load, log_lines, log_records, popen, run_main, run_script, same_weights, train_args,
+                           wait_for)
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -49,8 +50,7 @@ def test_sigkill_then_resume_ends_with_the_uninterrupted_weights(straight, shape
     r = run_script("train.py", "--resume", run / "last.pt")
     assert r.returncode == 0, r.stderr
     assert not glob.glob(str(run / "*.tmp*"))  # a killed write leaves no debris after the resume
-    a, b = weights(straight / "last.pt"), weights(run / "last.pt")
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, run)
     assert log_records(straight) == log_records(run)
 
 
@@ -68,8 +68,7 @@ def test_signal_saves_last_once_then_resume_finishes(straight, shapes_data, tmp_
     assert 3 <= saved["step"] < load(straight / "last.pt")["step"]
     r = run_script("train.py", "--resume", run / "last.pt")
     assert r.returncode == 0, r.stderr
-    a, b = weights(straight / "last.pt"), weights(run / "last.pt")
-    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert same_weights(straight, run)
 
 
 def test_ctrl_c_from_a_terminal_with_loader_workers(shapes_data, tmp_path):
