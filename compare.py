@@ -1,13 +1,19 @@
-"""Compare two or more training runs side by side: quality, cost, training curves, attention.
+"""Compare training runs, or groups of runs at several seeds, side by side: quality with an interval
+on every margin, cost, training curves, attention.
 
-    python compare.py runs/demo-rnn runs/demo-attention --out reports/demo
+    python compare.py runs/demo-rnn runs/demo-attention --out runs/reports/demo
+    python compare.py --group rnn runs/demo-rnn runs/seeds-rnn-s1 runs/seeds-rnn-s2 \
+        --group attention runs/demo-attention runs/seeds-attention-s1 runs/seeds-attention-s2 --out runs/reports/seeds
 
 Reads each run's config.yaml, log.jsonl and eval results (eval_TEST.json and its per-image files,
-from eval.py) and writes report.md with curves.png, metrics.png, attention.png and errors.png, and
-report.html: the same report in one self-contained page, with a browser of every image of the split
-(references, each run's caption and scores, filters, attention maps word by word). The first run is
-the baseline: every metric of the others is also given as a margin over it. Everything in the summary
-is computed from those numbers; nothing is decoded again (report.py holds the sections).
+from eval.py) and writes report.md with curves.png, metrics.png, attention.png and errors.png,
+report.html (the same report in one self-contained page, with a browser of every image of the split:
+references, each group's first run's caption and scores, filters, attention maps word by word) and
+comparison.json (every value and every margin, results.comparison_json). A plain run is a group of
+one. Each pair of groups (--pair, or every pair) gets a margin per measure with a 95% interval and a
+p-value (significance.py: a paired bootstrap over the test images, and across seeds where a group has
+several). Everything in the summary is computed from those numbers; nothing is decoded again (report.py
+holds the sections).
 """
 import json
 import os
@@ -18,10 +24,13 @@ import yaml
 
 import htmlpage
 import report
+import significance
+from config import RUN_KEYS, default_config
 from datasets import CaptionDataset, Vocabulary, load_references, load_word_map
-from report import QUALITY
-from results import read_results, read_table
-from utils import ArgumentParser, InputError, atomic_path, run_cli
+from report import QUALITY, UNRESAMPLED
+from results import Margin, comparison_json, mean_sd, read_results, read_table
+from utils import ArgumentParser, InputError, atomic_path, run_cli, write_json
+
 
 class Run:
     """What one run folder says about itself: given a folder, with its eval_{split}.json; given a
@@ -38,7 +47,7 @@ class Run:
             if not os.path.isfile(os.path.join(folder, needed)):
                 raise InputError(f"{folder} is not a run folder: {needed} is missing (train.py writes it)")
         with open(os.path.join(folder, "config.yaml")) as f:
-            self.cfg = yaml.safe_load(f)
+            self.cfg = {**default_config(), **yaml.safe_load(f)}  # defaults for keys an older train.py lacked
         with open(os.path.join(folder, "log.jsonl")) as f:
             records = [json.loads(line) for line in f if line.strip()]
         # not all-skipped windows; scst runs log the reward instead of the loss
@@ -58,11 +67,15 @@ class Run:
         self.stopped_early = bool(patience and bad >= patience and len(self.epochs) < self.cfg["epochs"])
 
     @property
-    def label(self):
-        how = self.cfg["decoder"]
+    def how(self):
+        """The decoder, and for hard attention the inference it was scored with."""
         if self.cfg.get("attention") == "hard":
-            how = f"hard attention, {self.results.attention_inference if self.results else 'not evaluated'}"
-        return f"{self.name} ({how})"
+            return f"hard attention, {self.results.attention_inference if self.results else 'not evaluated'}"
+        return self.cfg["decoder"]
+
+    @property
+    def label(self):
+        return f"{self.name} ({self.how})"
 
     @property
     def beams(self):
@@ -116,10 +129,86 @@ class Run:
 
 
 @dataclass
-class Comparison:
-    """The runs compared, the beam size of the figures, the errors and the browser, and the notes a
-    reader must see (a run without that beam size, or without its attention maps)."""
+class Group:
+    """Runs of one configuration that differ only in their seed (check_group), or one run alone."""
+    name: str
     runs: list
+
+    @property
+    def first(self):
+        return self.runs[0]
+
+    @property
+    def label(self):
+        if len(self.runs) == 1:
+            return self.first.label
+        return f"{self.name} ({self.first.how}, {len(self.runs)} seeds)"
+
+    def values(self, beam, key):
+        """Each run's value of one quality measure at one beam size; None when any run lacks it."""
+        values = [r.quality(beam)[key] for r in self.runs]
+        return None if any(v is None for v in values) else values
+
+
+def experiment(run):
+    """What defines a run's experiment: its config (with defaults for keys an older train.py did not
+    write) without config.RUN_KEYS, and what eval.py scored (data, split, images, attention inference)."""
+    out = {k: v for k, v in run.cfg.items() if k not in RUN_KEYS}
+    if run.results:
+        r = run.results
+        out.update({"evaluated data": f"{r.data_name} in {os.path.realpath(r.data_folder)}", "split": r.split,
+                    "images": r.images, "attention inference": r.attention_inference})
+    return out
+
+
+def decoding(run, beam):
+    """The decoding options eval.py used at one beam size."""
+    scored = run.results.beams[beam]
+    return {k: getattr(scored, k) for k in ("max_len", "length_penalty", "block_ngram_repeat")}
+
+
+def check_group(group):
+    """Refuse, in one line naming the difference, a group whose runs are not seeds of one experiment."""
+    first, key = group.first, experiment(group.first)
+    seeds = {}
+    for run in group.runs:
+        other = experiment(run)
+        differ = [k for k in sorted(set(key) | set(other), key=str) if key.get(k) != other.get(k)]
+        if differ:
+            k = differ[0]
+            raise InputError(f"group {group.name}: {first.folder} and {run.folder} differ in {k} ({key.get(k)!r} "
+                             f"against {other.get(k)!r}): a group holds runs that differ only in "
+                             f"{', '.join(RUN_KEYS)}")
+        for beam in sorted(set(first.beams) & set(run.beams)):
+            ours, theirs = decoding(first, beam), decoding(run, beam)
+            if ours != theirs:
+                raise InputError(f"group {group.name}: {first.folder} and {run.folder} were decoded with other options "
+                                 f"at beam {beam} ({ours} against {theirs}): evaluate them alike")
+        if run.cfg["seed"] in seeds:
+            raise InputError(f"group {group.name}: {seeds[run.cfg['seed']].folder} and {run.folder} both have seed "
+                             f"{run.cfg['seed']}: a group's runs are different seeds of one configuration")
+        seeds[run.cfg["seed"]] = run
+
+
+def check_same_images(runs):
+    """Refuse, before anything is written, runs whose eval results score different images: their
+    margins would compare two datasets."""
+    evaluated = [r for r in runs if r.results]
+    what = lambda r: (f"{r.results.data_name} ({os.path.realpath(r.results.data_folder)}), split "  # noqa: E731
+                      f"{r.results.split}, {r.results.images} images")
+    for run in evaluated[1:]:
+        if what(run) != what(evaluated[0]):
+            raise InputError(f"{evaluated[0].name} was scored on {what(evaluated[0])} and {run.name} on {what(run)}: "
+                             "compare runs scored on the same split of the same data")
+
+
+@dataclass
+class Comparison:
+    """The groups compared (each one run, or the seeds of one configuration), the pairs whose margins
+    the report gives, the beam size of the figures, and the notes a reader must see (a run without that
+    beam size, without its attention maps or without per-image statistics)."""
+    groups: list
+    pairs: list  # (group a, group b): margins b - a
     split: str
     beam: int
     beams: list  # the beam sizes every evaluated run has
@@ -128,13 +217,19 @@ class Comparison:
     overlays: int = 4  # rows of attention.png
     thumb: int = 160
     browse_images: int = 0
+    resamples: int = significance.RESAMPLES
+    bootstrap_seed: int = significance.SEED
     notes: list = field(default_factory=list)
+    _draws: dict = field(default_factory=dict, init=False, repr=False)  # (run, beam) -> its resampled metrics
+    _margins: dict = field(default_factory=dict, init=False, repr=False)  # (runs a, runs b, beam) -> margins
 
     @classmethod
-    def of(cls, runs, split, beam, out, command, **options):
+    def of(cls, groups, pairs, split, beam, out, command, **options):
+        runs = [r for g in groups for r in g.runs]
+        check_same_images(runs)
         evaluated = [r for r in runs if r.results]
         beams = sorted(set.intersection(*(set(r.beams) for r in evaluated))) if evaluated else []
-        c = cls(runs, split, beam, beams, out, command, **options)
+        c = cls(groups, pairs, split, beam, beams, out, command, **options)
         if evaluated and beam not in beams:
             c.beam = beams[0] if beams else beam
             lacking = ", ".join(r.name for r in evaluated if beam not in r.beams)
@@ -142,15 +237,82 @@ class Comparison:
                            f"(evaluate with `--beam-size {beam}` for beam {beam})")
         for r in evaluated:
             table = r.table(c.beam)
+            again = f"`python eval.py --checkpoint {os.path.join(r.folder, 'best.pt')} --beam-size {c.beam}`"
+            if table is not None and not table.has_statistics:
+                c.notes.append(f"{r.name}: its beam-{c.beam} results have no per-image statistics (an older eval.py), "
+                               f"so its margins have no interval: evaluate again with {again}")
             if r.cfg["decoder"] == "attention" and table is not None and not table.has_maps:
                 c.notes.append(f"{r.name}: its beam-{c.beam} results have no attention maps (an older eval.py): "
-                               f"run `python eval.py --checkpoint {os.path.join(r.folder, 'best.pt')} --beam-size "
-                               f"{c.beam}` again for attention.png and the browser's maps")
+                               f"evaluate again with {again} for attention.png and the browser's maps")
         return c
+
+    @property
+    def runs(self):
+        return [r for g in self.groups for r in g.runs]
 
     @property
     def evaluated(self):
         return [r for r in self.runs if r.results]
+
+    @property
+    def shown(self):
+        """The evaluated run shown for each group in the per-image sections (its first)."""
+        return [g.first for g in self.groups if g.first.results]
+
+    @cached_property
+    def counts(self):
+        """The bootstrap's resample counts (resamples x images), one matrix for every run: paired."""
+        return significance.resample_counts(self.evaluated[0].results.images, self.resamples, self.bootstrap_seed)
+
+    def draws(self, run, beam):
+        """{measure: (value on all images, values on the resamples)} of one run at one beam size."""
+        if (run.results_path, beam) not in self._draws:
+            table = run.table(beam)
+            names = [k for k in QUALITY if run.quality(beam)[k] is not None]
+            self._draws[run.results_path, beam] = significance.replicates(table.rows, names, self.counts) \
+                if table is not None and table.has_statistics else {}
+        return self._draws[run.results_path, beam]
+
+    def margins(self, a, b, beam):
+        """results.Margin of group b over group a for every quality measure both have at one beam size
+        (with its interval where every run has per-image statistics), then validation loss and top-5
+        (never an interval). Holm's adjustment runs over the measures with an interval."""
+        cached = (tuple(r.results_path for r in a.runs), tuple(r.results_path for r in b.runs), beam)
+        if cached in self._margins:
+            return self._margins[cached]
+        out = []
+        for key in QUALITY + UNRESAMPLED:
+            values_a, values_b = a.values(beam, key), b.values(beam, key)
+            if values_a is None or values_b is None:
+                continue
+            draws = [[self.draws(r, beam).get(key) for r in g.runs] for g in (a, b)]
+            if key in QUALITY and all(d is not None for side in draws for d in side):
+                interval = significance.margin(values_a, values_b, *draws)
+                out.append(Margin(a.name, b.name, beam, key, interval.difference, interval.low, interval.high,
+                                  interval.p, method=interval.method))
+            else:
+                out.append(Margin(a.name, b.name, beam, key, mean_sd(values_b)[0] - mean_sd(values_a)[0]))
+        tested = [m for m in out if m.p is not None]
+        for m, adjusted in zip(tested, significance.holm([m.p for m in tested]), strict=True):
+            m.p_holm = adjusted
+        self._margins[cached] = out
+        return out
+
+    def run_margins(self, a, b, beam):
+        """margins() of run b over run a, each taken alone."""
+        return self.margins(Group(a.name, [a]), Group(b.name, [b]), beam)
+
+    @cached_property
+    def all_margins(self):
+        """Every pair's margins at every beam size every run has."""
+        return [m for b in self.beams for a, g in self.pairs for m in self.margins(a, g, b)]
+
+    def methods(self):
+        """{method: its sentence} for the interval methods the margins used."""
+        used = {m.method for m in self.all_margins if m.method}
+        images = self.evaluated[0].results.images if self.evaluated else 0
+        return {m: significance.method_sentence(m, images, self.split, self.resamples, self.bootstrap_seed)
+                for m in sorted(used)}
 
     @cached_property
     def data(self):
@@ -176,7 +338,7 @@ class Comparison:
     @cached_property
     def browser(self):
         """(report.html's browser data, None) or (None, why there is none)."""
-        tables = [(r.name, r.label, r.table(self.beam)) for r in self.evaluated]
+        tables = [(r.name, r.label, r.table(self.beam)) for r in self.shown]
         missing = [name for name, _, t in tables if t is None]
         if missing or len(tables) < 2:
             return None, (f"{', '.join(missing)}: no per-image results at beam {self.beam}: evaluate again with "
@@ -188,19 +350,65 @@ class Comparison:
         return htmlpage.browser_data(tables, self.picture, self.references, self.split, self.beam, self.thumb,
                                      self.browse_images), None
 
+    def to_json(self):
+        """comparison.json (results.comparison_json): every group's values and every margin."""
+        groups = [(g.name, [(r.name, r.folder, r.cfg["seed"]) for r in g.runs],
+                   {b: {k: v for k in QUALITY + UNRESAMPLED if (v := g.values(b, k)) is not None} for b in self.beams})
+                  for g in self.groups]
+        return comparison_json(self.split, self.evaluated[0].results.images if self.evaluated else 0, self.beams,
+                               {"resamples": self.resamples, "seed": self.bootstrap_seed,
+                                "confidence": significance.CONFIDENCE}, self.methods(), groups, self.all_margins)
 
-# The report, top to bottom: each section reads the Comparison and returns its Markdown lines.
-SECTIONS = (report.header, report.summary, report.quality, report.cost, report.curves, report.metrics,
+
+# The report, top to bottom: each section reads the Comparison and returns its Markdown lines. The header
+# is rendered last, so that it carries every note the other sections made.
+SECTIONS = (report.summary, report.quality, report.margins, report.cost, report.curves, report.metrics,
             report.self_critical, report.attention_maps, report.attention, report.errors, report.every_image)
+
+
+def parse_groups(p, args):
+    """The groups of the command line: each plain run alone, then each --group NAME RUN [RUN ...]."""
+    named = [(run, [run]) for run in args.runs] + [(g[0], g[1:]) for g in args.group or []]
+    for name, folders in named:
+        if not folders:
+            p.error(f"--group {name} names no run: --group NAME RUN [RUN ...]")
+    if len(named) < 2:
+        p.error("give at least two runs, or two groups (--group NAME RUN [RUN ...])")
+    groups = []
+    for name, folders in named:
+        runs = [Run(folder, args.split) for folder in folders]
+        groups.append(Group(runs[0].name if len(folders) == 1 and name == folders[0] else name, runs))
+    names = [g.name for g in groups]
+    if len(set(names)) < len(names):
+        twice = ", ".join(sorted({n for n in names if names.count(n) > 1}))
+        p.error(f"two groups or runs have the same name ({twice}): name the groups apart (--group NAME ...)")
+    for g in groups:
+        check_group(g)
+    by_name = {g.name: g for g in groups}
+    if not args.pair:
+        return groups, [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:]]
+    unknown = [n for pair in args.pair for n in pair if n not in by_name]
+    if unknown:
+        p.error(f"--pair names {', '.join(unknown)}, not a group or run of this comparison ({', '.join(names)})")
+    return groups, [(by_name[a], by_name[b]) for a, b in args.pair]
 
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("runs", nargs="+", help="run folders (or results files eval.py wrote in one, say "
-                   "runs/NAME/eval_TEST_argmax.json); the first is the baseline")
+    p.add_argument("runs", nargs="*", help="run folders (or results files eval.py wrote in one, say "
+                   "runs/NAME/eval_TEST_argmax.json), each compared on its own")
+    p.add_argument("--group", nargs="+", action="append", metavar=("NAME", "RUN"),
+                   help="the runs of one configuration at several seeds, compared as one: --group attention "
+                        "runs/demo-attention runs/seeds-attention-s1 runs/seeds-attention-s2 (repeat per group)")
+    p.add_argument("--pair", nargs=2, action="append", metavar=("A", "B"),
+                   help="give the margin B - A of these two groups or runs (repeat for more; default: every pair, "
+                        "each later one against each earlier one)")
     p.add_argument("--out", required=True, help="report folder")
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
-    p.add_argument("--beam-size", type=int, default=3, help="beam of the figures, the errors and the browser")
+    p.add_argument("--beam-size", type=int, default=3, help="beam of the summary, margins, figures, errors and browser")
+    p.add_argument("--resamples", type=int, default=significance.RESAMPLES,
+                   help="bootstrap resamples of the test images for every interval")
+    p.add_argument("--bootstrap-seed", type=int, default=significance.SEED, help="seed of the resamples")
     p.add_argument("--images", type=int, default=4, help="rows of attention overlays")
     p.add_argument("--thumb-size", type=int, default=160,
                    help="largest side of the browser's pictures in pixels (smaller images stay as they are)")
@@ -208,16 +416,17 @@ def main():
                    help="the browser shows the first N images of the split (0: all; COCO's 5000 make a page of "
                         "about 70 MB at the default --thumb-size)")
     args = p.parse_args()
-    if len(args.runs) < 2:
-        p.error("give at least two run folders")
-    if args.thumb_size < 16 or args.browse_images < 0:
-        p.error("--thumb-size must be at least 16 and --browse-images at least 0")
-    runs = [Run(folder, args.split) for folder in args.runs]
+    if args.thumb_size < 16 or args.browse_images < 0 or args.resamples < 100:
+        p.error("--thumb-size must be at least 16, --browse-images at least 0 and --resamples at least 100")
+    groups, pairs = parse_groups(p, args)
+    command = " ".join(["python compare.py", *args.runs, *(f"--group {' '.join(g)}" for g in args.group or []),
+                        *(f"--pair {a} {b}" for a, b in args.pair or []), "--out", args.out])
+    comparison = Comparison.of(groups, pairs, args.split, args.beam_size, args.out, command, overlays=args.images,
+                               thumb=args.thumb_size, browse_images=args.browse_images, resamples=args.resamples,
+                               bootstrap_seed=args.bootstrap_seed)
     os.makedirs(args.out, exist_ok=True)
-    comparison = Comparison.of(runs, args.split, args.beam_size, args.out,
-                               f"python compare.py {' '.join(args.runs)} --out {args.out}",
-                               overlays=args.images, thumb=args.thumb_size, browse_images=args.browse_images)
-    md = [line for section in SECTIONS for line in section(comparison)]
+    body = [line for section in SECTIONS for line in section(comparison)]
+    md = report.header(comparison) + body
     for note in comparison.notes:
         print(f"note: {note}")
     text = "\n".join(md) + "\n"
@@ -225,7 +434,9 @@ def main():
         f.write(text)
     with atomic_path(os.path.join(args.out, "report.html")) as tmp, open(tmp, "w") as f:
         f.write(htmlpage.page(md[0].lstrip("# "), comparison.browser[0], htmlpage.markdown(text, args.out)))
-    print(f"report: {os.path.join(args.out, 'report.md')} and report.html")
+    with atomic_path(os.path.join(args.out, "comparison.json")) as tmp:
+        write_json(tmp, comparison.to_json())
+    print(f"report: {os.path.join(args.out, 'report.md')}, report.html and comparison.json")
 
 
 if __name__ == "__main__":

@@ -33,6 +33,9 @@ AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.met
             "hard_lambda_e": 0.0, "hard_samples": 1, "hard_tau": 0.0,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
+# What says where and how a run ran, not what it is: runs whose configs differ only in these keys are
+# seeds of one experiment (compare.py --group refuses any other difference).
+RUN_KEYS = ("seed", "out", "init_from", "workers", "device", "log_every", "checkpoint_every", "tensorboard")
 
 
 def read_yaml(path):

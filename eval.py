@@ -10,8 +10,9 @@ create_input_files.py), or the encoded references for data prepared elsewhere (s
 in the JSON); nltk BLEU-4 uses the encoded references, as the tutorial does.
 
 Writes the results (default: eval_{SPLIT}.json beside the checkpoint) and beside them, per beam
-size, the captions in the COCO results format and a per-image file (results.py says what each
-holds). An earlier eval of the same checkpoint on the same images keeps the beam sizes this one does
+size, the captions in the COCO results format and a per-image file with every statistic the corpus
+metrics are made of, from which compare.py gives each margin an interval (results.py says what each
+file holds). An earlier eval of the same checkpoint on the same images keeps the beam sizes this one does
 not recompute; what is replaced is said in one line.
 """
 import os
@@ -26,8 +27,8 @@ import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from decoding import beam_search, caption_images
-from metrics import (coco_metrics, java_available, nltk_bleu4, pointing, pointing_accuracy, scene_errors,
-                     scene_measures)
+from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
+                     scene_errors, scene_measures_of)
 from models import load_model, weights_id
 from utils import ArgumentParser, InputError, grid_side, load_checkpoint, pick_device, run_cli
 from visualize import attention_bytes
@@ -60,17 +61,21 @@ def parse_args():
     return args
 
 
-def image_rows(ids, image_ids, caps, cider, references, boxes, points):
-    """An ImageRow per image, in the split's order. points: each image's metrics.pointing()
-    (attention decoder on shapes), or None. The attention decoder's maps are always kept: the
-    results browser and compare.py's attention figure draw them."""
+def image_rows(ids, image_ids, caps, coco, references, boxes, points):
+    """An ImageRow per image, in the split's order, with every per-image statistic a corpus metric is
+    made of (significance.py resamples them). coco: each image's coco_metrics per-image scores and BLEU
+    counts; points: each image's metrics.pointing() (attention decoder on shapes), or None. The attention
+    decoder's maps are always kept: the results browser and compare.py's attention figure draw them."""
     rows = []
     for i in ids:
-        c = caps[i]
-        row = results.ImageRow(i, image_ids[i], " ".join(c.words), cider[i], c.words in references[i])
+        c, scored = caps[i], coco[i]
+        row = results.ImageRow(i, image_ids[i], " ".join(c.words), scored["CIDEr"], c.words in references[i],
+                               bleu=scored["bleu"], nltk_bleu=nltk_counts(references[i], c.words),
+                               ROUGE_L=scored["ROUGE-L"], meteor=scored["meteor"])
         if boxes is not None:
             row.scene_errors = scene_errors(c.words, boxes[i])
             row.describes_scene = not any(row.scene_errors.values())  # metrics.describes_scene, without parsing again
+            row.scene = scene_counts(c.words, boxes[i])
         if points is not None:
             row.pointing = [None if p is None else int(p[0]) for p in points[i]]
         if c.alphas is not None:
@@ -187,7 +192,7 @@ def main():
         t0 = time.perf_counter()
         captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
         timings[k] = time.perf_counter() - t0
-    scores_by_beam, unavailable, cider_by_beam = coco_metrics(
+    scores_by_beam, unavailable, coco_by_beam = coco_metrics(
         coco_refs, {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions}, spice=args.spice)
 
     new = results.EvalResults(
@@ -196,20 +201,21 @@ def main():
         data_name=args.data_name or cfg["data_name"], decoder=cfg["decoder"],
         decoder_parameters=sum(v.numel() for v in ckpt["decoder"].values()), references=used, config=cfg,
         unavailable=unavailable, attention_inference=("argmax" if decoder.argmax_attention else "expected")
-        if cfg["decoder"] == "attention" else None)
+        if cfg["decoder"] == "attention" else None, format=results.FORMAT)
     coco_captions, tables = {}, {}
     for k, caps in captions.items():
         scores = scores_by_beam[k]
         words = [caps[i].words for i in ids]
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
-        if boxes is not None:
-            scores.update(scene_measures(words, [references[i] for i in ids], [boxes[i] for i in ids]))
         points = None
         if boxes is not None and cfg["decoder"] == "attention":
             points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, POINTING_WORDS)
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
+        rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points)
+        if boxes is not None:
+            scores.update(scene_measures_of([r.exact_match for r in rows], [r.scene for r in rows]))
         if cfg["decoder"] == "attention":
             scores.update(attention_spread([caps[i].alphas for i in ids]))
         options = decoding_options(args, cfg, k)
@@ -219,8 +225,7 @@ def main():
                                           images_file)
         coco_captions[k] = [{"image_id": image_ids[i], "caption": " ".join(caps[i].words)} for i in ids]
         alphas = caps[ids[0]].alphas
-        tables[k] = results.ImageTable(args.split, k, None if alphas is None else grid_side(alphas.shape[1]),
-                                       image_rows(ids, image_ids, caps, cider_by_beam[k], references, boxes, points))
+        tables[k] = results.ImageTable(args.split, k, None if alphas is None else grid_side(alphas.shape[1]), rows)
 
     print_table(args, cfg, new, boxes is not None)
     merged, replaced = results.merge(earlier, new)

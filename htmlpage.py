@@ -40,6 +40,10 @@ def image_uri(image, size=None):
     return f"data:{mime};base64,{base64.b64encode(data).decode('ascii')}"
 
 
+# What the browser's script shows of each caption (results.ImageRow): not the statistics compare.py resamples.
+PAGE_FIELDS = ("caption", "CIDEr", "exact_match", "describes_scene", "scene_errors", "pointing", "attention")
+
+
 def browser_data(runs, picture, references, split, beam, thumb, limit=0):
     """The browser's data for report.html. runs: (name, label, results.ImageTable) per run, all over
     the same images; picture(i) and references(i): image i of the split (3 x H x W uint8) and its
@@ -50,8 +54,7 @@ def browser_data(runs, picture, references, split, beam, thumb, limit=0):
                                  leave=False)):
         caps = []
         for table in tables:
-            cap = {key: v for key, v in asdict(table.rows[k]).items() if v is not None and key not in ("index",
-                                                                                                       "image_id")}
+            cap = {key: v for key, v in asdict(table.rows[k]).items() if v is not None and key in PAGE_FIELDS}
             caps.append({**cap, "right": table.rows[k].right})
         title = f"{split} {row.index}" + (f" ({row.image_id})" if row.image_id != row.index else "")
         images.append({"src": image_uri(picture(row.index), thumb), "title": title, "refs": references(row.index),

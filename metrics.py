@@ -4,9 +4,14 @@ corpus_bleu is a dependency-free corpus BLEU (Papineni et al. 2002: clipped n-gr
 brevity penalty against the closest reference length), equal to nltk's corpus_bleu without
 smoothing, short and empty captions included (tested). train.py uses it for validation, so training
 needs neither nltk nor Java.
+
+Every corpus metric here is also a function of per-image statistics that add up over images: BLEU's
+counts (coco-caption's and nltk's rules), METEOR's alignment statistics, each image's ROUGE-L and
+CIDEr-D, the scene counts. eval.py keeps them per image, and significance.py resamples them.
 """
 import math
 import os
+import sys
 import time
 from collections import Counter
 
@@ -19,27 +24,124 @@ def _ngrams(tokens, n):
     return Counter(tuple(tokens[i:i + n]) for i in range(len(tokens) - n + 1))
 
 
+# ----------------------------------------------------------------------------- BLEU from counts
+
+# One caption's BLEU counts, the same shape under both protocols: {"hyp_len": its length, "ref_len": the
+# closest reference length (a tie goes to the shorter), "guess": n-grams counted per order, "correct": the
+# clipped matches per order}. A corpus BLEU is a function of their sums over the captions, which is what
+# lets significance.py resample images without scoring anything again.
+BLEU_KEYS = ("hyp_len", "ref_len", "guess", "correct")
+
+
+def bleu_vector(counts, max_n=4):
+    """A caption's counts as one flat row: hyp_len, ref_len, guess 1..n, correct 1..n."""
+    return [counts["hyp_len"], counts["ref_len"], *counts["guess"][:max_n], *counts["correct"][:max_n]]
+
+
+def nltk_counts(references, hypothesis, max_n=4):
+    """One caption's counts as nltk's corpus_bleu makes them: token lists; at least one n-gram per
+    order in "guess", even for a caption shorter than n (or empty)."""
+    hyp_len = len(hypothesis)
+    correct, guess = [], []
+    for n in range(1, max_n + 1):
+        counts = _ngrams(hypothesis, n)
+        best = Counter()
+        for r in references:
+            best |= _ngrams(r, n)  # max count of each n-gram over the references
+        correct.append(sum(min(c, best[g]) for g, c in counts.items()))
+        guess.append(max(1, hyp_len - n + 1))
+    ref_len = min((len(r) for r in references), key=lambda n: (abs(n - hyp_len), n))
+    return {"hyp_len": hyp_len, "ref_len": ref_len, "guess": guess, "correct": correct}
+
+
+def nltk_bleu_from_sums(sums, max_n=4):
+    """nltk's corpus_bleu (no smoothing, uniform weights) from summed counts (bleu_vector order), with its
+    rules: 0 when no unigram matches, sys.float_info.min for a higher order without a match, the brevity
+    penalty 1 when the captions are longer than the references and 0 when they are empty."""
+    hyp_len, ref_len = sums[0], sums[1]
+    guess, correct = sums[2:2 + max_n], sums[2 + max_n:2 + 2 * max_n]
+    if correct[0] == 0:
+        return 0.0
+    # nltk takes each precision as a Fraction of the integer sums; float() of it is the correctly rounded
+    # quotient, and so is the division of the two sums (exact integers in a float below 2**53)
+    precisions = [c / g if c else sys.float_info.min for c, g in zip(correct, guess, strict=True)]
+    penalty = 1.0 if hyp_len > ref_len else 0.0 if hyp_len == 0 else math.exp(1 - ref_len / hyp_len)
+    return penalty * math.exp(math.fsum(1 / max_n * math.log(p) for p in precisions))
+
+
+def coco_bleu_from_sums(sums, n, max_n=4):
+    """coco-caption's corpus BLEU-n (pycocoevalcap's BleuScorer, option "closest") from summed counts
+    (bleu_vector order), with its constants: 1e-15 added to matches and lengths, 1e-9 to n-gram counts
+    and reference lengths, so that no division is by zero."""
+    tiny, small = 1e-15, 1e-9
+    hyp_len, ref_len = float(sums[0]), float(sums[1])
+    guess, correct = sums[2:2 + max_n], sums[2 + max_n:2 + 2 * max_n]
+    bleu = 1.0
+    for k in range(n):
+        bleu *= (float(correct[k]) + tiny) / (float(guess[k]) + small)
+    bleu **= 1.0 / n
+    ratio = (hyp_len + tiny) / (ref_len + small)
+    return bleu * math.exp(1 - 1 / ratio) if ratio < 1 else bleu
+
+
+# ----------------------------------------------------------------------------- METEOR from its statistics
+
+# METEOR 1.5 as coco-caption runs it (English, -norm): alpha, beta, gamma, delta and the weights of its four
+# matchers (exact, stem, synonym, paraphrase). meteor_from_sums with them gives the Java scorer's own scores,
+# per image and for the corpus (tested where Java is).
+METEOR_PARAMETERS = {"alpha": 0.85, "beta": 0.2, "gamma": 0.6, "delta": 0.75, "weights": (1.0, 0.6, 0.8, 0.6)}
+METEOR_STATS = 23  # per image, the scorer's sufficient statistics against its best-scoring reference:
+# test and reference length, their function words, per matcher (test, reference) x (content, function) matches,
+# chunks, test and reference words matched
+
+
+def _meteor_stages(stats):
+    return [stats[4 + 4 * i:8 + 4 * i] for i in range(4)]  # test content, ref content, test function, ref function
+
+
+def meteor_vector(stats):
+    """One image's statistics as the Java scorer adds them up: a caption aligned with its reference in one
+    chunk, every word matched, contributes no chunk to the sum."""
+    stages = _meteor_stages(stats)
+    whole = (sum(s[0] + s[2] for s in stages) == stats[0] and sum(s[1] + s[3] for s in stages) == stats[1]
+             and stats[20] == 1)
+    return [*stats[:20], 0.0 if whole else stats[20], *stats[21:]]
+
+
+def meteor_from_sums(sums, p=METEOR_PARAMETERS):
+    """METEOR from summed statistics (meteor_vector order), as the Java scorer computes it: weighted
+    precision and recall of the matches, their alpha-weighted harmonic mean, times 1 - gamma * frag ** beta."""
+    test_len, ref_len, test_function, ref_function = sums[:4]
+    stages = _meteor_stages(sums)
+    chunks, test_words, ref_words = sums[20:23]
+    delta, weights = p["delta"], p["weights"]
+    test_weighted_len = delta * (test_len - test_function) + (1.0 - delta) * test_function
+    ref_weighted_len = delta * (ref_len - ref_function) + (1.0 - delta) * ref_function
+    test_matched = ref_matched = 0.0
+    for k in (0, 2):  # content words weigh delta, function words 1 - delta: the Java scorer's order of sums
+        share = delta if k == 0 else 1.0 - delta
+        for stage, w in zip(stages, weights, strict=True):
+            test_matched += stage[k] * w * share
+        for stage, w in zip(stages, weights, strict=True):
+            ref_matched += stage[k + 1] * w * share
+    if not (test_matched and ref_matched and test_weighted_len and ref_weighted_len):
+        return 0.0  # the Java scorer's NaN (a division by zero) -> 0
+    precision, recall = test_matched / test_weighted_len, ref_matched / ref_weighted_len
+    f_mean = 1.0 / (((1.0 - p["alpha"]) / precision) + (p["alpha"] / recall))
+    whole = (sum(s[0] + s[2] for s in stages) == test_len and sum(s[1] + s[3] for s in stages) == ref_len
+             and chunks == 1)
+    frag = 0.0 if whole else chunks / ((test_words + ref_words) / 2)
+    return max(f_mean * (1.0 - p["gamma"] * math.pow(frag, p["beta"])), 0.0)
+
+
 def corpus_bleu(references, hypotheses, max_n=4):
-    """references: per hypothesis a list of token lists; hypotheses: token lists. Returns BLEU-max_n."""
+    """references: per hypothesis a list of token lists; hypotheses: token lists. Returns BLEU-max_n as
+    nltk's corpus_bleu computes it."""
     if len(references) != len(hypotheses):
         raise ValueError(f"{len(references)} reference sets for {len(hypotheses)} hypotheses")
-    matched, total = [0] * max_n, [0] * max_n
-    hyp_len = ref_len = 0
-    for refs, hyp in zip(references, hypotheses, strict=True):
-        hyp_len += len(hyp)
-        ref_len += min((len(r) for r in refs), key=lambda n: (abs(n - len(hyp)), n))
-        for n in range(1, max_n + 1):
-            counts = _ngrams(hyp, n)
-            best = Counter()
-            for r in refs:
-                best |= _ngrams(r, n)  # max count of each n-gram over the references
-            matched[n - 1] += sum(min(c, best[g]) for g, c in counts.items())
-            total[n - 1] += max(1, len(hyp) - n + 1)  # as nltk: at least one n-gram per caption
-    if hyp_len == 0 or min(matched) == 0:
-        return 0.0
-    log_precision = sum(math.log(m / t) for m, t in zip(matched, total, strict=True)) / max_n
-    brevity = min(0.0, 1.0 - ref_len / hyp_len)
-    return math.exp(log_precision + brevity)
+    rows = [bleu_vector(nltk_counts(refs, hyp, max_n), max_n) for refs, hyp in zip(references, hypotheses, strict=True)]
+    return nltk_bleu_from_sums([sum(column) for column in zip(*rows, strict=True)] if rows else [0] * (2 + 2 * max_n),
+                               max_n)
 
 
 class CiderD:
@@ -137,11 +239,13 @@ def coco_metrics(references, systems, spice=False, seconds=None):
     (say, one per beam size: the references are tokenised once and Java started once per tool).
 
     references: {id: [sentence, ...]}; systems: {name: {id: sentence}}. Returns (scores, unavailable,
-    cider): scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
-    unavailable maps the metrics that could not run to the reason; cider maps each name to every
-    image's own CIDEr ({id: float}, their mean is the corpus CIDEr). `seconds`, a dict, gets the time
-    each part took (tokenize, BLEU, METEOR, ROUGE-L, CIDEr, SPICE)."""
-    from pycocoevalcap.bleu.bleu import Bleu
+    per_image): scores maps each name to BLEU-1..4, METEOR, ROUGE-L, CIDEr (and SPICE) as floats or None;
+    unavailable maps the metrics that could not run to the reason; per_image maps each name to every
+    image's own share of them, {id: {"bleu": its BLEU counts (BLEU_KEYS), "meteor": its METEOR statistics
+    (METEOR_STATS numbers, None without Java), "ROUGE-L", "CIDEr"}}: the corpus BLEU and METEOR are
+    coco_bleu_from_sums and meteor_from_sums of the summed statistics, ROUGE-L and CIDEr the means of
+    the per-image scores. `seconds`, a dict, gets the time each part took (tokenize, BLEU, METEOR, ROUGE-L,
+    CIDEr, SPICE)."""
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.rouge.rouge import Rouge
 
@@ -169,12 +273,16 @@ def coco_metrics(references, systems, spice=False, seconds=None):
     results, per_image = {}, {}
     for name in systems:
         res = {i: [tokens[(name, i)][0]] for i in ids}  # an empty caption scores as it is
-        bleu = timed("BLEU", Bleu(4).compute_score, gts, res, verbose=0)[0]
+        bleu, counts = timed("BLEU", _coco_bleu, gts, res)
         scores = {f"BLEU-{n + 1}": b for n, b in enumerate(bleu)}
-        scores["METEOR"] = timed("METEOR", meteor.compute_score, gts, res)[0] if meteor else None
-        scores["ROUGE-L"] = timed("ROUGE-L", Rouge().compute_score, gts, res)[0]
+        meteor_images = [None] * len(gts)
+        scores["METEOR"] = None
+        if meteor:
+            scores["METEOR"], meteor_images = timed("METEOR", _coco_meteor, meteor, gts, res)
+        scores["ROUGE-L"], rouge = timed("ROUGE-L", Rouge().compute_score, gts, res)
         scores["CIDEr"], cider = timed("CIDEr", Cider().compute_score, gts, res)
-        per_image[name] = {i: float(c) for i, c in zip(gts, cider, strict=True)}  # Cider walks gts in order
+        per_image[name] = {i: {"bleu": b, "meteor": m, "ROUGE-L": float(r), "CIDEr": float(c)}
+                           for i, b, m, r, c in zip(gts, counts, meteor_images, rouge, cider, strict=True)}  # gts order
         if spice:
             if "SPICE" in unavailable:
                 scores["SPICE"] = None
@@ -183,6 +291,40 @@ def coco_metrics(references, systems, spice=False, seconds=None):
                 scores["SPICE"] = timed("SPICE", Spice().compute_score, gts, res)[0]
         results[name] = {k: (float(v) if v is not None else None) for k, v in scores.items()}
     return results, unavailable, per_image
+
+
+def _coco_meteor(meteor, gts, res):
+    """pycocoevalcap's Meteor.compute_score, keeping what it throws away: each image's statistics
+    (METEOR_STATS numbers). Returns (the corpus METEOR, [statistics per image in gts' order]), or the
+    statistics None where meteor_from_sums would not give the Java scorer's score (another METEOR)."""
+    with meteor.lock:
+        stats = [meteor._stat(res[i][0], gts[i]) for i in gts]  # one SCORE line per image, as compute_score does
+        meteor.meteor_p.stdin.write(f"EVAL ||| {' ||| '.join(stats)}\n".encode())
+        meteor.meteor_p.stdin.flush()
+        scores = [float(meteor.meteor_p.stdout.readline().strip()) for _ in gts]
+        score = float(meteor.meteor_p.stdout.readline().strip())
+    stats = [[float(x) for x in line.split()] for line in stats]
+    total = [sum(column) for column in zip(*map(meteor_vector, stats), strict=True)]
+    if any(len(s) != METEOR_STATS for s in stats) or abs(meteor_from_sums(total) - score) > 1e-9 or any(
+            abs(meteor_from_sums(meteor_vector(s)) - x) > 1e-9 for s, x in zip(stats, scores, strict=True)):
+        return score, [None] * len(stats)
+    return score, stats
+
+
+def _coco_bleu(gts, res):
+    """pycocoevalcap's Bleu(4).compute_score, keeping what it throws away: each image's counts. Returns
+    ([BLEU-1..4], [counts per image in gts' order])."""
+    from pycocoevalcap.bleu.bleu_scorer import BleuScorer
+    scorer = BleuScorer(n=4)
+    for i in gts:  # as Bleu does: one test caption and its references per image, in gts' order
+        scorer += (res[i][0], gts[i])
+    bleu, _ = scorer.compute_score(option="closest", verbose=0)
+    counts = []
+    for cooked in scorer.ctest:  # the reference lengths are kept whole; "closest" picks one per caption
+        testlen = cooked["testlen"]
+        counts.append({"hyp_len": testlen, "ref_len": min((abs(n - testlen), n) for n in cooked["reflen"])[1],
+                       "guess": list(cooked["guess"]), "correct": list(cooked["correct"])})
+    return bleu, counts
 
 
 def nltk_bleu4(references, hypotheses):
@@ -260,25 +402,35 @@ def scene_errors(words, objects):
                       if not ok]}
 
 
+def scene_counts(words, objects):
+    """One caption against its scene, as counts that add up over images: the scene's objects, the object
+    phrases the caption names and how many of them name a real object, its relation statements and how
+    many are true of the boxes."""
+    where, found, _, true = _read_scene(words, objects)
+    return {"objects": len(objects), "phrases": len(found), "phrases_true": sum(p in where for p in found),
+            "relations": len(true), "relations_true": sum(true)}
+
+
 def scene_measures(captions, references, boxes):
     """What BLEU cannot tell on templated captions, checked against each scene (shapes data):
     exact match (the caption is one of the references), also by number of objects; object-phrase
     precision (share of "size colour shape" phrases naming a real object); relation accuracy (share
     of "X left of / right of / above / below Y" statements true of the boxes)."""
-    exact, by_count = [], {}
-    phrases = phrases_ok = statements = statements_ok = 0
-    for words, refs, objects in zip(captions, references, boxes, strict=True):
-        hit = words in refs
-        exact.append(hit)
-        by_count.setdefault(len(objects), []).append(hit)
-        where, found, _, true = _read_scene(words, objects)
-        phrases += len(found)
-        phrases_ok += sum(p in where for p in found)
-        statements += len(true)
-        statements_ok += sum(true)
+    exact = [words in refs for words, refs in zip(captions, references, strict=True)]
+    counts = [scene_counts(words, objects) for words, objects in zip(captions, boxes, strict=True)]
+    return scene_measures_of(exact, counts)
+
+
+def scene_measures_of(exact, counts):
+    """scene_measures from each image's exact match and scene_counts."""
+    total = Counter()
+    for c in counts:
+        total.update(c)
     out = {"exact_match": sum(exact) / len(exact)}
-    out.update({f"exact_match_{n}_objects": sum(v) / len(v) for n, v in sorted(by_count.items())})
-    out["phrase_precision"] = phrases_ok / phrases if phrases else None
-    out["relation_accuracy"] = statements_ok / statements if statements else None
-    out["relation_statements"] = statements
+    for n in sorted({c["objects"] for c in counts}):
+        hits = [e for e, c in zip(exact, counts, strict=True) if c["objects"] == n]
+        out[f"exact_match_{n}_objects"] = sum(hits) / len(hits)
+    out["phrase_precision"] = total["phrases_true"] / total["phrases"] if total["phrases"] else None
+    out["relation_accuracy"] = total["relations_true"] / total["relations"] if total["relations"] else None
+    out["relation_statements"] = total["relations"]
     return out

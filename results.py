@@ -5,18 +5,26 @@ Beside the checkpoint (or --out), with STEM = eval_{SPLIT}:
     STEM.json                    EvalResults: what was evaluated, and a BeamResult per beam size
     STEM_captions_beam{K}.json   the captions in the COCO results format: [{"image_id": id, "caption": "..."}]
     STEM_images_beam{K}.json     an ImageTable: per image of the split, in its order, an ImageRow with
-                                 the caption and what is known of it (its own CIDEr, exact match, for
-                                 shapes what it gets wrong, for attention the per-word maps)
+                                 the caption and what is known of it (its own CIDEr and ROUGE-L, its
+                                 BLEU counts and METEOR statistics, exact match, for shapes what it gets wrong, for
+                                 attention the per-word maps): every corpus metric of any subset or
+                                 resample of the images can be computed from them again
+
+compare.py writes comparison.json beside its report (comparison_json, at the end of this file).
 
 A later eval of the same checkpoint on the same images adds its beam sizes to the file and replaces
 only the beam sizes it recomputed (merge); another checkpoint, other images or another attention
-inference (hard attention's expected or argmax) replace it whole.
+inference (hard attention's expected or argmax), or a file of an older FORMAT, replace it whole.
 """
 import json
 import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from utils import InputError, atomic_path, write_json
+
+# 2: the per-image files keep every statistic the corpus metrics are made of (BLEU counts, ROUGE-L,
+# METEOR, the scene counts), so compare.py can resample the images. The Makefile's EVAL_FORMAT follows it.
+FORMAT = 2
 
 # What a BeamResult holds besides its metrics, as keys of the same JSON object.
 BOOKKEEPING = ("images_per_s", "seconds", "max_len", "length_penalty", "block_ngram_repeat", "captions_file",
@@ -62,6 +70,7 @@ class EvalResults:
     unavailable: dict = field(default_factory=dict)  # metric -> why it could not run
     nltk_bleu4_references: str = "encoded"
     attention_inference: str | None = None  # attention decoder: expected (alpha-weighted mean) | argmax
+    format: int = 1  # FORMAT of the eval.py that wrote it; files from before the field are 1
 
     def to_json(self):
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "beams"}
@@ -74,19 +83,22 @@ class EvalResults:
         top = {k: data.get(k) for k in names}
         top["unavailable"] = top["unavailable"] or {}
         top["nltk_bleu4_references"] = top["nltk_bleu4_references"] or "encoded"
+        top["format"] = top["format"] or 1
         beams = {int(key[len("beam"):]): BeamResult.from_json(int(key[len("beam"):]), entry, data)
                  for key, entry in data["results"].items()}
         return cls(**top, beams=dict(sorted(beams.items())))
 
     def same_evaluation(self, other):
-        """Whether two results score the same model on the same images, so their beams can be merged."""
-        key = lambda r: (r.weights, r.split, r.data_name, r.images, r.attention_inference)  # noqa: E731
+        """Whether two results score the same model on the same images, with per-image files of the same
+        format, so their beams can be merged."""
+        key = lambda r: (r.weights, r.split, r.data_name, r.images, r.attention_inference, r.format)  # noqa: E731
         return self.weights is not None and key(self) == key(other)
 
 
 @dataclass
 class ImageRow:
-    """One image's caption and what eval.py found about it."""
+    """One image's caption and what eval.py found about it: enough to compute every corpus metric of
+    any resample of the split's images again (significance.py), without Java or the references."""
     index: int  # in the split
     image_id: int | str  # the dataset's id (COCO's cocoid, a file name, ...)
     caption: str
@@ -96,6 +108,11 @@ class ImageRow:
     scene_errors: dict | None = None  # shapes: {"missing", "invented", "false"} phrases
     pointing: list | None = None  # attention on shapes, per word: 1 on a matching object, 0 not, None names none
     attention: str | None = None  # attention decoder: the per-word maps, visualize.attention_bytes
+    bleu: dict | None = None  # coco-caption's BLEU counts (metrics.BLEU_KEYS): the corpus BLEU-1..4 from their sums
+    nltk_bleu: dict | None = None  # the same counts as nltk makes them, against the encoded references
+    ROUGE_L: float | None = None  # its own (their mean is the ROUGE-L)
+    meteor: list | None = None  # METEOR's statistics (metrics.METEOR_STATS; without Java, None): the corpus METEOR
+    scene: dict | None = None  # shapes: metrics.scene_counts (objects, phrases and relations, true ones)
 
     @property
     def right(self):
@@ -123,6 +140,11 @@ class ImageTable:
     @property
     def has_maps(self):
         return self.attention_grid is not None and all(r.attention is not None for r in self.rows)
+
+    @property
+    def has_statistics(self):
+        """Whether every row has what significance.py resamples (eval.py before FORMAT 2 kept only CIDEr)."""
+        return all(r.bleu is not None and r.nltk_bleu is not None and r.ROUGE_L is not None for r in self.rows)
 
 
 def file_names(path, beam_size):
@@ -158,8 +180,9 @@ def merge(old, new):
         return new, None
     beams = lambda r: ", ".join(map(str, r.beams)) or "none"  # noqa: E731
     if not old.same_evaluation(new):
-        why = "an older eval.py's, which do not say which weights they scored" if old.weights is None else \
-            "another checkpoint, other images or another attention inference"
+        why = ("an older eval.py's, which do not say which weights they scored" if old.weights is None else
+               "an older eval.py's, without the per-image statistics compare.py resamples" if old.format != new.format
+               else "another checkpoint, other images or another attention inference")
         return new, f"replaced the earlier results (beam {beams(old)}, {old.checkpoint} epoch {old.epoch}, " \
                     f"{old.images} images): {why}"
     redone, kept = sorted(set(old.beams) & set(new.beams)), sorted(set(old.beams) - set(new.beams))
@@ -182,3 +205,55 @@ def write(path, results, captions, tables):
                 write_json(tmp, data)
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         json.dump(results.to_json(), f, indent=1)
+
+
+# ----------------------------------------------------------------------------- compare.py's comparison.json
+
+def mean_sd(values):
+    """(mean, sample standard deviation with ddof 1), the latter None for a single value."""
+    mean = sum(values) / len(values)
+    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
+    return mean, sd
+
+
+@dataclass
+class Margin:
+    """Group b's value minus group a's on one measure at one beam size (the difference of the means
+    over seeds), with its interval; low, high and p are None for a measure with no per-image data."""
+    a: str
+    b: str
+    beam: int
+    measure: str
+    difference: float
+    low: float | None = None  # the 95% interval
+    high: float | None = None
+    p: float | None = None  # two-sided
+    p_holm: float | None = None  # Holm-adjusted over the measures of this pair and beam size that have a p
+    method: str | None = None  # "images" (the test images only) | "seeds" (seeds and images) | None: no interval
+
+    @property
+    def significant(self):
+        """The interval excludes 0 (never for a measure without an interval)."""
+        return self.low is not None and (self.low > 0 or self.high < 0)
+
+
+def comparison_json(split, images, beams, bootstrap, methods, groups, margins):
+    """What compare.py writes as comparison.json:
+
+        {"split", "images", "beams": [beam sizes],
+         "bootstrap": {"resamples", "seed", "confidence"}, "methods": {method: the sentence saying what it is},
+         "groups": [{"name", "runs": [{"name", "folder", "seed"}],
+                     "metrics": {"beam{K}": {measure: {"value"} for one run | {"mean", "sd", "values"}}}}],
+         "margins": [{"a", "b", "beam", "measure", "difference", "low", "high", "p", "p_holm", "method",
+                      "significant"}]}
+
+    groups: (name, [(run name, folder, seed)], {beam: {measure: [a value per run]}}); sd has ddof 1."""
+    def summary(values):
+        mean, sd = mean_sd(values)
+        return {"value": mean} if sd is None else {"mean": mean, "sd": sd, "values": values}
+    return {"split": split, "images": images, "beams": beams, "bootstrap": bootstrap, "methods": methods,
+            "groups": [{"name": name, "runs": [{"name": n, "folder": f, "seed": s} for n, f, s in runs],
+                        "metrics": {f"beam{b}": {k: summary(v) for k, v in by_measure.items()}
+                                    for b, by_measure in metrics.items()}}
+                       for name, runs, metrics in groups],
+            "margins": [{**asdict(m), "significant": m.significant} for m in margins]}

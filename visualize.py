@@ -103,28 +103,45 @@ def label_axes(fig, path, axes):
     save(fig, path, dpi=100)
 
 
-def training_curves(runs, path):
-    """compare.py's curves.png. runs: (label, [(step, training loss)], [(epoch, val loss, val BLEU-4)])."""
+def band(ax, label, series, style="-", **kw):
+    """One line: a single series as it is; several (a group's seeds) as their mean at the x values they
+    share, in a band from their minimum to their maximum. series: per run a list of (x, y)."""
+    series = [s for s in series if s]
+    if len(series) == 1:
+        ax.plot(*zip(*series[0], strict=True), style, label=label, **kw)
+    elif series:
+        shared = sorted(set.intersection(*({x for x, _ in s} for s in series)))
+        ys = np.array([[dict(s)[x] for x in shared] for s in series])  # seeds x shared points
+        (line,) = ax.plot(shared, ys.mean(axis=0), style, label=f"{label}: mean, min to max", **kw)
+        ax.fill_between(shared, ys.min(axis=0), ys.max(axis=0), color=line.get_color(), alpha=0.2)
+
+
+def training_curves(groups, path):
+    """compare.py's curves.png. groups: (label, per run [(step, training loss)], per run [(epoch, val loss,
+    val BLEU-4)]); a group of several runs is drawn as its mean with a band."""
     fig, (ax1, ax2, ax3) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for label, steps, epochs in runs:
-        if steps:
-            ax1.plot(*zip(*steps, strict=True), label=label, lw=1)
-        if epochs:
-            epoch, loss, bleu = zip(*epochs, strict=True)
-            ax2.plot(epoch, loss, "o-", label=label)
-            ax3.plot(epoch, bleu, "o-", label=label)
+    for label, steps, epochs in groups:
+        band(ax1, label, steps, lw=1)
+        band(ax2, label, [[(e, loss) for e, loss, _ in run] for run in epochs], "o-")
+        band(ax3, label, [[(e, bleu) for e, _, bleu in run] for run in epochs], "o-")
     label_axes(fig, path, ((ax1, "training loss", "loss (mean since the previous point)", "optimiser step"),
                            (ax2, "validation loss", "cross-entropy per word", "epoch"),
                            (ax3, "validation BLEU-4", "BLEU-4 (decoded)", "epoch")))
 
 
-def metric_bars(labels, names, values, title, path):
-    """compare.py's metrics.png: one group of bars per metric (`names`), one bar per run (`labels`);
-    values[run][metric] are fractions (CIDEr already divided by 10), None as 0."""
+def metric_bars(labels, names, values, title, path, errors=None):
+    """compare.py's metrics.png: one group of bars per metric (`names`), one bar per run or group
+    (`labels`); values[run][metric] are fractions (CIDEr already divided by 10), None as 0; errors, the
+    same shape, draws a group's standard deviation over its seeds (None: no bar)."""
     fig, ax = plt.subplots(figsize=(max(8, len(names) * 0.9), 4.5))
     width = 0.8 / len(labels)
-    for i, (label, row) in enumerate(zip(labels, values, strict=True)):
-        ax.bar([x + i * width for x in range(len(names))], [v or 0 for v in row], width, label=label)
+    errors = errors or [[None] * len(names) for _ in labels]
+    for i, (label, row, err) in enumerate(zip(labels, values, errors, strict=True)):
+        xs = [x + i * width for x in range(len(names))]
+        ax.bar(xs, [v or 0 for v in row], width, label=label)
+        if any(e is not None for e in err):
+            ax.errorbar(xs, [v or 0 for v in row], yerr=[e or 0 for e in err], fmt="none", ecolor="black", capsize=2,
+                        lw=1)
     ax.set_xticks([x + width * (len(labels) - 1) / 2 for x in range(len(names))])
     ax.set_xticklabels(names, rotation=35, ha="right", fontsize=8)
     ax.set_ylabel("score (fractions; CIDEr divided by 10)")

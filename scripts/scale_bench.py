@@ -22,6 +22,8 @@ Stages (each in its own process; peak memory is that process tree's largest resi
   metrics      eval.py's coco-caption metrics on the TEST images against every reference (captions given)
   reward       self-critical training's reward set-up on all TRAIN references, and one step's reward
   compare      compare.py and report.html over two runs' results on every TEST image (made up, not decoded)
+  significance the paired bootstrap of compare.py's intervals: two runs on COCO's 5,000 TEST images, 1,000
+               resamples, every metric (made-up per-image statistics; this stage needs no prepared data)
 Bytes read and written are those of the files each stage reads and writes (their sizes).
 """
 import argparse
@@ -44,7 +46,7 @@ sys.path.insert(0, ROOT)  # the repository's modules, also without `pip install 
 COCO = {"train": 82783, "restval": 30504, "val": 5000, "test": 5000}  # Karpathy's COCO splits
 VOCABULARY, ZIPF = 40000, 1.405  # a Zipf law over 40,000 words: about 9,500 occur more than 5 times at full size
 NAME = "coco_5_cap_per_img_5_min_word_freq"
-STAGES = ("prepare", "startup", "loader0", "loader2", "cache", "metrics", "reward", "compare")
+STAGES = ("prepare", "startup", "loader0", "loader2", "cache", "metrics", "reward", "compare", "significance")
 
 
 def caption_lengths(rng, n):
@@ -164,9 +166,24 @@ def run_startup(args):
             "note": "a tiny model on the CPU: data structures, not the ResNet"}
 
 
+def scored_row(index, image_id, words, references, rng, attention=None):
+    """An ImageRow with every statistic eval.py keeps, made up from a caption and its references: nltk's
+    BLEU counts stand in for coco-caption's (the same shape), METEOR's statistics follow the unigram
+    matches. Their values do not change what resampling them costs."""
+    from metrics import nltk_counts
+    from results import ImageRow
+    counts = nltk_counts([r.split() for r in references], words)
+    matched, ref_len = counts["correct"][0], counts["ref_len"]
+    function = min(2, matched)
+    meteor = [len(words), ref_len, min(2, len(words)), min(2, ref_len), matched - function, matched - function,
+              function, function] + [0.0] * 12 + [float(min(matched, 1 + rng.randrange(3))), matched, matched]
+    return ImageRow(index, image_id, " ".join(words), rng.random() * 3, rng.random() < 0.1, bleu=counts,
+                    nltk_bleu=counts, ROUGE_L=rng.random(), meteor=[float(x) for x in meteor], attention=attention)
+
+
 def run_compare(args):
     """Two made-up runs with results on every TEST image (the attention run with 14 x 14 maps)."""
-    from results import BeamResult, EvalResults, ImageRow, ImageTable, file_names, write
+    from results import FORMAT, BeamResult, EvalResults, ImageTable, file_names, write
     from visualize import attention_bytes
     refs = json.load(open(os.path.join(prepared(args), f"TEST_REFS_{NAME}.json")))
     rng = random.Random(0)
@@ -186,16 +203,18 @@ def run_compare(args):
         rows = []
         for i, ref in enumerate(refs):
             words = rng.choice(ref["references"]).split()
-            rows.append(ImageRow(i, ref["image_id"], " ".join(words), rng.random() * 3, rng.random() < 0.1,
-                                 attention=attention_bytes(np.random.default_rng(i).random((len(words), 196)))
-                                 if decoder == "attention" else None))
+            rows.append(scored_row(i, ref["image_id"], words, ref["references"], rng,
+                                   attention_bytes(np.random.default_rng(i).random((len(words), 196)))
+                                   if decoder == "attention" else None))
         path = os.path.join(folder, "eval_TEST.json")
         captions_file, images_file = file_names(path, 3)
-        metrics = {"BLEU-4": 0.25, "CIDEr": 0.9, "METEOR": 0.23, "ROUGE-L": 0.5}
+        metrics = {"BLEU-1": 0.7, "BLEU-2": 0.5, "BLEU-3": 0.35, "BLEU-4": 0.25, "CIDEr": 0.9, "METEOR": 0.23,
+                   "ROUGE-L": 0.5, "nltk BLEU-4": 0.25, "exact_match": 0.1}
         result = EvalResults(os.path.join(folder, "best.pt"), decoder, 10, "TEST", len(refs), prepared(args), NAME,
                              decoder, 20_000_000, {"kind": "raw", "per_image_min": 5, "per_image_max": 7,
                                                    "per_image_mean": 5.0}, cfg,
-                             {3: BeamResult(3, metrics, 100.0, 50.0, 50, 0.0, 0, captions_file, images_file)})
+                             {3: BeamResult(3, metrics, 100.0, 50.0, 50, 0.0, 0, captions_file, images_file)},
+                             format=FORMAT)
         write(path, result, {3: [{"image_id": r.image_id, "caption": r.caption} for r in rows]},
               {3: ImageTable("TEST", 3, 14 if decoder == "attention" else None, rows)})
         runs.append(folder)
@@ -299,8 +318,32 @@ def reward_setup(args):
                     f"loading the captions); a step's reward, 32 images x 5 samples: {1000 * sorted(times)[2]:.1f} ms"}
 
 
+def significance_test(args, images=5000):
+    """compare.py's intervals for two runs on COCO's 5,000 TEST images: the resample counts, both runs'
+    statistics resampled, and a margin per metric (made-up captions of a Zipf vocabulary)."""
+    import significance
+    from report import QUALITY
+    rng = random.Random(0)
+    zipf = np.random.default_rng(0)
+    sentence = lambda: [f"w{k}" for k in zipf.zipf(ZIPF, rng.randint(8, 13)) % 2000]  # noqa: E731
+    references = [[" ".join(sentence()) for _ in range(5)] for _ in range(images)]
+    runs = [[scored_row(i, i, rng.choice(refs).split()[:-1] if k else sentence(), refs, rng)
+             for i, refs in enumerate(references)] for k in (0, 1)]
+    t0 = time.perf_counter()
+    counts = significance.resample_counts(images)
+    drawn = time.perf_counter()
+    draws = [significance.replicates(rows, QUALITY, counts) for rows in runs]
+    resampled = time.perf_counter()
+    for name in draws[0]:
+        significance.margin([draws[0][name][0]], [draws[1][name][0]], [draws[0][name]], [draws[1][name]])
+    done = time.perf_counter()
+    return {"bootstrap_s": done - t0, "note": f"{images} images x {significance.RESAMPLES} resamples, {len(draws[0])} "
+            f"metrics, two runs: {done - t0:.2f} s ({drawn - t0:.2f} s drawing the counts, {resampled - drawn:.2f} s "
+            f"resampling both runs, {done - resampled:.2f} s the margins)"}
+
+
 IN_PROCESS = {"loader0": lambda a: loader_epoch(a, 0), "loader2": lambda a: loader_epoch(a, 2), "cache": cache_sizes,
-              "metrics": metrics_test, "reward": reward_setup}
+              "metrics": metrics_test, "reward": reward_setup, "significance": significance_test}
 RUNS = {"prepare": run_prepare, "startup": run_startup, "compare": run_compare}
 
 

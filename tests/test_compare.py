@@ -57,9 +57,15 @@ def test_shortened_demo_report(evaluated, tmp_path, shapes_data):
                 assert row[metric] == f"{results[metric]:.4f}", (run.name, beam, metric)
             assert row["exact match"] == f"{results['exact_match']:.1%}"
         assert cells["stopped (attention)"]["CIDEr"] == "n/a"
-        margin = cells["margin attention - rnn"]["CIDEr"]
-        assert float(margin) == pytest.approx(float(cells["attention (attention)"]["CIDEr"])
-                                              - float(cells["rnn (rnn)"]["CIDEr"]), abs=2e-4)
+    # the margin at beam 3, with its interval, is the one comparison.json holds, and the difference of the two
+    (margins,) = tables_under(report, "### attention - rnn")
+    data = json.loads((out / "comparison.json").read_text())
+    (cider,) = [m for m in data["margins"] if m["measure"] == "CIDEr" and m["beam"] == 3]
+    cell = margins["CIDEr"]["attention - rnn [95% interval]"]
+    assert cell.strip("*") == f"{cider['difference']:+.4f} [{cider['low']:+.4f}, {cider['high']:+.4f}]"
+    assert cell.startswith("**") == cider["significant"] and cider["low"] <= cider["difference"] <= cider["high"]
+    scored = [json.loads((run / "eval_TEST.json").read_text())["results"]["beam3"]["CIDEr"] for run in runs]
+    assert cider["difference"] == pytest.approx(scored[1] - scored[0], abs=1e-12)
     assert "**stopped (attention): no eval results yet**" in report
     assert "stopped (attention) stopped early after 2 of 5 epochs" in report
     (cost,) = tables_under(report, "## Cost")

@@ -1,12 +1,15 @@
 """eval.py end to end on tiny trained checkpoints."""
 import base64
 import json
+import math
 import shutil
 
 import pytest
 import torch
 from PIL import Image
 
+import significance
+from results import ImageRow
 from tests.helpers import copy_data, refused, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
@@ -46,6 +49,12 @@ def check_per_image(table, captions, res, decoder):
     assert sum(r["CIDEr"] for r in rows) / 6 == pytest.approx(res["CIDEr"], abs=1e-9)
     assert sum(r["exact_match"] for r in rows) / 6 == pytest.approx(res["exact_match"])
     assert all(r["describes_scene"] == (not any(r["scene_errors"].values())) for r in rows)
+    # every corpus number comes back from the per-image statistics eval.py kept (what compare.py resamples)
+    draws = significance.replicates([ImageRow(**r) for r in rows], list(significance.MEASURES),
+                                    significance.resample_counts(6, 10))
+    for name, (value, _) in draws.items():  # a ratio with nothing to count (no relation stated) is NaN, None in res
+        assert math.isnan(value) if res.get(name) is None else value == pytest.approx(res[name], rel=1e-12), name
+    assert {"BLEU-4", "nltk BLEU-4", "CIDEr", "ROUGE-L", "exact_match"} <= set(draws)
     if decoder == "rnn":
         assert table["attention_grid"] is None and not any("attention" in r or "pointing" in r for r in rows)
         return

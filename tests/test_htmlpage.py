@@ -90,7 +90,7 @@ def demo_page(demo_workspace):
     runs = demo_workspace / "runs"
     tables = {d: json.loads((runs / f"demo-{d}" / "eval_TEST_images_beam3.json").read_text())["images"]
               for d in ("rnn", "attention")}
-    return demo_workspace / "reports" / "demo" / "report.html", tables
+    return demo_workspace / "runs" / "reports" / "demo" / "report.html", tables
 
 
 def shown(page):

@@ -95,7 +95,7 @@ def test_per_image_cider_is_each_image_scored_as_pycocoevalcap_does():
     refs = {"b": ["a cat on a mat", "a cat sits"], "a": ["a dog runs", "the dog is running"], "c": ["a red bus"]}
     hyps = {"a": "a dog", "b": "a cat on the mat", "c": ""}
     scores, _, per_image = metrics.coco_metrics(refs, {"run": hyps})
-    cider = per_image["run"]
+    cider = {i: image["CIDEr"] for i, image in per_image["run"].items()}
     assert set(cider) == set(refs)
     assert sum(cider.values()) / 3 == pytest.approx(scores["run"]["CIDEr"], abs=1e-12)
     gts, res = ptb_tokenize(refs), ptb_tokenize({i: [h] for i, h in hyps.items()})

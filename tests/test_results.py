@@ -55,3 +55,18 @@ def test_merge_replaces_the_results_of_another_model_or_other_images(change, why
     old = replace(evaluation(beams=(3, 5)), **change)
     merged, said = results.merge(old, evaluation(beams=(1,)))
     assert list(merged.beams) == [1] and why in said and "beam 3, 5" in said
+
+
+def test_the_makefile_evaluates_again_when_the_format_changes():
+    """make remakes an evaluation whose stamp of the current format is missing: its EVAL_FORMAT is results.FORMAT."""
+    import re
+
+    from tests.helpers import ROOT
+    with open(f"{ROOT}/Makefile") as f:
+        assert int(re.search(r"^EVAL_FORMAT := (\d+)$", f.read(), re.M).group(1)) == results.FORMAT
+
+
+def test_an_older_format_is_replaced_whole_and_says_why():
+    old = replace(evaluation(beams=(3, 5)), format=1)
+    merged, said = results.merge(old, replace(evaluation(beams=(1,)), format=results.FORMAT))
+    assert list(merged.beams) == [1] and "without the per-image statistics" in said

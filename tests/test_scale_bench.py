@@ -31,3 +31,10 @@ def test_the_table_says_how_each_cost_grows():
     row = next(line for line in text.splitlines() if line.startswith("| prepare"))
     assert row.endswith("| 1.30 |")  # 20 s -> 400 s for 10x the images: N^1.30, worse than linear
     assert "| 2.0 / 700 / 10 / 200 |" in row
+
+
+def test_the_significance_stage_times_every_part():
+    """The bootstrap at COCO's TEST size is measured by this stage; at 200 images it runs in a moment."""
+    result = scale_bench.significance_test(None, images=200)
+    assert result["bootstrap_s"] > 0 and "200 images x 1000 resamples" in result["note"]
+    assert "resampling both runs" in result["note"]
