@@ -4,15 +4,20 @@
 #   test-fast   the tests that start no subprocess, for the edit-and-test loop
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
-#   demo        shapes data, pretrained encoder, both decoders trained and evaluated, reports/demo/
-#               (report.md, and report.html with a browser of every TEST image)
+#   demo        shapes data, pretrained encoder, both decoders trained and evaluated, compared into
+#               $(REPORTS)/demo/ (report.md, comparison.json, and report.html with a browser of every TEST image)
+#   seeds       the demo's three decoders (rnn, soft and hard attention) at 3 seeds each, compared as groups
+#               with an interval on every margin: $(REPORTS)/seeds/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
-#   study       the optimisation study (fp32, bf16, accumulation, early stopping) into reports/study/
-#   scst        self-critical training from the two demo checkpoints, evaluated, into reports/scst/
-#   hard        hard attention on the demo's data, evaluated both ways, compared with the demo: reports/hard/
+#   study       the optimisation study (fp32, bf16, accumulation, early stopping) into $(REPORTS)/study/
+#   scst        self-critical training from the two demo checkpoints, evaluated, into $(REPORTS)/scst/
+#   hard        hard attention on the demo's data, evaluated both ways, compared with the demo: $(REPORTS)/hard/
+#   hard-estimators  the paper's REINFORCE estimator, with and without its REINFORCE term, against make hard's
+#               Gumbel-softmax and soft attention: $(REPORTS)/hard-estimators/
+#   reports     every report above made again into reports/, the copies the README and docs link to (tracked)
 #   tutorial    docs/tutorial.md's code on the demo's data and models, which redraws docs/tutorial/*.png
 #   gpu-wheels  PyYAML wheels for a GPU machine without internet (.wheels/)
-#   clean       remove the demo's data and runs
+#   clean       remove the demo's data, runs and reports under runs/
 PY := .venv/bin/python
 STAMP := .venv/.installed-requirements
 DATA := data/shapes
@@ -22,6 +27,14 @@ ENCODER := $(DATA)/encoder_resnet18_stages2.pt
 # PRETRAIN_ARGS="--steps 100" for a smaller, quicker demo (the tests run one with fewer steps).
 SHAPES_ARGS ?=
 PRETRAIN_ARGS ?=
+# Where the reports go: runs/reports/ is ignored by git, so that no target changes a tracked file. `make
+# reports` sets REPORTS=reports to refresh the committed copies.
+REPORTS ?= runs/reports
+# results.FORMAT: an evaluation is made again when its stamp of this format is missing (eval.py files of an
+# older format lack the per-image statistics compare.py's intervals need).
+EVAL_FORMAT := 2
+EVALUATED := .evaluated-$(EVAL_FORMAT)
+COMPARE_CODE := compare.py report.py significance.py results.py
 # Test processes (pytest-xdist; auto: one per core), each with one thread so that they share the
 # cores instead of contending for them. A test file runs whole in one process, in order
 # (--dist loadfile): tests/test_docs.py's pages build on each other in one workspace.
@@ -30,7 +43,8 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint browser demo bench study scst hard tutorial gpu-wheels clean
+.PHONY: install test test-fast lint browser demo seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
+	clean
 
 install: $(STAMP)
 
@@ -68,10 +82,10 @@ $(ENCODER): $(SHAPES) pretrain_encoder.py
 	$(call STAGE,pretrain the encoder,$(PY) pretrain_encoder.py --output-folder $(DATA) $(PRETRAIN_ARGS))
 
 # Static pattern rules: their targets are ordinary files, so a missing one is always made (implicit
-# rules would treat them as intermediate and skip them when reports/demo/report.md looks up to date).
+# rules would treat them as intermediate and skip them when a report looks up to date).
 DECODERS := rnn attention
 TRAINED := $(DECODERS:%=runs/demo-%/.trained)
-EVALS := $(DECODERS:%=runs/demo-%/eval_TEST.json)
+EVALS := $(DECODERS:%=runs/demo-%/$(EVALUATED))
 CAPTIONS := $(DECODERS:%=runs/demo-%/captions/.done)
 
 # .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
@@ -79,19 +93,20 @@ $(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	$(call STAGE,train $*,$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite)
 	touch $@
 
-$(EVALS): runs/demo-%/eval_TEST.json: runs/demo-%/.trained
+$(EVALS): runs/demo-%/$(EVALUATED): runs/demo-%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
+	touch $@
 
 $(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
 		--folder $(DATA)/samples --beam-size 3 --out runs/demo-$*/captions)
 	touch $@
 
-reports/demo/report.md: $(EVALS) compare.py
-	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out reports/demo)
+$(REPORTS)/demo/report.md: $(EVALS) $(COMPARE_CODE)
+	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out $(REPORTS)/demo)
 
-demo: install reports/demo/report.md $(CAPTIONS)
-	@echo "demo done: report in reports/demo/report.md and report.html, results in runs/demo-*/eval_TEST.json," \
+demo: install $(REPORTS)/demo/report.md $(CAPTIONS)
+	@echo "demo done: report in $(REPORTS)/demo/report.md and report.html, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
 
 # The CPU benchmark matrix on the shapes model and vocabulary (docs/benchmarks.md quotes docs/bench_cpu.json).
@@ -107,14 +122,22 @@ STUDY_fp32 :=
 STUDY_bf16 := --amp true --amp_dtype bfloat16
 STUDY_acc4 := --batch_size 8 --accumulation_steps 4
 STUDY_early := --patience 1
-STUDY_EVALS := $(STUDY_RUNS:%=runs/study-%/eval_TEST.json)
+STUDY_TRAINED := $(STUDY_RUNS:%=runs/study-%/.trained)
+STUDY_EVALS := $(STUDY_RUNS:%=runs/study-%/$(EVALUATED))
 
-$(STUDY_EVALS): runs/study-%/eval_TEST.json: $(ENCODER) configs/shapes.yaml
+$(STUDY_TRAINED): runs/study-%/.trained: $(ENCODER) configs/shapes.yaml
 	$(call STAGE,study: train $*,$(PY) train.py $(STUDY_ARGS) $(STUDY_$*) --out runs/study-$* --overwrite)
-	$(call STAGE,study: evaluate $*,$(PY) eval.py --checkpoint runs/study-$*/best.pt --beam-size 3)
+	touch $@
 
-study: install $(STUDY_EVALS)
-	$(call STAGE,study: compare,$(PY) compare.py $(STUDY_RUNS:%=runs/study-%) --out reports/study --beam-size 3)
+$(STUDY_EVALS): runs/study-%/$(EVALUATED): runs/study-%/.trained
+	$(call STAGE,study: evaluate $*,$(PY) eval.py --checkpoint runs/study-$*/best.pt --beam-size 3)
+	touch $@
+
+$(REPORTS)/study/report.md: $(STUDY_EVALS) $(COMPARE_CODE)
+	$(call STAGE,study: compare,$(PY) compare.py $(STUDY_RUNS:%=runs/study-%) --out $(REPORTS)/study --beam-size 3 \
+		$(foreach r,$(filter-out fp32,$(STUDY_RUNS)),--pair study-fp32 study-$(r)))
+
+study: install $(REPORTS)/study/report.md
 
 # Self-critical training (CIDEr-D reward) from each demo checkpoint: 2 epochs, the mean baseline, 5 samples,
 # then TEST at beam 1 and 3 and the four-run comparison (makes the demo runs first when they are missing).
@@ -122,17 +145,23 @@ study: install $(STUDY_EVALS)
 SCST_ARGS := --objective scst --epochs 2 --scst_max_len 30 --overwrite
 SCST_rnn :=
 SCST_attention := --scst_lr 2e-5
-SCST_EVALS := $(DECODERS:%=runs/scst-%/eval_TEST.json)
+SCST_TRAINED := $(DECODERS:%=runs/scst-%/.trained)
+SCST_EVALS := $(DECODERS:%=runs/scst-%/$(EVALUATED))
 
-$(SCST_EVALS): runs/scst-%/eval_TEST.json: runs/demo-%/eval_TEST.json
+$(SCST_TRAINED): runs/scst-%/.trained: runs/demo-%/.trained
 	$(call STAGE,scst: train $*,$(PY) train.py --init_from runs/demo-$*/best.pt --out runs/scst-$* $(SCST_ARGS) $(SCST_$*))
+	touch $@
+
+$(SCST_EVALS): runs/scst-%/$(EVALUATED): runs/scst-%/.trained
 	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3)
+	touch $@
 
-reports/scst/report.md: $(SCST_EVALS) compare.py
+$(REPORTS)/scst/report.md: $(EVALS) $(SCST_EVALS) $(COMPARE_CODE)
 	$(call STAGE,scst: compare,$(PY) compare.py runs/demo-rnn runs/scst-rnn runs/demo-attention runs/scst-attention \
-		--out reports/scst --beam-size 3)
+		--out $(REPORTS)/scst --beam-size 3 --pair demo-rnn scst-rnn --pair demo-attention scst-attention \
+		--pair demo-rnn demo-attention --pair scst-rnn scst-attention)
 
-scst: install reports/scst/report.md
+scst: install $(REPORTS)/scst/report.md
 
 # Hard attention (Xu et al. 2015, section 4.1) on the demo's data, encoder and settings, evaluated with both
 # inferences (the expected context, and the argmax cell), then compared with the two demo runs.
@@ -143,16 +172,81 @@ runs/hard-attention/.trained: $(ENCODER) configs/shapes.yaml
 		--out runs/hard-attention --overwrite)
 	touch $@
 
-runs/hard-attention/eval_TEST.json: runs/hard-attention/.trained
+runs/hard-attention/$(EVALUATED): runs/hard-attention/.trained
 	$(call STAGE,hard: evaluate (expected context),$(PY) eval.py --checkpoint runs/hard-attention/best.pt --beam-size 1 3)
 	$(call STAGE,hard: evaluate (argmax cell),$(PY) eval.py --checkpoint runs/hard-attention/best.pt --beam-size 1 3 \
 		--hard-inference argmax --out runs/hard-attention/eval_TEST_argmax.json)
+	touch $@
 
-reports/hard/report.md: $(EVALS) runs/hard-attention/eval_TEST.json compare.py
+$(REPORTS)/hard/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(COMPARE_CODE)
 	$(call STAGE,hard: compare,$(PY) compare.py runs/demo-rnn runs/demo-attention runs/hard-attention \
-		runs/hard-attention/eval_TEST_argmax.json --out reports/hard --beam-size 3)
+		runs/hard-attention/eval_TEST_argmax.json --out $(REPORTS)/hard --beam-size 3 \
+		--pair demo-attention hard-attention --pair hard-attention hard-attention-argmax --pair demo-rnn hard-attention)
 
-hard: install reports/hard/report.md
+hard: install $(REPORTS)/hard/report.md
+
+# Hard attention's estimators (docs/hard-attention.md): the paper's REINFORCE (lambda_r 0.1) and the same without
+# its REINFORCE term, one run each on the demo's settings, against make hard's Gumbel-softmax and soft attention.
+ESTIMATORS := reinforce-0.1 no-reinforce
+ESTIMATOR_reinforce-0.1 := --hard_estimator reinforce --hard_lambda_r 0.1
+ESTIMATOR_no-reinforce := --hard_estimator reinforce --hard_lambda_r 0
+ESTIMATOR_TRAINED := $(ESTIMATORS:%=runs/hx-%/.trained)
+ESTIMATOR_EVALS := $(ESTIMATORS:%=runs/hx-%/$(EVALUATED))
+
+$(ESTIMATOR_TRAINED): runs/hx-%/.trained: $(ENCODER) configs/shapes.yaml
+	$(call STAGE,hard estimators: train $*,$(PY) train.py --decoder attention --config configs/shapes.yaml \
+		--attention hard $(ESTIMATOR_$*) --out runs/hx-$* --overwrite)
+	touch $@
+
+$(ESTIMATOR_EVALS): runs/hx-%/$(EVALUATED): runs/hx-%/.trained
+	$(call STAGE,hard estimators: evaluate $*,$(PY) eval.py --checkpoint runs/hx-$*/best.pt --beam-size 3)
+	touch $@
+
+$(REPORTS)/hard-estimators/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(ESTIMATOR_EVALS) $(COMPARE_CODE)
+	$(call STAGE,hard estimators: compare,$(PY) compare.py runs/demo-attention $(ESTIMATORS:%=runs/hx-%) \
+		runs/hard-attention --out $(REPORTS)/hard-estimators --beam-size 3)
+
+hard-estimators: install $(REPORTS)/hard-estimators/report.md
+
+# The seeds study: each of the demo's decoders at two more seeds (its own runs, seed 42, are the first),
+# evaluated on TEST at beam 3, then compared as three groups. SEED_ARGS_<decoder> is what `make demo` and
+# `make hard` train it with.
+SEEDS := 1 2
+SEED_DECODERS := rnn attention hard
+SEED_ARGS_rnn := --decoder rnn
+SEED_ARGS_attention := --decoder attention
+SEED_ARGS_hard := --decoder attention $(HARD_ARGS)
+SEED_RUNS := $(foreach d,$(SEED_DECODERS),$(SEEDS:%=runs/seeds-$(d)-s%))
+SEED_EVALS := $(SEED_RUNS:%=%/$(EVALUATED))
+
+define SEED_RULE
+$(SEEDS:%=runs/seeds-$(1)-s%/.trained): runs/seeds-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
+	$$(call STAGE,seeds: train $(1) seed $$*,$$(PY) train.py $(SEED_ARGS_$(1)) --config configs/shapes.yaml \
+		--seed $$* --out runs/seeds-$(1)-s$$* --overwrite)
+	touch $$@
+endef
+$(foreach d,$(SEED_DECODERS),$(eval $(call SEED_RULE,$(d))))
+
+$(SEED_EVALS): runs/seeds-%/$(EVALUATED): runs/seeds-%/.trained
+	$(call STAGE,seeds: evaluate $*,$(PY) eval.py --checkpoint runs/seeds-$*/best.pt --beam-size 3)
+	touch $@
+
+$(REPORTS)/seeds/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
+	$(call STAGE,seeds: compare,$(PY) compare.py --group rnn runs/demo-rnn $(SEEDS:%=runs/seeds-rnn-s%) \
+		--group soft runs/demo-attention $(SEEDS:%=runs/seeds-attention-s%) \
+		--group hard runs/hard-attention $(SEEDS:%=runs/seeds-hard-s%) --pair rnn soft --pair soft hard \
+		--pair rnn hard --out $(REPORTS)/seeds --beam-size 3)
+
+seeds: install $(REPORTS)/seeds/report.md
+
+# The committed reports (README and docs link to them): every report made again into reports/, and the
+# README's picture of the demo's browser where Chromium is installed (make browser).
+reports: install
+	$(MAKE) demo seeds study scst hard hard-estimators REPORTS=reports
+	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
+		$(PY) scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
+			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \
+	else echo "no Chromium: reports/demo/browser.png left as it was (make browser installs it)"; fi
 
 # The tutorial reads the demo's data and models; its code writes the figures docs/tutorial.md shows.
 tutorial: demo
@@ -165,4 +259,4 @@ gpu-wheels: install
 
 clean:
 	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/scst-rnn runs/scst-attention runs/hard-attention \
-		.pytest_cache .ruff_cache
+		runs/seeds-* runs/study-* runs/hx-* runs/reports .pytest_cache .ruff_cache
