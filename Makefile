@@ -15,7 +15,7 @@
 #   hard-estimators  the paper's REINFORCE estimator, with and without its REINFORCE term, against make hard's
 #               Gumbel-softmax and soft attention: $(REPORTS)/hard-estimators/
 #   reports     every report above made again into reports/, the copies the README and docs link to (tracked)
-#   tutorial    docs/tutorial.md's code on the demo's data and models, which redraws docs/tutorial/*.png
+#   tutorial    docs/tutorial.md's code on the demo's data and models; redraws docs/tutorial/*.png
 #   gpu-wheels  PyYAML wheels for a GPU machine without internet (.wheels/)
 #   clean       remove the demo's data, runs and reports under runs/
 PY := .venv/bin/python
@@ -37,9 +37,10 @@ EVALUATED := .evaluated-$(EVAL_FORMAT)
 COMPARE_CODE := compare.py report.py significance.py results.py
 # Test processes (pytest-xdist; auto: one per core), each with one thread so that they share the
 # cores instead of contending for them. A test file runs whole in one process, in order
-# (--dist loadfile): tests/test_docs.py's pages build on each other in one workspace.
+# (--dist loadfile): tests/test_docs.py's pages build on each other in one workspace, which the
+# browser tests share (tests/conftest.py). test_docs.py, the longest, starts first (--no-loadscope-reorder).
 TEST_WORKERS ?= auto
-PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile
+PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --no-loadscope-reorder
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
@@ -248,9 +249,11 @@ reports: install
 			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \
 	else echo "no Chromium: reports/demo/browser.png left as it was (make browser installs it)"; fi
 
-# The tutorial reads the demo's data and models; its code writes the figures docs/tutorial.md shows.
+# The tutorial reads the demo's data and models; its code draws in runs/tutorial/ the figures that
+# docs/tutorial.md shows, copied here into docs/tutorial/.
 tutorial: demo
 	$(PY) scripts/run_docs.py docs/tutorial.md
+	cp runs/tutorial/*.png docs/tutorial/
 
 # PyYAML wheels for a GPU machine whose image lacks it: scripts/gpu_bench.sh installs from .wheels/.
 gpu-wheels: install

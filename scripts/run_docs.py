@@ -3,11 +3,11 @@ bash (`set -euo pipefail`), every ```python block in one Python namespace per pa
 given (default: the current one), with its .venv activated as the pages ask (`source
 .venv/bin/activate`). A block whose previous line is `<!-- not run: why -->` is skipped.
 
-    python scripts/run_docs.py docs/tutorial.md                # after make demo: redraws docs/tutorial/*.png
+    python scripts/run_docs.py docs/tutorial.md                # after make demo: draws runs/tutorial/*.png
     python scripts/run_docs.py README.md docs/*.md --cwd /tmp/workspace --list   # what would run
 
 tests/test_docs.py runs every page this way in a workspace made by `make demo` at test size; make
-tutorial runs the tutorial in the repository, which writes its figures. Exits with the failing block's
+tutorial runs the tutorial in the repository and copies its figures into docs/tutorial/. Exits with the failing block's
 status, after printing where it is.
 """
 import argparse

@@ -1,6 +1,7 @@
 """The tests' fixtures (prepared shapes data, tiny trained checkpoints) and the two tiers: a test that
 runs a script in a subprocess is slow; `make test-fast` runs the others, and refuses a subprocess
 there. Shared helpers are in tests/helpers.py."""
+import fcntl
 import os
 import shutil
 import subprocess
@@ -54,39 +55,80 @@ def scst_run(trained, shapes_data, tmp_path_factory):
     return run
 
 
-# The demo's settings at test size: the same data, encoder and grid, small decoders, two epochs.
+# The demo's settings at test size: the same data generator, encoder and grid, 4,000 scenes instead of
+# 10,000 (400 TEST images), small decoders, two epochs.
 TINY_DEMO = {"emb_dim": 32, "decoder_dim": 64, "attention_dim": 32, "epochs": 2, "val_max_images": 100}
+TINY_DEMO_SCENES = 4000
 
 
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory):
-    """A folder that looks like a clone of this repository after `make demo`, made by `make demo`
-    itself (the project's .venv linked in, configs/shapes.yaml at TINY_DEMO, 40 pretraining steps):
-    the docs' commands run there, and its report.html is a demo-sized page for the browser tests."""
-    ws = tmp_path_factory.mktemp("workspace")
-    for name in os.listdir(ROOT):
-        if name.endswith(".py") or name in ("html", "scripts", "Makefile", "requirements.txt", "pyproject.toml"):
-            os.symlink(os.path.join(ROOT, name), ws / name)
-    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), ws / ".venv")  # the venv this test runs in
-    shutil.copytree(os.path.join(ROOT, "configs"), ws / "configs")
+    """A clone of this working tree (its files that git tracks or would add, committed in a repository
+    of their own with configs/shapes.yaml at TINY_DEMO), after `make demo` at test size (the project's
+    .venv linked in, TINY_DEMO_SCENES scenes, 40 pretraining steps): the docs' commands run there,
+    `git status` there says whether they left the clone as it was, and its report.html is a
+    demo-sized page for the browser tests. Made once for all of make test's processes: the first to
+    ask makes it, under a lock that the others wait on."""
+    shared = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        shared = shared.parent  # the session's folder, above each process's own
+    ws = shared / "demo-workspace"
+    with open(shared / "demo-workspace.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (ws / ".made").exists():
+            shutil.rmtree(ws, ignore_errors=True)  # what a process that failed left
+            make_demo_workspace(ws)
+            (ws / ".made").touch()
+    return ws
+
+
+def make_demo_workspace(ws):
+    ws.mkdir(parents=True)
+    files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
+                           capture_output=True, text=True, check=True).stdout.split("\0")
+    for name in filter(None, files):
+        if os.path.isfile(os.path.join(ROOT, name)):  # not one deleted and not yet committed
+            os.makedirs((ws / name).parent, exist_ok=True)
+            shutil.copy2(os.path.join(ROOT, name), ws / name)
     with open(ws / "configs" / "shapes.yaml") as f:
         demo = yaml.safe_load(f)
     with open(ws / "configs" / "shapes.yaml", "w") as f:
         yaml.safe_dump({**demo, **TINY_DEMO}, f, sort_keys=False)
+    git = ["git", "-c", "user.name=tests", "-c", "user.email=tests@localhost", "-c", "commit.gpgsign=false"]
+    subprocess.run(git + ["init", "-q"], cwd=ws, check=True)
+    subprocess.run(git + ["add", "-A"], cwd=ws, check=True)
+    subprocess.run(git + ["commit", "-q", "-m", "the clone"], cwd=ws, check=True)
+    with open(ws / ".git" / "info" / "exclude", "a") as f:
+        # a link to the venv the tests run in, make's stamp for it, and this fixture's own mark
+        f.write(".venv\n.installed\n.made\n")
+    os.symlink(os.path.dirname(os.path.dirname(sys.executable)), ws / ".venv")
     (ws / ".installed").touch()  # newer than requirements.txt: make installs nothing
-    r = subprocess.run(["make", "demo", f"PY={sys.executable}", "STAMP=.installed", "PRETRAIN_ARGS=--steps 40"],
-                       cwd=ws, capture_output=True, text=True, timeout=1200)
+    r = subprocess.run(["make", "demo", f"PY={sys.executable}", "STAMP=.installed", "PRETRAIN_ARGS=--steps 40",
+                        f"SHAPES_ARGS=--num-images {TINY_DEMO_SCENES}"], cwd=ws, capture_output=True, text=True,
+                       timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    return ws
 
 
 def pytest_collection_modifyitems(items):
     """A test that uses prepared data (shapes, or the Karpathy-format fixtures) or a model trained on
-    it runs scripts in subprocesses: mark it slow (the other subprocess tests are marked by hand)."""
+    it runs scripts in subprocesses: mark it slow (the other subprocess tests are marked by hand).
+    make test's processes take whole files in this order: the longest first (FIRST), so that no long
+    one starts last, and the browser tests last, when the docs' workspace they share is made."""
     for item in items:
         if {"shapes_data", "trained", "scst_run", "demo_workspace", "coco", "src"} & set(
                 getattr(item, "fixturenames", ())):
             item.add_marker(pytest.mark.slow)
+    order = {name: k for k, name in enumerate(FIRST)}
+
+    def rank(item):
+        name = item.nodeid.split("::")[0].split("/")[-1]
+        return len(FIRST) + 1 if name == "test_htmlpage.py" else order.get(name, len(FIRST))
+    items.sort(key=rank)
+
+
+# Test files by their time in make test, longest first (`pytest --durations`, 2026-12-03).
+FIRST = ("test_docs.py", "test_train.py", "test_eval.py", "test_compare.py", "test_caption.py", "test_train_hard.py",
+         "test_train_crash.py", "test_train_torchrun.py", "test_train_scst.py", "test_metrics.py")
 
 
 @pytest.fixture(autouse=True)

@@ -13,13 +13,14 @@ def test_bench_tiny_matrix(tmp_path):
     out = tmp_path / "bench" / "cpu.json"
     r = run_script("bench.py", "--tiny", "--device", "cpu", "--decoder", "attention", "--precision", "fp32", "fp16",
                    "bf16", "--encoder-mode", "finetune", "cached", "--accumulation", 1, 2, 3, "--beam-size", 1, 2,
-                   "--out", out)
+                   "--group", 1, 2, "--out", out)
     assert r.returncode == 0, r.stderr
     result = json.loads(out.read_text())
     rows = result["training"]
-    # fp16 is CUDA-only and 4 images do not split into 3 micro-batches: 2 precisions x 2 encoders x 2 accumulations
-    assert {(x["precision"], x["encoder"], x["accumulation"]) for x in rows} == {
-        (p, e, a) for p in ("fp32", "bf16") for e in ("finetune", "cached") for a in (1, 2)}
+    # fp16 is CUDA-only and 4 images do not split into 3 micro-batches: 2 precisions x 2 encoders x 2
+    # accumulations x 2 captions per image (grouped batches)
+    assert {(x["precision"], x["encoder"], x["accumulation"], x["captions_per_image"]) for x in rows} == {
+        (p, e, a, k) for p in ("fp32", "bf16") for e in ("finetune", "cached") for a in (1, 2) for k in (1, 2)}
     for x in rows:
         assert x["micro_batch"] * x["accumulation"] == x["batch"] == 4
         assert x["peak_memory_mb"] > 0

@@ -2,7 +2,7 @@
 made (conftest.demo_workspace), page after page in the order the README lists them, each block after
 the ones before it, with the project's .venv activated as the pages say to (scripts/run_docs.py).
 A block the page marks `<!-- not run: why -->` is skipped, saying why. So the tests of this file run
-in one process, in order (make test's `--dist loadfile`)."""
+in one process, in order (tests/conftest.py: a group of their own in make test)."""
 import json
 import os
 import re
@@ -45,6 +45,9 @@ def test_page_runs_as_written(demo_workspace, page):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_docs.py"), os.path.join(ROOT, page),
                         "--cwd", demo_workspace], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, f"{page}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    # make demo (before README.md) and every page's commands leave the clone as it was
+    status = subprocess.run(["git", "status", "--porcelain"], cwd=demo_workspace, capture_output=True, text=True)
+    assert status.stdout == "", f"after {page}, git status shows:\n{status.stdout}"
     if page == "README.md":
         assert "not run: tests/test_docs.py makes its workspace with make demo" in r.stdout
 
@@ -55,7 +58,7 @@ def test_the_own_data_example_made_what_it_says(demo_workspace):
     refs = [json.loads((ws / "data" / "mine" / f"{s}_REFS_{name}.json").read_text()) for s in ("TRAIN", "VAL", "TEST")]
     # 8 images without a split: 80/10/10 puts one each in VAL and TEST, beside coins.png and camera.png
     assert [len(x) for x in refs] == [6, 2, 2] and "camera.png" in [x["image_id"] for x in refs[2]]
-    assert {"image_id": "coins.png", "file": "photos/coins.png", "references": ["rows of old coins"]} in refs[1]
+    assert {"image_id": "coins.png", "file": "data/photos/coins.png", "references": ["rows of old coins"]} in refs[1]
     report = json.loads((ws / "runs" / "mine" / "eval_TEST.json").read_text())
     assert report["checkpoint"].endswith("last.pt") and report["references"]["kind"] == "raw"
     captions = json.loads((ws / "runs" / "mine" / "eval_TEST_captions_beam3.json").read_text())

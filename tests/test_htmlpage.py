@@ -16,8 +16,11 @@ from PIL import Image
 
 import htmlpage
 from scripts.browser import INSTALL, chromium, open_page
+from tests.conftest import TINY_DEMO_SCENES
 from tests.helpers import page_data, run_script
 from visualize import attention_bytes, attention_from_bytes
+
+TEST_IMAGES = TINY_DEMO_SCENES // 10  # the demo workspace's TEST split: 10% of its scenes
 
 
 # ----------------------------------------------------------------------------- without a browser
@@ -85,7 +88,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def demo_page(demo_workspace):
-    """The report.html `make demo` wrote in the test workspace: 1,000 TEST images, both decoders at
+    """The report.html `make demo` wrote in the test workspace: 400 TEST images, both decoders at
     beam 3, the attention decoder's maps (conftest.demo_workspace)."""
     runs = demo_workspace / "runs"
     tables = {d: json.loads((runs / f"demo-{d}" / "eval_TEST_images_beam3.json").read_text())["images"]
@@ -111,7 +114,7 @@ def test_report_opens_without_errors_and_fits_the_window(browser, demo_page):
         page.click("nav a[href='#browse']")
         page.wait_for_selector("#browse-view", state="visible")  # hashchange is handled as a later task
         assert not page.locator("#report-view").is_visible()
-        assert shown(page) == ((1000, 1000), 40)  # rendered 40 at a time
+        assert shown(page) == ((TEST_IMAGES, TEST_IMAGES), 40)  # rendered 40 at a time
         page.locator("#more").scroll_into_view_if_needed()
         page.wait_for_function("document.querySelectorAll('#rows .row').length > 40")
         assert shown(page)[1] == 80
@@ -125,24 +128,24 @@ def test_filters_and_sort_agree_with_eval_results(browser, demo_page):
     att_wrong = sum(not a["describes_scene"] and b["describes_scene"] for a, b in zip(att, rnn, strict=True))
     missed = sum(0 in a["pointing"] for a in att)
     gain = [a["CIDEr"] - b["CIDEr"] for a, b in zip(att, rnn, strict=True)]
-    assert 0 < disagree < 1000 and 0 < missed < 1000
+    assert 0 < disagree < TEST_IMAGES and 0 < missed < TEST_IMAGES
     with open_page(str(path) + "#browse") as (page, errors):
         page.select_option("#filter", "disagree")
-        assert shown(page) == ((disagree, 1000), min(disagree, 40))
+        assert shown(page) == ((disagree, TEST_IMAGES), min(disagree, 40))
         page.select_option("#filter", "x-wrong")
         page.select_option("#run-x", "1")  # attention wrong, rnn right
         page.select_option("#run-y", "0")
-        assert shown(page) == ((att_wrong, 1000), min(att_wrong, 40))
+        assert shown(page) == ((att_wrong, TEST_IMAGES), min(att_wrong, 40))
         page.select_option("#filter", "pointing")
-        assert shown(page) == ((missed, 1000), min(missed, 40))
+        assert shown(page) == ((missed, TEST_IMAGES), min(missed, 40))
         page.select_option("#filter", "all")
         page.select_option("#run-x", "0")
         page.select_option("#run-y", "1")
         page.select_option("#sort", "diff-desc")
-        first = max(range(1000), key=lambda i: (gain[i], -i))
+        first = max(range(TEST_IMAGES), key=lambda i: (gain[i], -i))
         assert page.inner_text("#rows .row:first-child figcaption.title") == f"TEST {first}"
         page.select_option("#sort", "diff-asc")
-        last = min(range(1000), key=lambda i: (gain[i], i))
+        last = min(range(TEST_IMAGES), key=lambda i: (gain[i], i))
         assert page.inner_text("#rows .row:first-child figcaption.title") == f"TEST {last}"
         assert errors == []
 
