@@ -19,7 +19,6 @@ import itertools
 import json
 import os
 import platform
-import statistics
 import time
 from datetime import date
 
@@ -27,7 +26,7 @@ import torch
 
 import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
-from hardware import amp_context, peak_memory_mb
+from hardware import OtherLoad, amp_context, busy_note, peak_memory_mb, sync, timed
 from decoding import DecodeOptions, decode
 from config import default_config, merge_config, read_yaml
 from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
@@ -115,25 +114,6 @@ class PeakMemory:
                     self.mb = next(int(ln.split()[1]) for ln in f if ln.startswith("VmHWM")) / 1024
 
 
-def sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-
-
-def timed(fn, device, runs, warmup):
-    """Seconds per call: median, min and max over `runs` calls after `warmup` untimed ones."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(runs):
-        sync(device)
-        t0 = time.perf_counter()
-        fn()
-        sync(device)
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
-
-
 def word_map_of(size):
     words = [f"w{i}" for i in range(size - len(SPECIAL_TOKENS))]
     return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
@@ -189,7 +169,7 @@ def bench_training(args, base, device, word_map):
         row = {"decoder": decoder, "precision": precision, "encoder": mode, "batch": batch, "accumulation": acc,
                "micro_batch": batch // acc, "captions_per_image": k}
         try:
-            with PeakMemory(device) as mem:
+            with PeakMemory(device) as mem, OtherLoad() as load:
                 med, lo, hi = timed(steps, device, args.runs, args.warmup)
         except RuntimeError as e:  # a kernel this machine lacks: say which, and go on with the others
             rows.append({**row, "error": str(e).splitlines()[0][:200]})
@@ -198,10 +178,10 @@ def bench_training(args, base, device, word_map):
             continue
         images = batch * args.steps
         row.update({"images_per_s": images / med, "images_per_s_min": images / hi, "images_per_s_max": images / lo,
-                    "peak_memory_mb": mem.mb})
+                    "peak_memory_mb": mem.mb, "others_cores": load.cores})
         rows.append(row)
         print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k}: {row['images_per_s']:8.1f} img/s, "
-              f"{mem.mb:7.0f} MiB", flush=True)
+              f"{mem.mb:7.0f} MiB{load.note}", flush=True)
         if args.profile and args.out and decoder not in profiled:
             profile(args, steps, device, f"{decoder}_{precision}_{mode}")
             profiled.add(decoder)
@@ -247,19 +227,21 @@ def bench_decoding(args, base, device, word_map):
             decoder.fc.bias[word_map["<end>"]] = -1e4
         for k in args.beam_size:
             batched = functools.partial(decode_all, decoder, features, vocab, size, k, args.decode_len)
-            b = timed(batched, device, runs, 1)
-            s = timed(functools.partial(decode_all, decoder, features[:single], vocab, 1, k, args.decode_len),
-                      device, runs, 1)
+            with OtherLoad() as load:
+                b = timed(batched, device, runs, 1)
+                s = timed(functools.partial(decode_all, decoder, features[:single], vocab, 1, k, args.decode_len),
+                          device, runs, 1)
             if args.profile and args.out and k == max(args.beam_size):
                 profile(args, functools.partial(decode_all, decoder, features[:size], vocab, size, k,
                                                 args.decode_len), device, f"decode_{decoder_name}_beam{k}")
             same = batched()[:single] == decode_all(decoder, features[:single], vocab, 1, k, args.decode_len)
             row = {"decoder": decoder_name, "beam": k, "batch": size, "batched_images_per_s": len(features) / b[0],
-                   "single_images_per_s": single / s[0], "same_captions": same}
+                   "single_images_per_s": single / s[0], "same_captions": same, "others_cores": load.cores}
             row["speedup"] = row["batched_images_per_s"] / row["single_images_per_s"]
             rows.append(row)
             print(f"decode {decoder_name:9s} beam {k}: batched {row['batched_images_per_s']:8.1f} img/s, one at a "
-                  f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x, same captions: {same}",
+                  f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x, same captions: {same}"
+                  f"{load.note}",
                   flush=True)
     return rows
 
@@ -315,12 +297,13 @@ def markdown(result):
         per_image = f", {r['captions_per_image']} per image" if r.get("captions_per_image", 1) > 1 else ""
         lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
                      f"{r['accumulation']}{per_image}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
-                     f"{r['images_per_s_max']:.1f}) | {r['peak_memory_mb']:.0f} |")
+                     f"{r['images_per_s_max']:.1f}){busy_note(r.get('others_cores'))} | {r['peak_memory_mb']:.0f} |")
     lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up | same captions |",
               "|---|---|---|---|---|---|"]
     for r in result["decoding"]:
         lines.append(f"| {r['decoder']} | {r['beam']} | {r['batched_images_per_s']:.1f} | "
-                     f"{r['single_images_per_s']:.1f} | {r['speedup']:.1f}x | {r['same_captions']} |")
+                     f"{r['single_images_per_s']:.1f}{busy_note(r.get('others_cores'))} | {r['speedup']:.1f}x | "
+                     f"{r['same_captions']} |")
     r = result["reward"]
     lines += ["", f"CIDEr-D reward (self-critical training) for {r['images']} images x {r['samples']} samples "
               f"against {r['corpus_images']} TRAIN images: {r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f})"]

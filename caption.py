@@ -19,8 +19,8 @@ import os
 import htmlpage
 from captioner import Captioner
 from config import add_decoding_arguments
-from datasets import load_image
-from utils import ArgumentParser, InputError, atomic_path, grid_side, run_cli
+from datasets import SPECIAL_TOKENS, load_image
+from utils import ArgumentParser, InputError, atomic_path, checkpoint_file, grid_side, run_cli
 from visualize import DPI, attention_bytes, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
@@ -48,15 +48,18 @@ def image_paths(args):
 def read_images(captioner, paths, skip_bad):
     """(paths, arrays) of the images that could be read; an unreadable one is an error, or is left
     out with a line saying so when skip_bad."""
-    kept, arrays = [], []
+    kept, arrays, bad = [], [], []
     for path in paths:
         try:
             arrays.append(captioner.image(path))
             kept.append(path)
         except InputError as e:
-            if not skip_bad:
-                raise InputError(f"{e}; pass --skip-bad-images to caption the others") from None
-            print(f"skipped {path}: {e}")
+            bad.append(str(e))
+            if skip_bad:
+                print(f"skipped {path}: {e}")
+    if bad and not skip_bad:  # every bad file in one line, so that one fix-and-retry is enough
+        raise InputError(f"{len(bad)} of {len(paths)} images cannot be read: {'; '.join(bad)}; pass "
+                         "--skip-bad-images to caption the others")
     if not kept:
         raise InputError("none of the images could be read")
     return kept, arrays
@@ -78,17 +81,22 @@ def main():
                    "alpha-weighted mean of the cells, or to the most likely cell (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
-    if args.beam_size < 1 or args.length_penalty < 0:
-        p.error("--beam-size must be at least 1, --length-penalty at least 0")
+    args.checkpoint = checkpoint_file(args.checkpoint)
 
     paths = image_paths(args)
     out = args.out or os.path.join(os.path.dirname(os.path.abspath(args.checkpoint)), "captions")
     to_file = out.lower().endswith(".png")
+    if not to_file and out.lower().endswith(IMAGE_EXTENSIONS):
+        raise InputError(f"--out {out}: the overlays are PNG files: give a .png name, or a folder for them")
     if to_file and len(paths) > 1:
         raise InputError(f"--out {out} is one file but there are {len(paths)} images: give a folder")
     if args.html and os.path.isdir(args.html):
         raise InputError(f"--html {args.html} is a folder: give the page's file name, say {args.html}/captions.html")
     captioner = Captioner(args.checkpoint, args.device, args.hard_inference)
+    if captioner.config.get("data_name", "").startswith("shapes_"):
+        words = len(captioner.vocab) - len(SPECIAL_TOKENS)
+        print(f"note: {args.checkpoint} was trained on the built-in shapes data: its {words}-word "
+              "vocabulary describes coloured shapes, so it sees shapes in any photo")
     paths, arrays = read_images(captioner, paths, args.skip_bad_images)  # every file is read before any output
     names, seen = [], {}
     for path in paths:  # photo.png, and photo_2.png for a second photo.* from another folder
@@ -96,6 +104,8 @@ def main():
         seen[stem] = seen.get(stem, 0) + 1
         names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
     captions = captioner.decode(arrays, args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat)
+    targets = [out] if to_file else [os.path.join(out, name) for name in names]
+    replaced = sum(os.path.exists(t) for t in targets)
     rows = []
     for path, caption, name in zip(paths, captions, names, strict=True):
         print(f"{path}: {' '.join(caption.words)}")
@@ -109,7 +119,8 @@ def main():
             if caption.alphas is not None:
                 cap["attention"] = attention_bytes(caption.alphas)
             rows.append({"src": htmlpage.image_uri(shown), "title": path, "refs": [], "caps": [cap]})
-    print(f"saved {len(paths)} PNG(s) {'as ' + out if to_file else 'in ' + out + '/'}")
+    print(f"saved {len(paths)} PNG(s) {'as ' + out if to_file else 'in ' + out + '/'}"
+          + (f", replacing {replaced} of an earlier run (--out FOLDER keeps them)" if replaced else ""))
     if args.html:
         write_page(args, captioner, captions, rows)
 

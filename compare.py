@@ -100,6 +100,9 @@ class Run:
             "train_time_s": sum(e["epoch_time_s"] for e in self.epochs),
             "peak_memory_mb": max((e["peak_memory_mb"] for e in self.epochs), default=None),
             "decoding": {k: b.images_per_s for k, b in self.results.beams.items()} if self.results else {},
+            # other processes' CPU use (cores) while decoding, and at most over the epochs (hardware.OtherLoad)
+            "decoding_others": {k: b.others_cores for k, b in self.results.beams.items()} if self.results else {},
+            "train_others": max((e.get("others_cores") or 0.0 for e in self.epochs), default=None),
             "epochs": len(self.epochs),
             "best_epoch": self.best["epoch"] if self.best else None,
             "loss_noise": self.loss_noise(),

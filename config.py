@@ -4,12 +4,13 @@ file (--config) and --key value pairs overlay it, each value checked against the
 Paths in a config (data_folder, encoder_weights, out, init files) are used as written: a relative
 path is relative to the folder the command runs in, at the time it runs.
 """
+import difflib
 import os
 import re
 from dataclasses import fields
 
 from models import ModelConfig
-from utils import InputError, atomic_path, option_key
+from utils import InputError, at_least, atomic_path, option_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODEL_FIELDS = fields(ModelConfig)  # the model's keys bring their own bounds
@@ -95,7 +96,9 @@ def merge_config(cfg, updates, source):
     for key, value in updates.items():
         key = option_key(key)
         if key not in defaults:
-            raise InputError(f"{source}: unknown config key {key!r} (see configs/default.yaml)")
+            near = difflib.get_close_matches(key, defaults, n=1)
+            raise InputError(f"{source}: unknown config key {key!r}" + (f"; did you mean {near[0]!r}?" if near else "")
+                             + " (configs/default.yaml lists them)")
         cfg[key] = _coerce(key, value, defaults[key], source)
     return cfg
 
@@ -200,14 +203,14 @@ def add_decoding_arguments(parser, beam_size):
     """The decoding options eval.py and caption.py share; `beam_size` is the default (a list for
     several beam sizes)."""
     several = isinstance(beam_size, list)
-    parser.add_argument("--beam-size", type=int, nargs="+" if several else None, default=beam_size,
+    parser.add_argument("--beam-size", type=at_least(1), nargs="+" if several else None, default=beam_size,
                         help="beam size" + ("s, each scored" if several else "") + " (1: greedy)")
-    parser.add_argument("--max-len", type=int, help="most words in a caption (default: the checkpoint's "
+    parser.add_argument("--max-len", type=at_least(1), help="most words in a caption (default: the checkpoint's "
                         "max_decode_len)")
-    parser.add_argument("--length-penalty", type=float, default=0.0, help="divide a beam's log-probability by "
-                        "length ** this (0: plain sum)")
-    parser.add_argument("--block-ngram-repeat", type=int, default=0, help="forbid repeating n-grams of this "
-                        "size (0: off)")
+    parser.add_argument("--length-penalty", type=at_least(0, float), default=0.0, help="divide a beam's "
+                        "log-probability by length ** this (0: plain sum)")
+    parser.add_argument("--block-ngram-repeat", type=at_least(0), default=0, help="forbid repeating n-grams of "
+                        "this size (0: off)")
 
 
 def decoding_options(args, cfg, beam_size):

@@ -91,6 +91,11 @@ def read_custom(captions_file, image_folder, ratios, seed):
     (TRAIN, VAL, TEST), per image. Returns {SPLIT: [Entry, ...]}, images in order of first mention."""
     if not os.path.isfile(captions_file):
         raise InputError(f"captions file {captions_file} not found")
+    with open(captions_file, "rb") as f:
+        empty = not f.read(4096).strip()
+    if empty:
+        raise InputError(f"captions file {captions_file} is empty: give it a header line (image,caption,split) "
+                         "and a line per caption, or a JSON object per line (.jsonl)")
     if not os.path.isdir(image_folder):
         raise InputError(f"image folder {image_folder} not found")
     json_lines = captions_file.lower().endswith((".jsonl", ".json"))
@@ -385,7 +390,9 @@ def main():
     print(f"{'split':6s} {'images':>8s} {'captions':>9s} {'unk rate':>9s} {'no caps':>8s} {'skipped':>8s}")
     for split, n_img, n_cap, unk, n_drop, n_bad in summary:
         print(f"{split:6s} {n_img:8d} {n_cap:9d} {unk:9.2%} {n_drop:8d} {n_bad:8d}")
-    print(f"vocabulary: {len(word_map) - len(SPECIAL_TOKENS)} words + {len(SPECIAL_TOKENS)} special tokens")
+    print(f"vocabulary: {len(word_map) - len(SPECIAL_TOKENS)} words + {len(SPECIAL_TOKENS)} special tokens, "
+          f"the words seen in TRAIN more than {args.min_word_freq} time(s); the unk rate is the share of each "
+          "split's words outside it (VAL and TEST words that TRAIN lacks, and rare words)")
     if bad:
         print(f"skipped {len(bad)} unreadable or missing images, listed in {skipped_list(out, name)}")
     print(f"{seconds:.1f} s, {total / seconds:.0f} images/s with {args.workers} worker(s)")

@@ -22,8 +22,9 @@ class DecodeOptions:
     block_ngram_repeat: int = 0  # forbid repeating an n-gram of this size (0: off)
 
     def __post_init__(self):
-        if self.beam_size < 1 or self.max_len < 1 or self.length_penalty < 0 or self.block_ngram_repeat < 0:
-            raise InputError(f"decoding needs beam size and max length >= 1 and the others >= 0, got {self}")
+        for name, low in (("beam_size", 1), ("max_len", 1), ("length_penalty", 0), ("block_ngram_repeat", 0)):
+            if getattr(self, name) < low:
+                raise InputError(f"{name} must be at least {low}, got {getattr(self, name)}")
 
 
 @dataclass

@@ -15,6 +15,7 @@ metrics are made of, from which compare.py gives each margin an interval (result
 file holds). An earlier eval of the same checkpoint on the same images keeps the beam sizes this one does
 not recompute; what is replaced is said in one line.
 """
+import functools
 import os
 import time
 
@@ -27,14 +28,19 @@ import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from decoding import beam_search, caption_images
+from hardware import OtherLoad, busy_note, timed
 from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
                      scene_errors, scene_measures_of)
 from models import load_model, weights_id
-from utils import ArgumentParser, InputError, grid_side, load_checkpoint, pick_device, run_cli
+from utils import (ArgumentParser, InputError, at_least, checkpoint_file, grid_side, load_checkpoint, pick_device,
+                   run_cli)
 from visualize import attention_bytes
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
 POINTING_WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
+
+
+BENCHMARK_RUNS = 3
 
 
 def parse_args():
@@ -42,7 +48,7 @@ def parse_args():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
     add_decoding_arguments(p, beam_size=[1, 3, 5])
-    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--batch-size", type=at_least(1), default=64)
     p.add_argument("--out", help="results JSON (default: eval_{SPLIT}.json beside the checkpoint)")
     p.add_argument("--data-folder", help="where the prepared data is now (default: the checkpoint's)")
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
@@ -56,8 +62,7 @@ def parse_args():
     p.add_argument("--benchmark-decoding", type=int, default=0, metavar="N",
                    help="time batched vs one-image-at-a-time decoding on N images, check they agree, and exit")
     args = p.parse_args()
-    if min(args.beam_size) < 1 or args.batch_size < 1 or args.length_penalty < 0:
-        p.error("beam sizes and --batch-size must be at least 1, --length-penalty at least 0")
+    args.checkpoint = checkpoint_file(args.checkpoint)
     return args
 
 
@@ -113,32 +118,37 @@ def setup(args):
 
 
 def benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device):
-    """Batched vs one-image-at-a-time beam search on the same images: images/s, and whether the
-    captions agree (they must: same search, same scores)."""
+    """Batched vs one-image-at-a-time beam search on the same images, each timed BENCHMARK_RUNS times
+    after a warm-up run (bench.py's way: the first run pays for allocation and lazy set-up): images/s
+    as the median and the range, whether the captions agree (they must: same search, same scores), and
+    whether other processes used the CPU meanwhile."""
     images = torch.stack([dataset[i].image for i in range(min(args.benchmark_decoding, len(dataset)))]).to(device)
     with torch.no_grad():
         features = encoder(images)
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    print(f"{'beam':>4s} {'batched img/s':>14s} {'one at a time img/s':>20s} {'speed-up':>9s} {'same captions':>14s}")
+    n = len(features)
+    print(f"{n} images, the median of {BENCHMARK_RUNS} runs after a warm-up (lowest-highest)")
+    print(f"{'beam':>4s} {'batched img/s':>22s} {'one at a time img/s':>22s} {'speed-up':>9s} {'same captions':>14s}")
     rows = []
     for k in args.beam_size:
         options = decoding_options(args, cfg, k)
-        sync()
-        t0 = time.perf_counter()
-        batched = [beam_search(decoder, features[i:i + args.batch_size], vocab, options)
-                   for i in range(0, len(features), args.batch_size)]
-        sync()
-        t_batched = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        single = [beam_search(decoder, features[i:i + 1], vocab, options) for i in range(len(features))]
-        sync()
-        t_single = time.perf_counter() - t0
-        same = [s for b in batched for s in b.seqs] == [s.seqs[0] for s in single]
-        n = len(features)
-        rows.append({"beam_size": k, "images": n, "batched_images_per_s": n / t_batched,
-                     "single_images_per_s": n / t_single, "speedup": t_single / t_batched, "same_captions": same})
-        print(f"{k:4d} {n / t_batched:14.1f} {n / t_single:20.1f} {t_single / t_batched:8.1f}x {str(same):>14s}")
+        seqs, search = {}, functools.partial(decode_features, decoder, features, vocab, options)
+        batched, single = functools.partial(search, args.batch_size, seqs, "batched"), functools.partial(
+            search, 1, seqs, "single")
+        with OtherLoad() as load:
+            b, s = timed(batched, device, BENCHMARK_RUNS, 1), timed(single, device, BENCHMARK_RUNS, 1)
+        same = seqs["batched"] == seqs["single"]
+        rows.append({"beam_size": k, "images": n, "batched_images_per_s": n / b[0], "single_images_per_s": n / s[0],
+                     "batched_range": [n / b[2], n / b[1]], "single_range": [n / s[2], n / s[1]],
+                     "speedup": s[0] / b[0], "same_captions": same, "others_cores": load.cores})
+        spread = [f"{n / t[0]:.1f} ({n / t[2]:.0f}-{n / t[1]:.0f})" for t in (b, s)]
+        print(f"{k:4d} {spread[0]:>22s} {spread[1]:>22s} {s[0] / b[0]:8.1f}x {str(same):>14s}{load.note}")
     return rows
+
+
+def decode_features(decoder, features, vocab, options, size, out, key):
+    """Beam search over `features` (N x P x D), `size` images at a time: out[key] = the N token lists."""
+    found = [beam_search(decoder, features[i:i + size], vocab, options) for i in range(0, len(features), size)]
+    out[key] = [seq for d in found for seq in d.seqs]
 
 
 def caption_split(loader, encoder, decoder, device, vocab, options):
@@ -187,11 +197,12 @@ def main():
 
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=args.workers,
                         pin_memory=device.type == "cuda")
-    captions, timings = {}, {}
+    captions, timings, others = {}, {}, {}
     for k in args.beam_size:
         t0 = time.perf_counter()
-        captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
-        timings[k] = time.perf_counter() - t0
+        with OtherLoad() as load:
+            captions[k] = caption_split(loader, encoder, decoder, device, vocab, decoding_options(args, cfg, k))
+        timings[k], others[k] = time.perf_counter() - t0, load.cores
     scores_by_beam, unavailable, coco_by_beam = coco_metrics(
         coco_refs, {k: {i: " ".join(captions[k][i].words) for i in ids} for k in captions}, spice=args.spice)
 
@@ -222,7 +233,7 @@ def main():
         captions_file, images_file = results.file_names(out, k)
         new.beams[k] = results.BeamResult(k, scores, len(ids) / timings[k], timings[k], options.max_len,
                                           options.length_penalty, options.block_ngram_repeat, captions_file,
-                                          images_file)
+                                          images_file, others[k])
         coco_captions[k] = [{"image_id": image_ids[i], "caption": " ".join(caps[i].words)} for i in ids]
         alphas = caps[ids[0]].alphas
         tables[k] = results.ImageTable(args.split, k, None if alphas is None else grid_side(alphas.shape[1]), rows)
@@ -241,8 +252,9 @@ def print_table(args, cfg, res, scene):
     """The metrics of this eval, one row per beam size."""
     used, pointed = res.references, cfg["decoder"] == "attention" and scene
     print(f"\n{args.split} of {res.data_name}, {res.images} images, {cfg['decoder']} decoder, {args.checkpoint}")
-    print(f"coco-caption metrics against the {used['kind']} references ({used['per_image_min']}-"
-          f"{used['per_image_max']} per image, {used['per_image_mean']:.2f} on average); nltk BLEU-4 against the "
+    lo, hi, mean = used["per_image_min"], used["per_image_max"], used["per_image_mean"]
+    count = f"{lo} per image" if lo == hi else f"{lo} to {hi} per image, {mean:.2f} on average"
+    print(f"coco-caption metrics against the {used['kind']} references ({count}); nltk BLEU-4 against the "
           "encoded references (the tutorial's protocol)")
     print(f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + (f" {'pointing':>16s}" if pointed else "")
           + f" {'img/s':>8s}")
@@ -251,7 +263,7 @@ def print_table(args, cfg, res, scene):
         row = f"{k:4d} " + " ".join(f"{m[c]:11.4f}" if m[c] is not None else f"{'n/a':>11s}" for c in COLUMNS)
         if pointed:
             row += f" {m['pointing']:7.1%} (ch {m['pointing_chance']:4.1%})" if m["pointing"] is not None else " n/a"
-        print(row + f" {beam.images_per_s:8.1f}")
+        print(row + f" {beam.images_per_s:8.1f}{busy_note(beam.others_cores)}")
     if scene:
         first = next(iter(res.beams.values())).metrics
         keys = [c for c in first if c.startswith(("exact", "phrase", "relation_a"))]

@@ -1,7 +1,10 @@
 """What the machine can do: mixed precision per device, the CPU's bf16 kernels, peak memory."""
 import functools
+import os
 import resource
+import statistics
 import sys
+import time
 from contextlib import nullcontext
 
 import torch
@@ -74,3 +77,64 @@ def peak_memory_mb(device):
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+# Other processes' mean CPU use, in cores, above which a speed is marked as measured on a busy machine:
+# on 2 cores one other busy process slowed training 20x.
+BUSY_CORES = 0.5
+
+
+def _cpu_seconds():
+    """(busy CPU seconds of the whole machine, of this process and its finished children) or None
+    where /proc/stat is missing (not Linux)."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user nice system idle iowait irq softirq steal
+    except (OSError, ValueError):
+        return None
+    t = os.times()
+    busy = sum(ticks) - ticks[3] - ticks[4]
+    return busy / os.sysconf("SC_CLK_TCK"), t.user + t.system + t.children_user + t.children_system
+
+
+class OtherLoad:
+    """`with OtherLoad() as load:` around a timed part: load.cores is the mean number of cores other
+    processes kept busy meanwhile (None where unknown), load.note "" or a phrase marking a figure
+    taken on a busy machine."""
+
+    def __enter__(self):
+        self.cores, self._start, self._t0 = None, _cpu_seconds(), time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        end, wall = _cpu_seconds(), time.perf_counter() - self._t0
+        if end is not None and self._start is not None and wall > 0:
+            self.cores = max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / wall)
+
+    @property
+    def note(self):
+        return busy_note(self.cores)
+
+
+def busy_note(cores):
+    """"" or " (busy: ...)" for a speed measured while other processes used `cores` cores."""
+    return f" (busy: other processes used {cores:.1f} cores)" if cores is not None and cores > BUSY_CORES else ""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def timed(fn, device, runs, warmup):
+    """Seconds per call: median, min and max over `runs` calls after `warmup` untimed ones."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(runs):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times), min(times), max(times)

@@ -9,9 +9,11 @@ Every corpus metric here is also a function of per-image statistics that add up 
 counts (coco-caption's and nltk's rules), METEOR's alignment statistics, each image's ROUGE-L and
 CIDEr-D, the scene counts. eval.py keeps them per image, and significance.py resamples them.
 """
+import contextlib
 import math
 import os
 import sys
+import tempfile
 import time
 from collections import Counter
 
@@ -207,6 +209,25 @@ def java_available():
     return shutil.which("java") is not None
 
 
+@contextlib.contextmanager
+def without_java_progress():
+    """The Java tokenizer prints "PTBTokenizer tokenized N tokens at ..." on the process's stderr at
+    every call: pass on everything else it writes there."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            for line in tmp.read().decode(errors="replace").splitlines():
+                if not line.startswith("PTBTokenizer tokenized"):
+                    print(line, file=sys.stderr)
+
+
 def ptb_tokenize(captions):
     """{id: [sentence, ...]} -> {id: [tokenised lower-case string, ...]}, punctuation removed.
 
@@ -214,7 +235,8 @@ def ptb_tokenize(captions):
     which needs no downloaded data and agrees with it on ordinary captions."""
     if java_available():
         from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
-        return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
+        with without_java_progress():
+            return PTBTokenizer().tokenize({k: [{"caption": c} for c in v] for k, v in captions.items()})
     from nltk.tokenize import TreebankWordTokenizer
     tok = TreebankWordTokenizer()
     return {k: [" ".join(w for w in tok.tokenize(c.lower()) if w not in PUNCTUATION) for c in v]

@@ -13,6 +13,7 @@ import torch
 
 import significance
 import visualize
+from hardware import BUSY_CORES, busy_note
 from results import mean_sd
 
 QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
@@ -134,12 +135,14 @@ def summary(c):
         if ca["train_images_per_s"] and cb["train_images_per_s"]:
             ratio = ca["train_images_per_s"] / cb["train_images_per_s"]
             pace = f"{ratio:.2f}x slower" if ratio > 1 else f"{1 / ratio:.2f}x faster"
+            busy = busy_note(max(ca["train_others"], cb["train_others"]))
             lines.append(f"  It trains {pace} ({cb['train_images_per_s']:.0f} vs {ca['train_images_per_s']:.0f} "
-                         "images/s; no interval: one speed per run, on a shared machine)"
+                         f"images/s{busy}; no interval: one speed per run)"
                          + (f" with {cb['parameters'] / ca['parameters']:.2f}x the decoder parameters"
                             if cb["parameters"] and ca["parameters"] else "") + ".")
         if cb["decoding"] and ca["decoding"]:
-            lines.append(f"  Decoding at beam {beam}: {cb['decoding']:.0f} vs {ca['decoding']:.0f} images/s.")
+            busy = busy_note(max(ca["decoding_others"], cb["decoding_others"]))
+            lines.append(f"  Decoding at beam {beam}: {cb['decoding']:.0f} vs {ca['decoding']:.0f} images/s{busy}.")
         pointing, chance = b.values(beam, "pointing"), b.first.quality(beam)["pointing_chance"]
         if pointing is not None and chance:
             lines.append(f"  Its attention points at the named object for {fmt_values('pointing', pointing)} of colour "
@@ -163,7 +166,9 @@ def group_cost(g, beam):
     costs = [r.cost for r in g.runs]
     return {"train_images_per_s": mean([x["train_images_per_s"] for x in costs]),
             "parameters": mean([x["parameters"] for x in costs]),
-            "decoding": mean([x["decoding"].get(beam) for x in costs])}
+            "decoding": mean([x["decoding"].get(beam) for x in costs]),
+            "train_others": max((x["train_others"] or 0.0 for x in costs), default=None),
+            "decoding_others": max((x["decoding_others"].get(beam) or 0.0 for x in costs), default=None)}
 
 
 def quality(c):
@@ -220,17 +225,21 @@ def cost(c):
     rows = []
     for run in c.runs:
         cr = run.cost
-        decoding = ", ".join(f"{k}: {v:.0f}" for k, v in sorted(cr["decoding"].items())) or "n/a"
+        decoding = ", ".join(f"{k}: {v:.0f}{' (busy)' if busy_note(cr['decoding_others'].get(k)) else ''}"
+                             for k, v in sorted(cr["decoding"].items())) or "n/a"
         stop = f"{cr['epochs']} (best {cr['best_epoch']}{', stopped early' if run.stopped_early else ''})"
         noise = "n/a" if cr["loss_noise"] is None else f"{cr['loss_noise']:.4f} (every {run.cfg['log_every']})"
         keys = ("parameters", "train_images_per_s", "epoch_time_s", "train_time_s", "peak_memory_mb")
-        rows.append([run.label] + [fmt(k, cr[k]) for k in keys] + [decoding, stop, noise])
+        cells = [fmt(k, cr[k]) + (" (busy)" if k == "train_images_per_s" and busy_note(cr["train_others"]) else "")
+                 for k in keys]
+        rows.append([run.label] + cells + [decoding, stop, noise])
     return ["## Cost", "", table(["run", "decoder parameters", "train images/s", "epoch time (s)", "train time (s)",
                                   "peak memory (MiB)", "decoding images/s by beam", "epochs",
                                   "loss noise (log lines)"], rows), "",
             "Training images/s and epoch time are medians over epochs; peak memory is the process's (CPU) or "
             "CUDA's maximum allocation. Loss noise: standard deviation of the change in training loss from one log "
-            "line to the next over the second half of training (lower: a smoother curve).", ""]
+            "line to the next over the second half of training (lower: a smoother curve). A speed marked (busy) "
+            f"was measured while other processes kept more than {BUSY_CORES} of a core busy on average.", ""]
 
 
 def curves(c):

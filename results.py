@@ -28,7 +28,7 @@ FORMAT = 2
 
 # What a BeamResult holds besides its metrics, as keys of the same JSON object.
 BOOKKEEPING = ("images_per_s", "seconds", "max_len", "length_penalty", "block_ngram_repeat", "captions_file",
-               "images_file")
+               "images_file", "others_cores")
 
 
 @dataclass
@@ -42,6 +42,7 @@ class BeamResult:
     block_ngram_repeat: int
     captions_file: str  # file names beside the results file
     images_file: str
+    others_cores: float | None = None  # other processes' CPU use while decoding (hardware.OtherLoad)
 
     def to_json(self):
         return {**self.metrics, **{k: getattr(self, k) for k in BOOKKEEPING}}

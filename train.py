@@ -14,7 +14,6 @@ each step: loss, backward, clip, step, log -> validate -> checkpoint -> early st
 that keeps a run safe lives in checkpoint.py (save, restore, resume), distributed.py (torchrun,
 signals), datasets.py (the feature cache) and hardware.py (mixed precision).
 """
-import json
 import math
 import os
 import random
@@ -30,10 +29,10 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
-from config import dump_yaml, resolve_config
+from config import default_config, dump_yaml, resolve_config
 from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_word_map
 from decoding import DecodeOptions, caption_features
-from hardware import amp_context, check_amp, peak_memory_mb
+from hardware import OtherLoad, amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
 from models import ModelConfig, build_decoder, build_encoder, caption_loss, features_of
 from objectives import LossSums, Step, build_objective
@@ -58,7 +57,10 @@ def main():
     val_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "VAL")
     if rank == 0:
         prepare_run_folder(cfg["out"], ckpt is not None, overwrite)
-        say(json.dumps(cfg, indent=1))
+        defaults = default_config()
+        changed = {k: v for k, v in cfg.items() if v != defaults.get(k)}
+        say(f"config (all of it in {os.path.join(cfg['out'], 'config.yaml')}), besides configs/default.yaml: "
+            + ", ".join(f"{k}={v}" for k, v in changed.items()))
         dump_yaml(cfg, os.path.join(cfg["out"], "config.yaml"))
 
     # models and optimisers
@@ -117,7 +119,8 @@ def main():
                 if device.type == "cuda":
                     torch.cuda.reset_peak_memory_stats(device)
                 t0 = time.time()
-                stats = train_epoch(run, train_loader, amp, stop)
+                with OtherLoad() as load:  # other processes (under torchrun: the other ranks too)
+                    stats = train_epoch(run, train_loader, amp, stop)
                 if stats is None:
                     say(f"stopped at max_steps {cfg['max_steps']}; continue with --resume {last} "
                         "--max_steps 0 (or a larger max_steps)")
@@ -126,7 +129,7 @@ def main():
                 if val is None:  # asked to stop during validation: the epoch's training part is kept
                     run.save(last)
                     raise distributed.Stopped
-                stats.update(val)
+                stats.update(val, others_cores=load.cores)
                 improved = end_of_epoch(run, stats)
                 log.write({"kind": "epoch", "epoch": run.epoch, "step": run.step, **stats,
                            "lr": run.decoder_optimizer.param_groups[0]["lr"], "epoch_time_s": time.time() - t0,
@@ -136,9 +139,15 @@ def main():
                     run.save(best)
                 train_part = (f"train reward {stats.get('train_reward', 0):.3f}" if scst else
                               f"train loss {stats.get('train_loss', 0):.3f}")
-                say(f"epoch {run.epoch}: {train_part}, val loss {stats['val_loss']:.3f}, "
-                    f"top-5 {stats['val_top5']:.2%}, BLEU-4 {stats['val_bleu4']:.4f}, CIDEr-D {stats['val_cider']:.3f}"
-                    f"{' (best)' if improved else ''}, {time.time() - t0:.0f} s, {stats['images_per_s']:.0f} img/s")
+                followed = ("val_cider" if scst else "val_loss" if cfg["early_stop_metric"] == "loss" else "val_bleu4")
+                shown = {"val_loss": f"val loss {stats['val_loss']:.3f}",
+                         "val_top5": f"top-5 {stats['val_top5']:.2%}",
+                         "val_bleu4": f"BLEU-4 {stats['val_bleu4']:.4f}",
+                         "val_cider": f"CIDEr-D {stats['val_cider']:.3f}"}
+                if improved:  # beside the metric that picks best.pt, not after the last one shown
+                    shown[followed] += " (best)"
+                say(f"epoch {run.epoch}: {train_part}, {', '.join(shown.values())}, {time.time() - t0:.0f} s, "
+                    f"{stats['images_per_s']:.0f} img/s{load.note}")
                 if stop.agreed(device):
                     raise distributed.Stopped
             else:  # the epochs ran out, or patience did (not max_steps)

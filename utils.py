@@ -67,6 +67,9 @@ def load_checkpoint(path):
     """A checkpoint, loaded safely: weights_only=True unpickles tensors and plain containers only, so
     a crafted file cannot run code here."""
     import torch
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder: pass one of its checkpoints (best.pt for the best validation "
+                         "score, last.pt to continue training)")
     if not os.path.isfile(path):
         raise InputError(f"checkpoint {path} not found")
     try:
@@ -79,8 +82,14 @@ def load_checkpoint(path):
                              "saves checkpoints, not the weights this repository's checkpoints hold: it cannot be "
                              "loaded safely or converted; train here with train.py (data the tutorial prepared "
                              "loads as it is)") from None
-        detail = f"{found.group(0)}" if found else message.splitlines()[0][:200]
-        raise InputError(f"{path} is not a loadable checkpoint ({type(e).__name__}: {detail})") from None
+        if found:  # a pickle that asks for code: not a file of this repository's
+            raise InputError(f"{path} is not a checkpoint of this repository (it asks to run {found.group(1)}, "
+                             "which is not loaded, for safety)") from None
+        # torch's own sentence (the first, never cut inside) for one that is truncated or not a checkpoint
+        said = re.split(r"(?<=\.)\s", message.strip().splitlines()[0])[0].rstrip(".") if message.strip() else ""
+        other = "best.pt" if os.path.basename(path) == "last.pt" else "last.pt"
+        raise InputError(f"{path} is damaged or incomplete ({type(e).__name__}{': ' + said if said else ''}): "
+                         f"copy it again, or use the {other} of the same run folder") from None
 
 
 def pick_device(name):
@@ -111,9 +120,35 @@ def option_key(name):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse where --dash-names are also accepted as --underscore_names and the reverse (see
-    option_key, which train.py's --key value parsing uses too)."""
+    option_key, which train.py's --key value parsing uses too), and a mistake is one line."""
 
     def add_argument(self, *names, **kw):
         spellings = [n for name in names if name.startswith("--")
                      for n in ("--" + option_key(name[2:]), "--" + option_key(name[2:]).replace("_", "-"))]
         return super().add_argument(*dict.fromkeys([*names, *spellings]), **kw)
+
+    def error(self, message):
+        message = re.sub(r"(--[\w-]+)(/--[\w-]+)+", r"\1", message)  # one spelling of an option, not all
+        self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def at_least(low, kind=int):
+    """An argparse type: a `kind` number >= low, or the error "argument --NAME: must be at least ..."."""
+    def number(text):
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a{'n integer' if kind is int else ' number'}, "
+                                             f"got {text!r}") from None
+        if value < low:
+            raise argparse.ArgumentTypeError(f"must be at least {low}, got {text}")
+        return value
+    return number
+
+
+def checkpoint_file(path):
+    """--checkpoint as given, or a run folder's best.pt (said), for eval.py and caption.py."""
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "best.pt")):
+        print(f"{path} is a run folder: using its best.pt")
+        return os.path.join(path, "best.pt")
+    return path

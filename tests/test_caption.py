@@ -151,3 +151,45 @@ def test_every_module_is_installed():
     with open(os.path.join(ROOT, "pyproject.toml"), "rb") as f:
         listed = tomllib.load(f)["tool"]["setuptools"]["py-modules"]
     assert sorted(listed) == sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "*.py")))
+
+
+def test_a_new_users_mistakes_are_one_line_each(trained, tmp_path, monkeypatch, capsys):
+    """Every unreadable file at once, an --out that is not a PNG, a beam size of 0, a run folder for
+    --checkpoint, a second command into the same folder, and a model that only knows shapes: each said."""
+    import caption
+    from captioner import Captioner
+    from utils import InputError, run_cli
+
+    def run(*argv):
+        monkeypatch.setattr(sys, "argv", ["caption.py", *map(str, argv)])
+        try:
+            run_cli(caption.main)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+        return code, *capsys.readouterr()
+
+    ckpt = trained("attention")
+    run_folder = tmp_path / "run"
+    shutil.copytree(ckpt.parent, run_folder)
+    src = photos(tmp_path / "in", 2)
+    (src / "a.jpg").write_bytes(b"not a jpeg")
+    (src / "b.png").write_bytes(b"not a png")
+    code, _, err = run("--checkpoint", ckpt, "--folder", src, "--out", tmp_path / "o")
+    assert code == 2 and err.count("\n") == 1 and "2 of 4 images cannot be read" in err
+    assert "a.jpg" in err and "b.png" in err and "--skip-bad-images" in err
+    code, _, err = run("--checkpoint", ckpt, "--image", src / "photo0.jpg", "--out", tmp_path / "coffee.jpg")
+    assert code == 2 and "--out" in err and "coffee.jpg" in err and ".png" in err
+    code, _, err = run("--checkpoint", ckpt, "--folder", src, "--beam-size", 0)
+    assert (code, err) == (2, "caption.py: error: argument --beam-size: must be at least 1, got 0 "
+                              "(--help lists the options)\n")
+    assert not (tmp_path / "o").exists() and not (tmp_path / "coffee.jpg").exists()
+    for name in ("a.jpg", "b.png"):
+        os.remove(src / name)
+    code, out, _ = run("--checkpoint", run_folder, "--folder", src)
+    assert code == 0 and f"{run_folder} is a run folder: using its best.pt" in out
+    assert "trained on the built-in shapes data" in out and "replacing" not in out
+    code, out, _ = run("--checkpoint", run_folder / "best.pt", "--folder", src, "--beam-size", 1)
+    assert code == 0 and "replacing 2 of an earlier run" in out
+    with pytest.raises(InputError, match="beam_size must be at least 1, got 0"):
+        Captioner(run_folder / "best.pt").caption([src / "photo0.jpg"], beam_size=0)

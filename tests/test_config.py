@@ -54,3 +54,10 @@ def test_init_from_means_the_same_on_the_command_line_and_in_a_config_file(tmp_p
     other = checkpoint(tmp_path / "other.pt", decoder="attention")
     cfg, _, init_c, _ = resolve_config(["--config", str(tmp_path / "scst.yaml"), "--init_from", str(other)])
     assert cfg["decoder"] == "attention" and init_c["config"]["decoder"] == "attention"  # the command line wins
+
+
+def test_a_mistyped_key_gets_the_nearest_one():
+    with pytest.raises(InputError, match=r"unknown config key 'decoder_lrr'; did you mean 'decoder_lr'\?"):
+        merge_config(default_config(), {"decoder_lrr": 1e-3}, "--decoder_lrr")
+    with pytest.raises(InputError, match=r"unknown config key 'zzz' \(configs/default.yaml lists them\)"):
+        merge_config(default_config(), {"zzz": 1}, "x.yaml")

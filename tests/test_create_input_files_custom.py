@@ -95,6 +95,7 @@ def test_json_lines_with_given_splits_and_a_caption_list(src):
     ('{"image": "p01.jpg"}\n', ".jsonl", ("c.jsonl:1", "captions")),
     (b"\x89PNG\r\n\x1a\n\x00\x00\xff\xfe binary", ".csv", ("c.csv", "not a CSV")),
     ("image,caption\np01.jpg,a cat\np02.jpg,a dog\n", ".csv", ("split VAL has no images",)),
+    ("\n", ".csv", ("c.csv is empty", "header line")),
 ])
 def test_refusals_name_the_culprit(src, content, suffix, needles):
     src, _ = src

@@ -90,6 +90,22 @@ def test_eval_decoding_benchmark(trained):
     r = run_script("eval.py", "--checkpoint", trained("attention"), "--benchmark-decoding", 6, "--beam-size", 3)
     assert r.returncode == 0, r.stderr
     assert "True" in r.stdout.splitlines()[-1]  # batched and one-at-a-time captions agree
+    assert "6 images, the median of 3 runs after a warm-up (lowest-highest)" in r.stdout
+
+
+def test_other_processes_cpu_use_is_measured_and_marks_a_busy_figure(monkeypatch):
+    """hardware.OtherLoad: the machine's busy CPU seconds less this process's, over the wall time."""
+    import hardware
+    with hardware.OtherLoad() as real:  # Linux: read from /proc/stat
+        sum(range(10**5))
+    assert real.cores is not None and real.cores >= 0
+    readings, clock = iter([(100.0, 10.0), (104.0, 11.0)]), iter([5.0, 7.0])
+    monkeypatch.setattr(hardware, "_cpu_seconds", lambda: next(readings))
+    monkeypatch.setattr(hardware.time, "perf_counter", lambda: next(clock))
+    with hardware.OtherLoad() as load:  # the machine was busy 4 s, this process 1 s, in 2 s: 1.5 cores others'
+        pass
+    assert load.cores == 1.5 and load.note == " (busy: other processes used 1.5 cores)"
+    assert hardware.busy_note(None) == hardware.busy_note(hardware.BUSY_CORES) == ""
 
 
 def test_a_tutorial_checkpoint_is_named_as_such(tmp_path):
@@ -152,3 +168,27 @@ def test_a_later_eval_keeps_the_earlier_beams_and_says_what_it_replaced(trained,
     (run / "eval_TEST.json").write_text("{broken")
     refused(run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 1), "eval_TEST.json",
             "not valid JSON")
+
+
+@pytest.mark.parametrize("argv, said", [
+    (["--beam-size", "3", "0"], "argument --beam-size: must be at least 1, got 0"),
+    (["--beam-size", "two"], "argument --beam-size: must be an integer, got 'two'"),
+    (["--length-penalty", "-1"], "argument --length-penalty: must be at least 0, got -1"),
+    (["--batch-size", "0"], "argument --batch-size: must be at least 1, got 0")])
+def test_a_bad_option_is_one_line_naming_it(monkeypatch, capsys, argv, said):
+    import importlib
+    ev = importlib.import_module("eval")
+    monkeypatch.setattr("sys.argv", ["eval.py", "--checkpoint", "best.pt", *argv])
+    with pytest.raises(SystemExit) as e:
+        ev.parse_args()
+    assert e.value.code == 2 and capsys.readouterr().err == f"eval.py: error: {said} (--help lists the options)\n"
+
+
+def test_a_run_folder_is_its_best_checkpoint_and_a_folder_without_one_is_said(tmp_path, capsys):
+    from utils import InputError, checkpoint_file, load_checkpoint
+    assert checkpoint_file(str(tmp_path)) == str(tmp_path)  # no best.pt: load_checkpoint says what to pass
+    with pytest.raises(InputError, match="is a folder: pass one of its checkpoints"):
+        load_checkpoint(str(tmp_path))
+    (tmp_path / "best.pt").touch()
+    assert checkpoint_file(str(tmp_path)) == str(tmp_path / "best.pt")
+    assert capsys.readouterr().out == f"{tmp_path} is a run folder: using its best.pt\n"

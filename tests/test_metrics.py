@@ -70,8 +70,9 @@ def test_without_java(monkeypatch):
 
 
 @pytest.mark.skipif(not metrics.java_available(), reason="needs java")
-def test_with_java():
+def test_with_java(capfd):
     assert ptb_tokenize({0: ["A man, riding a horse."]}) == {0: ["a man riding a horse"]}
+    assert "PTBTokenizer" not in capfd.readouterr().err  # Java's progress line at every call is dropped
     scores, unavailable = coco_metrics({0: ["a man riding a horse"], 1: ["a red bus"]},
                                        {0: "a man riding a horse", 1: "a blue car"}, spice=True)
     assert 0.3 < scores["METEOR"] < 1.0 and "METEOR" not in unavailable

@@ -20,13 +20,14 @@ def evaluation(weights="abc", beams=(1, 3), images=6):
 
 def test_results_and_tables_round_trip(tmp_path):
     res = evaluation()
+    res.beams[3] = replace(res.beams[3], others_cores=1.2)  # decoded while other processes took 1.2 cores
     rows = [results.ImageRow(0, 0, "a red circle", 1.5, True, True, {"missing": [], "invented": [], "false": []},
                              [None, 1, 0], "AAAA"), results.ImageRow(1, "b.jpg", "", 0.0, False)]
     path = tmp_path / "eval_TEST.json"
     results.write(path, res, {1: [{"image_id": 0, "caption": "a red circle"}]},
                   {1: results.ImageTable("TEST", 1, 2, rows)})
     back = results.read_results(path)
-    assert back == res and list(back.beams) == [1, 3]
+    assert back == res and list(back.beams) == [1, 3] and [b.others_cores for b in back.beams.values()] == [None, 1.2]
     table = results.read_table(path, back.beams[1])
     assert table.rows == rows and table.attention_grid == 2 and not table.has_maps
     assert [r.right for r in rows] == [True, False]  # the scene where there is one, else the exact match

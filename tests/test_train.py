@@ -4,6 +4,7 @@ import glob
 import json
 import math
 import os
+import re
 import shutil
 
 import pytest
@@ -12,6 +13,7 @@ import yaml
 from PIL import Image
 
 from tests.helpers import ROOT, copy_data, files, load, log_records, refused, run_script, train, train_args
+from utils import InputError, load_checkpoint
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -28,7 +30,7 @@ def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
     assert {"encoder", "decoder", "decoder_optimizer", "scaler", "rng", "best", "bad_epochs"} <= set(ckpt)
     (epoch,) = log_records(run, "epoch")
     assert 0 <= epoch["val_bleu4"] <= 1 and 0 < epoch["val_top5"] <= 1 and epoch["val_loss"] > 0
-    assert '"decoder": "' + decoder in r.stdout  # the resolved config is printed
+    assert f"decoder={decoder}" in r.stdout and "alpha_c=" not in r.stdout  # what differs from the defaults
 
 
 GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches of 4 images x 2 captions
@@ -118,6 +120,9 @@ def test_early_stopping(tmp_path, shapes_data):
     epochs = log_records(tmp_path / "run", "epoch")
     assert len(epochs) == 3 and [e["best"] for e in epochs] == [True, False, False]
     assert "early stop" in r.stdout
+    # the epoch line marks the metric that picks best.pt (train_args' early_stop_metric, or BLEU-4)
+    first = next(line for line in r.stdout.splitlines() if line.startswith("epoch 1:"))
+    assert re.search(r"(val loss|BLEU-4) [\d.]+ \(best\),", first) and first.count("(best)") == 1
 
 
 def test_every_shipped_config_loads():
@@ -171,7 +176,7 @@ def run(shapes_data, tmp_path_factory):
     ({"decoder": "transformer"}, ("decoder", "transformer")),
     ({"batch_size": 0}, ("batch_size", ">= 1")),
     ({"batch_size": -4}, ("batch_size", "-4")),
-    ({"bacth_size": 4}, ("unknown config key", "bacth_size")),
+    ({"bacth_size": 4}, ("unknown config key", "bacth_size", "did you mean 'batch_size'?")),
     ({"epochs": "two"}, ("epochs must be int",)),
     ({"decoder_lr": 0}, ("decoder_lr", "> 0")),
 ])
@@ -248,8 +253,22 @@ def test_malicious_checkpoint_runs_no_code(tmp_path, run):
     for r in (run_script("eval.py", "--checkpoint", evil),  # ... every script here refuses it
               run_script("caption.py", "--checkpoint", evil, "--folder", tmp_path / "in", "--out", tmp_path / "o"),
               run_script("train.py", "--resume", evil)):
-        refused(r, "evil.pt", "not a loadable checkpoint")
+        refused(r, "evil.pt", "is not a checkpoint of this repository", "builtins.open")
     assert not marker.exists() and not (tmp_path / "o").exists()
+
+
+def test_a_damaged_checkpoint_is_said_to_be_in_a_whole_sentence(tmp_path):
+    """`head -c 1000 best.pt > bad.pt`: damaged or incomplete, what to do, and torch's sentence uncut."""
+    torch.save({"config": {}, "weights": torch.zeros(1000)}, tmp_path / "best.pt")
+    (tmp_path / "bad.pt").write_bytes((tmp_path / "best.pt").read_bytes()[:1000])
+    (tmp_path / "last.pt").write_bytes(b"")
+    with pytest.raises(InputError) as e:
+        load_checkpoint(str(tmp_path / "bad.pt"))
+    assert str(e.value) == (f"{tmp_path / 'bad.pt'} is damaged or incomplete (RuntimeError: PytorchStreamReader "
+                            "failed reading zip archive: failed finding central directory): copy it again, or use "
+                            "the last.pt of the same run folder")
+    with pytest.raises(InputError, match=r"last.pt is damaged or incomplete \(EOFError\): .* use the best.pt"):
+        load_checkpoint(str(tmp_path / "last.pt"))
 
 
 def test_grouped_batches_need_a_multiple_of_the_captions_per_image(tmp_path, shapes_data):
