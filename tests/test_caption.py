@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.helpers import ROOT, bomb_png, page_data, photos, refused, run_script
+from tests.helpers import ROOT, bomb_png, page_data, photos, refused, run_main, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -79,23 +79,28 @@ def test_python_captioner_takes_paths_pil_images_and_arrays(trained, tmp_path):
     assert captioner.caption(paths, beam_size=1, max_len=2)[0].words.__len__() <= 2
 
 
-def test_caption_refusals(trained, tmp_path):
+def test_caption_refusals(trained, tmp_path, monkeypatch, capsys):
+    import caption
+
+    def run(*argv):  # in this process: the same exit code and stderr as the command line, without a start-up
+        code, err = run_main(caption, argv, monkeypatch, capsys)
+        return subprocess.CompletedProcess(argv, code, "", err)
     ckpt = trained("rnn")
     (tmp_path / "notes.txt").write_text("not an image")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "notes.txt"), "notes.txt")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "gone.jpg"), "gone.jpg")
+    refused(run("--checkpoint", ckpt, "--image", tmp_path / "notes.txt"), "notes.txt")
+    refused(run("--checkpoint", ckpt, "--image", tmp_path / "gone.jpg"), "gone.jpg")
     (tmp_path / "empty").mkdir()
     (tmp_path / "empty" / "readme.txt").write_text("no images here")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--folder", tmp_path / "empty"), "no images", "empty")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--folder", tmp_path / "absent"), "absent", "not found")
+    refused(run("--checkpoint", ckpt, "--folder", tmp_path / "empty"), "no images", "empty")
+    refused(run("--checkpoint", ckpt, "--folder", tmp_path / "absent"), "absent", "not found")
     bomb_png(tmp_path / "huge.png")
-    refused(run_script("caption.py", "--checkpoint", ckpt, "--image", tmp_path / "huge.png", "--out",
+    refused(run("--checkpoint", ckpt, "--image", tmp_path / "huge.png", "--out",
                        tmp_path / "out"), "huge.png", "DecompressionBomb")
     bad = torch.load(ckpt, weights_only=True)
     bad["word_map"]["zebra"] = len(bad["word_map"])
     torch.save(bad, tmp_path / "mixed.pt")
     src = photos(tmp_path / "in", 1)
-    refused(run_script("caption.py", "--checkpoint", tmp_path / "mixed.pt", "--folder", src, "--out",
+    refused(run("--checkpoint", tmp_path / "mixed.pt", "--folder", src, "--out",
                        tmp_path / "out"), "vocabular")
     assert not (tmp_path / "out").exists() and not (ckpt.parent / "captions").exists()
 

@@ -253,7 +253,7 @@ def test_malicious_checkpoint_runs_no_code(tmp_path, run):
     for r in (run_script("eval.py", "--checkpoint", evil),  # ... every script here refuses it
               run_script("caption.py", "--checkpoint", evil, "--folder", tmp_path / "in", "--out", tmp_path / "o"),
               run_script("train.py", "--resume", evil)):
-        refused(r, "evil.pt", "is not a checkpoint of this repository", "builtins.open")
+        refused(r, "evil.pt", "is not a checkpoint of this repository", "io.open")
     assert not marker.exists() and not (tmp_path / "o").exists()
 
 
