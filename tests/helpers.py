@@ -20,7 +20,7 @@ TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stag
         "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "batch_size": 8, "workers": 0,
         "log_every": 1, "max_decode_len": 20, "val_max_images": 0, "fine_tune_encoder": "false",
         "train_captions_per_image": 0}
-TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb")  # log.jsonl fields that differ run to run
+TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb", "others_cores")  # log.jsonl fields that differ run to run
 SIZE = 24  # image side of the prepared Karpathy-format test data
 
 

@@ -30,7 +30,9 @@ def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
     assert {"encoder", "decoder", "decoder_optimizer", "scaler", "rng", "best", "bad_epochs"} <= set(ckpt)
     (epoch,) = log_records(run, "epoch")
     assert 0 <= epoch["val_bleu4"] <= 1 and 0 < epoch["val_top5"] <= 1 and epoch["val_loss"] > 0
-    assert f"decoder={decoder}" in r.stdout and "alpha_c=" not in r.stdout  # what differs from the defaults
+    said = next(line for line in r.stdout.splitlines() if line.startswith("config (all of it in"))
+    assert "emb_dim=16" in said and "alpha_c=" not in said  # only what differs from configs/default.yaml
+    assert (f"decoder={decoder}" in said) == (decoder != "attention")  # attention is the default
 
 
 GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches of 4 images x 2 captions
