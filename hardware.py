@@ -98,18 +98,18 @@ def _cpu_seconds():
 
 
 class OtherLoad:
-    """`with OtherLoad() as load:` around a timed part: load.cores is the mean number of cores other
-    processes kept busy meanwhile (None where unknown), load.note "" or a phrase marking a figure
-    taken on a busy machine."""
+    """`with OtherLoad() as load:` around a timed part: load.seconds is its wall time, load.cores the
+    mean number of cores other processes kept busy meanwhile (None where unknown), load.note "" or a
+    phrase marking a figure taken on a busy machine."""
 
     def __enter__(self):
         self.cores, self._start, self._t0 = None, _cpu_seconds(), time.perf_counter()
         return self
 
     def __exit__(self, *exc):
-        end, wall = _cpu_seconds(), time.perf_counter() - self._t0
-        if end is not None and self._start is not None and wall > 0:
-            self.cores = max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / wall)
+        end, self.seconds = _cpu_seconds(), time.perf_counter() - self._t0
+        if end is not None and self._start is not None and self.seconds > 0:
+            self.cores = max(0.0, ((end[0] - self._start[0]) - (end[1] - self._start[1])) / self.seconds)
 
     @property
     def note(self):
