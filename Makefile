@@ -6,8 +6,10 @@
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, compared into
 #               $(REPORTS)/demo/ (report.md, comparison.json, and report.html with a browser of every TEST image)
-#   seeds       the demo's three decoders (rnn, soft and hard attention) at 3 seeds each, compared as groups
-#               with an interval on every margin: $(REPORTS)/seeds/
+#   transformer the Transformer decoder on the demo's data and encoder, evaluated like the demo's decoders and
+#               compared with them: $(REPORTS)/transformer/
+#   seeds       the demo's decoders (rnn, soft and hard attention, the Transformer) at 3 seeds each, compared as
+#               groups with an interval on every margin: $(REPORTS)/seeds/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into $(REPORTS)/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into $(REPORTS)/scst/
@@ -44,7 +46,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint browser demo seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
+.PHONY: install test test-fast lint browser demo transformer seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
 	clean
 
 install: $(STAMP)
@@ -84,21 +86,25 @@ $(ENCODER): $(SHAPES) pretrain_encoder.py
 
 # Static pattern rules: their targets are ordinary files, so a missing one is always made (implicit
 # rules would treat them as intermediate and skip them when a report looks up to date).
+# make demo trains the first two; make transformer the third (with it the demo would take over 10 minutes).
 DECODERS := rnn attention
-TRAINED := $(DECODERS:%=runs/demo-%/.trained)
+ALL_DECODERS := $(DECODERS) transformer
+TRAINED := $(ALL_DECODERS:%=runs/demo-%/.trained)
 EVALS := $(DECODERS:%=runs/demo-%/$(EVALUATED))
+ALL_EVALS := $(ALL_DECODERS:%=runs/demo-%/$(EVALUATED))
 CAPTIONS := $(DECODERS:%=runs/demo-%/captions/.done)
+ALL_CAPTIONS := $(ALL_DECODERS:%=runs/demo-%/captions/.done)
 
 # .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
 $(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	$(call STAGE,train $*,$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite)
 	touch $@
 
-$(EVALS): runs/demo-%/$(EVALUATED): runs/demo-%/.trained
+$(ALL_EVALS): runs/demo-%/$(EVALUATED): runs/demo-%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
 	touch $@
 
-$(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
+$(ALL_CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
 		--folder $(DATA)/samples --beam-size 3 --out runs/demo-$*/captions)
 	touch $@
@@ -109,6 +115,16 @@ $(REPORTS)/demo/report.md: $(EVALS) $(COMPARE_CODE)
 demo: install $(REPORTS)/demo/report.md $(CAPTIONS)
 	@echo "demo done: report in $(REPORTS)/demo/report.md and report.html, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
+
+# The Transformer against the demo's two decoders (docs/transformer.md), then which of its maps point best on VAL.
+$(REPORTS)/transformer/report.md: $(EVALS) runs/demo-transformer/$(EVALUATED) $(COMPARE_CODE)
+	$(call STAGE,transformer: compare,$(PY) compare.py runs/demo-rnn runs/demo-attention runs/demo-transformer \
+		--out $(REPORTS)/transformer --beam-size 3 --pair demo-attention demo-transformer \
+		--pair demo-rnn demo-transformer)
+
+transformer: install $(REPORTS)/transformer/report.md runs/demo-transformer/captions/.done
+	$(call STAGE,transformer: pointing of its maps on VAL,$(PY) scripts/transformer_maps.py \
+		--checkpoint runs/demo-transformer/best.pt)
 
 # The CPU benchmark matrix on the shapes model and vocabulary (docs/benchmarks.md quotes docs/bench_cpu.json).
 bench: install
@@ -213,10 +229,11 @@ hard-estimators: install $(REPORTS)/hard-estimators/report.md
 # evaluated on TEST at beam 3, then compared as three groups. SEED_ARGS_<decoder> is what `make demo` and
 # `make hard` train it with.
 SEEDS := 1 2
-SEED_DECODERS := rnn attention hard
+SEED_DECODERS := rnn attention hard transformer
 SEED_ARGS_rnn := --decoder rnn
 SEED_ARGS_attention := --decoder attention
 SEED_ARGS_hard := --decoder attention $(HARD_ARGS)
+SEED_ARGS_transformer := --decoder transformer
 SEED_RUNS := $(foreach d,$(SEED_DECODERS),$(SEEDS:%=runs/seeds-$(d)-s%))
 SEED_EVALS := $(SEED_RUNS:%=%/$(EVALUATED))
 
@@ -232,18 +249,20 @@ $(SEED_EVALS): runs/seeds-%/$(EVALUATED): runs/seeds-%/.trained
 	$(call STAGE,seeds: evaluate $*,$(PY) eval.py --checkpoint runs/seeds-$*/best.pt --beam-size 3)
 	touch $@
 
-$(REPORTS)/seeds/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
+$(REPORTS)/seeds/report.md: $(ALL_EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
 	$(call STAGE,seeds: compare,$(PY) compare.py --group rnn runs/demo-rnn $(SEEDS:%=runs/seeds-rnn-s%) \
 		--group soft runs/demo-attention $(SEEDS:%=runs/seeds-attention-s%) \
-		--group hard runs/hard-attention $(SEEDS:%=runs/seeds-hard-s%) --pair rnn soft --pair soft hard \
-		--pair rnn hard --out $(REPORTS)/seeds --beam-size 3)
+		--group hard runs/hard-attention $(SEEDS:%=runs/seeds-hard-s%) \
+		--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) --pair rnn soft \
+		--pair soft hard --pair rnn hard --pair soft transformer --pair rnn transformer --out $(REPORTS)/seeds \
+		--beam-size 3)
 
 seeds: install $(REPORTS)/seeds/report.md
 
 # The committed reports (README and docs link to them): every report made again into reports/, and the
 # README's picture of the demo's browser where Chromium is installed (make browser).
 reports: install
-	$(MAKE) demo seeds study scst hard hard-estimators REPORTS=reports
+	$(MAKE) demo transformer seeds study scst hard hard-estimators REPORTS=reports
 	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
 		$(PY) scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
 			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \
@@ -261,5 +280,5 @@ gpu-wheels: install
 		--python-version $$v --platform manylinux2014_x86_64 -d .wheels; done
 
 clean:
-	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/scst-rnn runs/scst-attention runs/hard-attention \
+	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/demo-transformer runs/scst-rnn runs/scst-attention runs/hard-attention \
 		runs/seeds-* runs/study-* runs/hx-* runs/reports .pytest_cache .ruff_cache

@@ -28,6 +28,7 @@ import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
 from hardware import OtherLoad, amp_context, busy_note, peak_memory_mb, sync, timed
 from decoding import DecodeOptions, decode
+from models import DECODERS, TransformerDecoder
 from config import default_config, merge_config, read_yaml
 from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
 
@@ -41,7 +42,7 @@ def parse_args():
     p.add_argument("--config", help="YAML overlay on configs/default.yaml (the model; default: the reference "
                    "experiment's)")
     p.add_argument("--device", default="auto", choices=("auto", "cpu", "cuda"))
-    p.add_argument("--decoder", nargs="+", default=["rnn", "attention"], choices=("rnn", "attention"))
+    p.add_argument("--decoder", nargs="+", default=list(DECODERS), choices=list(DECODERS))
     p.add_argument("--precision", nargs="+", default=list(PRECISIONS), choices=list(PRECISIONS))
     p.add_argument("--encoder-mode", nargs="+", default=list(ENCODERS), choices=ENCODERS)
     p.add_argument("--accumulation", nargs="+", type=int, default=[1, 2])
@@ -79,7 +80,9 @@ def model_config(args):
                              "max_decode_len": args.decode_len}, "bench.py")
     if args.tiny:
         cfg = merge_config(cfg, {"encoder": "resnet18", "encoder_stages": 2, "encoded_size": 4, "emb_dim": 16,
-                                 "decoder_dim": 32, "attention_dim": 16, "coord_channels": False}, "--tiny")
+                                 "decoder_dim": 32, "attention_dim": 16, "coord_channels": False,
+                                 "transformer_layers": 1, "transformer_heads": 2, "transformer_dim": 16,
+                                 "transformer_ff_dim": 32}, "--tiny")
         args.image_size, args.vocab, args.caption_len, args.runs, args.steps = 32, 50, 8, 2, 1
         args.batch_size, args.decode_images, args.decode_single, args.warmup = [4], 8, 2, 1
     return cfg
@@ -215,6 +218,24 @@ def decode_all(decoder, features, vocab, size, beam, max_len):
             for seq in decode(decoder, features[i:i + size], vocab, DecodeOptions(beam, max_len)).seqs]
 
 
+class Recomputed(torch.nn.Module):
+    """The Transformer decoder without its key/value cache, to measure what the cache saves: each step
+    runs the whole prefix again, as self-critical.pytorch's TransformerModel decodes. Its state is the
+    words so far (B x t), which beam search reorders like any entry."""
+
+    def __init__(self, decoder):
+        super().__init__()
+        self.decoder, self.image_state, self.max_len = decoder, (), decoder.max_len
+
+    def init_state(self, features):
+        return {"words": torch.zeros(features.size(0), 0, dtype=torch.long, device=features.device)}
+
+    def step(self, prev_words, state, features):
+        words = torch.cat([state["words"], prev_words[:, None]], 1)  # B x t+1
+        logits, maps = self.decoder(features, words, torch.full((words.size(0),), words.size(1) + 1))
+        return logits[:, -1], {"words": words}, maps[:, -1]
+
+
 def bench_decoding(args, base, device, word_map):
     rows = []
     size, single, runs = min(args.batch_size), min(args.decode_single, args.decode_images), max(1, args.runs // 2)
@@ -238,6 +259,14 @@ def bench_decoding(args, base, device, word_map):
             row = {"decoder": decoder_name, "beam": k, "batch": size, "batched_images_per_s": len(features) / b[0],
                    "single_images_per_s": single / s[0], "same_captions": same, "others_cores": load.cores}
             row["speedup"] = row["batched_images_per_s"] / row["single_images_per_s"]
+            if isinstance(decoder, TransformerDecoder):  # what its cache saves: the same search, prefix recomputed
+                recomputed = functools.partial(decode_all, Recomputed(decoder), features, vocab, size, k,
+                                               args.decode_len)
+                r = timed(recomputed, device, runs, 1)
+                row["recomputed_images_per_s"] = len(features) / r[0]
+                row["recomputed_same_captions"] = recomputed() == batched()
+                print(f"decode {decoder_name:9s} beam {k}: without its cache (the prefix recomputed at every step) "
+                      f"{row['recomputed_images_per_s']:8.1f} img/s, same captions: {row['recomputed_same_captions']}")
             rows.append(row)
             print(f"decode {decoder_name:9s} beam {k}: batched {row['batched_images_per_s']:8.1f} img/s, one at a "
                   f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x, same captions: {same}"

@@ -1,11 +1,12 @@
-"""Caption your own images. For the attention decoder, also save where it looked for each word.
+"""Caption your own images. For a decoder with attention maps (attention, transformer), also save where
+it looked for each word.
 
     python caption.py --checkpoint runs/NAME/best.pt --image photo.jpg [more.jpg ...] [--beam-size 5]
     python caption.py --checkpoint runs/NAME/best.pt --folder photos/ [--out overlays/] [--html page.html]
 
 Decoding options are eval.py's: --beam-size, --max-len, --length-penalty, --block-ngram-repeat.
 
-Prints one caption per image and saves one PNG per image: the image, then (attention decoder) one
+Prints one caption per image and saves one PNG per image: the image, then (a decoder with maps) one
 panel per generated word with its attention map upsampled smoothly over the image, or (plain
 decoder) the image under its caption. --out is a folder (default: captions/ beside the checkpoint),
 or a .png file when there is one image. --html PAGE also writes one self-contained page of every

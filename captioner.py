@@ -13,10 +13,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from datasets import Vocabulary, image_array, load_image
+from datasets import image_array, load_image
 from decoding import DecodeOptions, caption_images
-from models import load_model
-from utils import InputError, load_checkpoint, pick_device
+from checkpoint import load_trained
+from utils import InputError, pick_device
 
 
 class Captioner:
@@ -25,10 +25,8 @@ class Captioner:
     def __init__(self, checkpoint, device="auto", hard_inference=None):
         """hard_inference: the attention decoder attends to the expected context or to the argmax cell
         (default: the checkpoint's hard_inference)."""
-        ckpt = load_checkpoint(checkpoint)
         self.device = pick_device(device)
-        self.encoder, self.decoder = load_model(ckpt, self.device, hard_inference)
-        self.vocab = Vocabulary(ckpt["word_map"])
+        ckpt, self.encoder, self.decoder, self.vocab = load_trained(checkpoint, self.device, hard_inference)
         self.image_size = ckpt["image_size"]
         self.config = ckpt["config"]
 

@@ -1,21 +1,26 @@
-"""A training run's state, what its checkpoint holds, and the run folder (last.pt, best.pt, log.jsonl).
+"""A training run's state, what its checkpoint holds, the run folder (last.pt, best.pt, log.jsonl), and
+every way a checkpoint is read: load_checkpoint (the file, safely), load_trained (a model for
+inference: eval.py, caption.py, the Python API), check_resumable and check_init (train.py), and
+check_word_map (against prepared data).
 
 CHECKPOINT_KEYS is the one list of what a checkpoint holds: RunState.save writes exactly these keys,
 RunState.restore reads them back, and check_resumable refuses a file that lacks any of them.
-eval.py and caption.py read only config, model, word_map, image_size, encoder and decoder.
+load_trained reads only config, model, word_map, image_size, encoder and decoder.
 """
 import glob
 import json
 import math
 import os
 import random
+import re
 from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
 
 import torch
 
 import distributed
 from datasets import Vocabulary
-from models import ModelConfig
+from models import ModelConfig, build_decoder, build_encoder
 from objectives import LossSums
 from utils import InputError, atomic_path
 
@@ -23,6 +28,66 @@ from utils import InputError, atomic_path
 COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "skipped")
 CHECKPOINT_KEYS = ("config", "model", "word_map", "image_size", "encoder", "decoder", "objective", "decoder_optimizer",
                    "encoder_optimizer", "scaler", *COUNTERS, "log_lines", "sums", "window", "attention_grads", "rng")
+
+
+TUTORIAL_CLASSES = ("models.Encoder", "models.DecoderWithAttention")  # what its checkpoints pickle
+
+
+def load_checkpoint(path):
+    """A checkpoint, loaded safely: weights_only=True unpickles tensors and plain containers only, so
+    a crafted file cannot run code here."""
+    if os.path.isdir(path):
+        raise InputError(f"{path} is a folder: pass one of its checkpoints (best.pt for the best validation "
+                         "score, last.pt to continue training)")
+    if not os.path.isfile(path):
+        raise InputError(f"checkpoint {path} not found")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # a truncated file, or a pickle that wants to run code
+        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
+        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
+        if found and (found.group(1).startswith("torch.nn.") or found.group(1) in TUTORIAL_CLASSES):
+            raise InputError(f"{path} holds pickled model objects ({found.group(1)}), the way sgrvinod's tutorial "
+                             "saves checkpoints, not the weights this repository's checkpoints hold: it cannot be "
+                             "loaded safely or converted; train here with train.py (data the tutorial prepared "
+                             "loads as it is)") from None
+        if found:  # a pickle that asks for code: not a file of this repository's
+            raise InputError(f"{path} is not a checkpoint of this repository (it asks to run {found.group(1)}, "
+                             "which is not loaded, for safety)") from None
+        # torch's own sentence (the first, never cut inside) for one that is truncated or not a checkpoint
+        said = re.split(r"(?<=\.)\s", message.strip().splitlines()[0])[0].rstrip(".") if message.strip() else ""
+        other = "best.pt" if os.path.basename(path) == "last.pt" else "last.pt"
+        raise InputError(f"{path} is damaged or incomplete ({type(e).__name__}{': ' + said if said else ''}): "
+                         f"copy it again, or use the {other} of the same run folder") from None
+
+class Trained(NamedTuple):
+    """A checkpoint's model, ready to decode: what eval.py, caption.py and Captioner use."""
+    ckpt: dict
+    encoder: torch.nn.Module
+    decoder: torch.nn.Module
+    vocab: Vocabulary
+
+
+def load_trained(path, device, hard_inference=None):
+    """A checkpoint's encoder and decoder in eval mode on `device`, checked against its own word map.
+    Decoding attends as the run's hard_inference says (hard attention: expected or argmax), or as
+    `hard_inference` overrides."""
+    ckpt = load_checkpoint(path)
+    word_map = ckpt["word_map"]
+    rows = ckpt["decoder"]["embedding.weight"].shape[0]
+    if rows != len(word_map):
+        raise InputError(f"{path}: its decoder knows {rows} words but its word map has {len(word_map)}: it mixes "
+                         "two vocabularies")
+    model = ModelConfig.of_checkpoint(ckpt)
+    encoder = build_encoder(model)
+    decoder = build_decoder(model, len(word_map), encoder.dim,
+                            hard_inference=hard_inference or ckpt["config"].get("hard_inference", "expected"))
+    try:
+        encoder.load_state_dict(ckpt["encoder"])
+        decoder.load_state_dict(ckpt["decoder"])
+    except RuntimeError as e:
+        raise InputError(f"{path}: its weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
+    return Trained(ckpt, encoder.to(device).eval(), decoder.to(device).eval(), Vocabulary(word_map))
 
 
 @dataclass
@@ -188,11 +253,11 @@ def check_init(init, cfg, path):
                          "--init_from needs the same model and data")
 
 
-def check_word_map(ckpt, word_map, cfg):
+def check_word_map(ckpt, word_map, folder, name, path, what_to_do):
+    """The one check that prepared data (folder, name) has the vocabulary the checkpoint at `path` knows."""
     if ckpt["word_map"] != word_map:
-        raise InputError(f"the checkpoint's word map ({len(ckpt['word_map'])} words) differs from "
-                         f"{cfg['data_folder']}/WORDMAP_{cfg['data_name']}.json ({len(word_map)} words): "
-                         "give --data_folder where its data is now")
+        raise InputError(f"{path} has a {len(ckpt['word_map'])}-word vocabulary, the data in {folder} ({name}) a "
+                         f"different one of {len(word_map)} words: {what_to_do}")
 
 
 def prepare_run_folder(out, resuming, overwrite):

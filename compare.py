@@ -27,6 +27,7 @@ import report
 import significance
 from config import RUN_KEYS, default_config
 from datasets import CaptionDataset, Vocabulary, load_references, load_word_map
+from models import decoder_class
 from report import QUALITY, UNRESAMPLED
 from results import Margin, comparison_json, mean_sd, read_results, read_table
 from utils import ArgumentParser, InputError, atomic_path, run_cli, write_json
@@ -76,6 +77,11 @@ class Run:
     @property
     def label(self):
         return f"{self.name} ({self.how})"
+
+    @property
+    def maps(self):
+        """Whether its decoder attends over the grid (its results can draw maps)."""
+        return decoder_class(self.cfg["decoder"]).returns_maps
 
     @property
     def beams(self):
@@ -244,7 +250,7 @@ class Comparison:
             if table is not None and not table.has_statistics:
                 c.notes.append(f"{r.name}: its beam-{c.beam} results have no per-image statistics (an older eval.py), "
                                f"so its margins have no interval: evaluate again with {again}")
-            if r.cfg["decoder"] == "attention" and table is not None and not table.has_maps:
+            if r.maps and table is not None and not table.has_maps:
                 c.notes.append(f"{r.name}: its beam-{c.beam} results have no attention maps (an older eval.py): "
                                f"evaluate again with {again} for attention.png and the browser's maps")
         return c

@@ -9,13 +9,14 @@ import os
 import re
 from dataclasses import fields
 
-from models import ModelConfig
+from models import DECODERS, ModelConfig, decoder_class
 from utils import InputError, at_least, atomic_path, option_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODEL_FIELDS = fields(ModelConfig)  # the model's keys bring their own bounds
 CHOICES = {
     **{f.name: f.metadata["choices"] for f in MODEL_FIELDS if "choices" in f.metadata},
+    "decoder": tuple(DECODERS),
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
@@ -32,7 +33,8 @@ AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.met
             "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
             "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1, "hard_sample_p": 0.0, "hard_lambda_r": 0.0,
             "hard_lambda_e": 0.0, "hard_samples": 1, "hard_tau": 0.0,
-            "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0}
+            "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0,
+            "transformer_dropout": 0.0, "transformer_warmup": 0, "label_smoothing": 0.0}
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # What says where and how a run ran, not what it is: runs whose configs differ only in these keys are
 # seeds of one experiment (compare.py --group refuses any other difference).
@@ -158,8 +160,7 @@ def resolve_config(argv, usage=""):
     default.yaml (or the resumed checkpoint's config) <- --config FILE <- --key value. A resumed run
     continues in the folder that holds its checkpoint, whatever folder the checkpoint's config names
     (the run may have been copied or moved since), unless --out says otherwise."""
-    from checkpoint import check_resumable
-    from utils import load_checkpoint
+    from checkpoint import check_resumable, load_checkpoint
     flags, pairs = parse_cli(argv, flags=("overwrite", "help"))
     if "help" in flags:
         print(usage + "\nconfig keys (configs/default.yaml; --key value or --key=value):\n\n" + config_help())
@@ -186,11 +187,12 @@ def resolve_config(argv, usage=""):
     if cfg["objective"] == "scst" and cfg["scst_baseline"] == "mean" and cfg["scst_samples"] < 2:
         raise InputError(f"scst_baseline mean averages the other samples of each image: it needs scst_samples >= 2 "
                          f"(got {cfg['scst_samples']}), or use scst_baseline greedy")
-    if cfg["attention"] == "hard" and cfg["decoder"] != "attention":
-        raise InputError("attention: hard is a way of the attention decoder: give --decoder attention")
+    decoder_class(cfg["decoder"]).check_config(cfg)
     if cfg["attention"] == "hard" and cfg["hard_estimator"] == "loo" and cfg["hard_samples"] < 2:
         raise InputError(f"hard_estimator loo takes each draw's baseline from the other draws: it needs hard_samples "
                          f">= 2 (got {cfg['hard_samples']})")
+    if cfg["label_smoothing"] >= 1:
+        raise InputError(f"label_smoothing must be below 1 (got {cfg['label_smoothing']})")
     if cfg["hard_sample_p"] > 1 or cfg["hard_tau"] <= 0:
         raise InputError(f"hard_sample_p must be a share in [0, 1] and hard_tau > 0 (got {cfg['hard_sample_p']}, "
                          f"{cfg['hard_tau']})")

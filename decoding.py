@@ -41,8 +41,17 @@ class Caption:
     alphas: torch.Tensor | None  # len(words) x P: where the attention decoder looked for each word
 
 
+def check_length(decoder, max_len, name="--max-len"):
+    """An InputError when the decoder cannot write max_len words (the Transformer's position table)."""
+    if decoder.max_len is not None and max_len > decoder.max_len:
+        raise InputError(f"{name} {max_len} is more words than the decoder has positions for: its "
+                         f"transformer_positions allow {decoder.max_len} words and <end>; give {name} "
+                         f"{decoder.max_len} or less")
+
+
 def decode(decoder, features, vocab, options=DecodeOptions()):
     """Greedy for beam 1, beam search otherwise: the one entry point to search. features: B x P x D."""
+    check_length(decoder, options.max_len)
     if options.beam_size == 1 and not options.length_penalty and not options.block_ngram_repeat:
         return greedy(decoder, features, vocab, options.max_len)
     return beam_search(decoder, features, vocab, options)
@@ -82,6 +91,7 @@ def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
     <end> ends a caption, and is forced after max_len words; finished captions leave the batch.
     features: B x P x D; returns Samples over R = B x samples rows (image-major). The initial state
     (and the attention projection) is computed once per image, then repeated for its samples."""
+    check_length(decoder, max_len, "scst_max_len")
     state = expand(decoder.init_state(features), samples)  # R x ... each
     feats = features.repeat_interleave(samples, 0)  # R x P x D: rows leave one by one as they end
     R, L, dev = feats.size(0), max_len + 1, features.device

@@ -30,8 +30,9 @@ from decoding import beam_search, caption_images
 from hardware import OtherLoad, busy_note, timed
 from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
                      scene_errors, scene_measures_of)
-from models import load_model, weights_id
-from utils import (ArgumentParser, InputError, at_least, checkpoint_file, grid_side, load_checkpoint, pick_device,
+from checkpoint import check_word_map, load_trained
+from models import weights_id
+from utils import (ArgumentParser, at_least, checkpoint_file, grid_side, pick_device,
                    run_cli)
 from visualize import attention_bytes
 
@@ -99,18 +100,15 @@ def attention_spread(maps):
 
 
 def setup(args):
-    ckpt = load_checkpoint(args.checkpoint)
+    device = pick_device(args.device)
+    ckpt, encoder, decoder, _ = load_trained(args.checkpoint, device, args.hard_inference)
     cfg = ckpt["config"]
     folder, name = args.data_folder or cfg["data_folder"], args.data_name or cfg["data_name"]
-    word_map = load_word_map(folder, name)
-    if word_map != ckpt["word_map"]:
-        raise InputError(f"{args.checkpoint} has a {len(ckpt['word_map'])}-word vocabulary, the data in {folder} "
-                         f"({name}) a different one of {len(word_map)} words: evaluate on the data it was trained on")
+    check_word_map(ckpt, load_word_map(folder, name), folder, name, args.checkpoint,
+                   "evaluate on the data it was trained on")
     dataset = CaptionDataset(folder, name, args.split)
     if args.max_images:
         dataset = Subset(dataset, range(min(args.max_images, len(dataset))))
-    device = pick_device(args.device)
-    encoder, decoder = load_model(ckpt, device, args.hard_inference)
     boxes = load_boxes(folder, name, args.split)
     refs = load_references(folder, name, args.split, len(dataset.dataset if isinstance(dataset, Subset) else dataset))
     return ckpt, dataset, encoder, decoder, device, boxes, refs
@@ -210,14 +208,14 @@ def main():
         data_name=args.data_name or cfg["data_name"], decoder=cfg["decoder"],
         decoder_parameters=sum(v.numel() for v in ckpt["decoder"].values()), references=used, config=cfg,
         unavailable=unavailable, attention_inference=("argmax" if decoder.argmax_attention else "expected")
-        if cfg["decoder"] == "attention" else None, format=results.FORMAT)
+        if decoder.hard_attention else None, format=results.FORMAT)
     coco_captions, tables = {}, {}
     for k, caps in captions.items():
         scores = scores_by_beam[k]
         words = [caps[i].words for i in ids]
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
         points = None
-        if boxes is not None and cfg["decoder"] == "attention":
+        if boxes is not None and decoder.returns_maps:
             points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, POINTING_WORDS)
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
@@ -225,7 +223,7 @@ def main():
         rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points)
         if boxes is not None:
             scores.update(scene_measures_of([r.exact_match for r in rows], [r.scene for r in rows]))
-        if cfg["decoder"] == "attention":
+        if decoder.returns_maps:
             scores.update(attention_spread([caps[i].alphas for i in ids]))
         options = decoding_options(args, cfg, k)
         captions_file, images_file = results.file_names(out, k)
@@ -236,7 +234,7 @@ def main():
         alphas = caps[ids[0]].alphas
         tables[k] = results.ImageTable(args.split, k, None if alphas is None else grid_side(alphas.shape[1]), rows)
 
-    print_table(args, cfg, new, boxes is not None)
+    print_table(args, cfg, new, boxes is not None, decoder.returns_maps)
     merged, replaced = results.merge(earlier, new)
     results.write(out, merged, coco_captions, tables)
     if replaced:
@@ -246,9 +244,9 @@ def main():
           f"per-image scores in {stem}_images_beam*.json")
 
 
-def print_table(args, cfg, res, scene):
+def print_table(args, cfg, res, scene, maps):
     """The metrics of this eval, one row per beam size."""
-    used, pointed = res.references, cfg["decoder"] == "attention" and scene
+    used, pointed = res.references, maps and scene
     print(f"\n{args.split} of {res.data_name}, {res.images} images, {cfg['decoder']} decoder, {args.checkpoint}")
     lo, hi, mean = used["per_image_min"], used["per_image_max"], used["per_image_mean"]
     count = f"{lo} per image" if lo == hi else f"{lo} to {hi} per image, {mean:.2f} on average"

@@ -1,16 +1,24 @@
-"""The model: `ModelConfig` (what defines it), the encoder, the two decoders (Show and Tell; Show,
-Attend and Tell), building and loading them, and the loss.
+"""The model: `ModelConfig` (what defines it), the encoder, the three decoders (Show and Tell; Show,
+Attend and Tell; a Transformer) in the DECODERS registry, building them, and the loss.
 
-Both decoders share one step API, which greedy decoding, beam search, sampling, validation, eval.py
+Every decoder shares one step API, which greedy decoding, beam search, sampling, validation, eval.py
 and caption.py all go through (decoding.py), so search is written once:
 
     state = decoder.init_state(features)                              # features: B x P x D
     logits, state, alpha = decoder.step(prev_words, state, features)  # alpha: B x P, or None
 
+The state's contract (tests/test_decoders.py holds every decoder to it):
+- it is a dict of tensors, each with the batch on dim 0 (B rows: one per image, or per hypothesis);
+- the entries named in `decoder.image_state` depend on the image alone; beam search reorders every
+  other entry when a hypothesis moves to another beam, and drops rows of finished images from all;
+- everything a step needs is in the state, the position in the caption included (no extra argument).
+
 `forward(features, captions, lengths)` is the fast teacher-forced path for training; it gives the
-same logits as stepping (tested).
+same logits as stepping (tested). The code asks a decoder's class what it has (Decoder's attributes:
+maps, hard attention, ...), never its name.
 """
 import hashlib
+import math
 import os
 from collections import OrderedDict
 from dataclasses import asdict, dataclass, field, fields
@@ -18,7 +26,6 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-import torchvision
 from torch import nn
 
 from hardware import fp32_lstm_under_bf16
@@ -34,25 +41,37 @@ class ModelConfig:
     """The config keys that define a model's weights, and only those: every checkpoint saves them
     (`model`), and a resumed run or an --init_from run must ask for the same. Training settings
     (dropout, learning rates, ...) are not here. config.py takes these keys' bounds from the metadata,
-    so adding a field here is all a new model setting needs besides its line in configs/default.yaml."""
-    decoder: str = field(metadata={"choices": ("rnn", "attention")})
-    encoder: str  # resnet18 ... resnet152 (load_resnet checks the name)
-    encoder_stages: int = field(metadata={"choices": (1, 2, 3, 4)})  # ResNet stages kept
-    encoded_size: int = field(metadata={"min": 1})
-    coord_channels: bool
-    emb_dim: int = field(metadata={"min": 1})
-    decoder_dim: int = field(metadata={"min": 1})
-    attention_dim: int = field(metadata={"min": 1})
+    so adding a field here is all a new model setting needs besides its line in configs/default.yaml.
+    Every field has configs/default.yaml's default (tested), so that a checkpoint written before a
+    field existed loads with the value its model had."""
+    decoder: str = "attention"  # a name of DECODERS (config.py takes the choices from there)
+    encoder: str = "resnet101"  # resnet18 ... resnet152 (load_resnet checks the name)
+    encoder_stages: int = field(default=4, metadata={"choices": (1, 2, 3, 4)})  # ResNet stages kept
+    encoded_size: int = field(default=14, metadata={"min": 1})
+    coord_channels: bool = False
+    emb_dim: int = field(default=512, metadata={"min": 1})
+    decoder_dim: int = field(default=512, metadata={"min": 1})
+    attention_dim: int = field(default=512, metadata={"min": 1})
+    transformer_layers: int = field(default=3, metadata={"min": 1})
+    transformer_heads: int = field(default=8, metadata={"min": 1})
+    transformer_dim: int = field(default=512, metadata={"min": 1})
+    transformer_ff_dim: int = field(default=2048, metadata={"min": 1})
+    transformer_positions: int = field(default=64, metadata={"min": 2})
+    transformer_cell_positions: bool = True
 
     @classmethod
     def of(cls, cfg):
-        """The model part of a flat run config."""
-        return cls(**{f.name: cfg[f.name] for f in fields(cls)})
+        """The model part of a flat run config (a checkpoint's config may predate some fields)."""
+        return cls(**{f.name: cfg.get(f.name, f.default) for f in fields(cls)})
 
     @classmethod
     def of_checkpoint(cls, ckpt):
         """What a checkpoint's model is (from its config for checkpoints written before `model`)."""
         return cls(**ckpt["model"]) if "model" in ckpt else cls.of(ckpt["config"])
+
+    @property
+    def decoder_class(self):
+        return decoder_class(self.decoder)
 
     def differences(self, other):
         """[(key, this value, the other's value)] where the two differ."""
@@ -65,6 +84,7 @@ class ModelConfig:
 def load_resnet(arch, weights):
     """A torchvision ResNet with weights 'imagenet' (downloaded once into $TORCH_HOME), 'none', or a
     path to a saved ResNet state_dict (keys of layers the encoder drops may be missing)."""
+    import torchvision  # here: its import takes 2 s, which a script that builds no encoder need not wait for
     if not hasattr(torchvision.models, arch) or not arch.startswith("resnet"):
         raise InputError(f"unknown encoder {arch!r}: use resnet18, resnet34, resnet50, resnet101 or resnet152")
     net = torchvision.models.get_model(arch, weights=None)
@@ -180,12 +200,45 @@ class Encoder(nn.Module):
 
 # ----------------------------------------------------------------------------- decoders
 
-class RNNDecoder(nn.Module):
+class Decoder(nn.Module):
+    """What every decoder says of itself. Objectives, validation, eval.py, compare.py and report.py ask
+    these, never a decoder's name."""
+    returns_maps = False  # step() and forward() give attention maps over the grid cells
+    hard_attention = False  # it can attend to one drawn cell (attention: hard; hard_inference)
+    doubly_stochastic = False  # alpha_c's term (each cell's weight summed over the words near 1) applies
+    image_batchnorm = False  # its initial state is normalised over the batch's images (group_by_image's note)
+    image_state = ()  # state entries that depend on the image only: beam search need not reorder them
+    dropout_key = "dropout"  # the config key of its dropout
+    adam = {}  # Adam's settings besides the learning rate (torch's defaults when empty)
+    max_len = None  # the most words it can decode (None: no limit)
+
+    @classmethod
+    def build(cls, model, vocab_size, encoder_dim, dropout):
+        """The decoder of a ModelConfig."""
+        raise NotImplementedError
+
+    @classmethod
+    def check_config(cls, cfg):
+        """An InputError for what this decoder cannot do with a run config."""
+        if cfg.get("attention") == "hard" and not cls.hard_attention:
+            raise InputError(f"attention: hard draws one cell per word, which only the attention decoder does; "
+                             f"the {cfg['decoder']} decoder takes attention: soft (give --decoder attention)")
+
+    @classmethod
+    def warmup_steps(cls, cfg):
+        """Optimiser steps of linear warm-up before the learning rate decays (0: no schedule)."""
+        return 0
+
+    def set_inference(self, hard_inference):
+        """How decoding attends: expected or argmax (hard attention); a no-op for the others."""
+
+
+class RNNDecoder(Decoder):
     """Show and Tell: the image enters only through the initial LSTM state (Linear + BatchNorm of the
     mean-pooled encoding). One nn.LSTM layer, stepped one word at a time when decoding (as a cell
     would be) and run over the whole sequence in one fused call under teacher forcing."""
 
-    image_state = ()  # state entries that depend on the image only, not on the words so far
+    image_batchnorm = True
 
     def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, dropout=0.5):
         super().__init__()
@@ -195,6 +248,10 @@ class RNNDecoder(nn.Module):
         self.lstm = nn.LSTM(emb_dim, decoder_dim, batch_first=True)
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_dim, vocab_size)
+
+    @classmethod
+    def build(cls, model, vocab_size, encoder_dim, dropout):
+        return cls(vocab_size, encoder_dim, model.emb_dim, model.decoder_dim, dropout)
 
     def init_state(self, features):
         mean = features.mean(1)
@@ -278,12 +335,13 @@ def choose(scores, alpha, pick):
     return torch.where(pick.sampled[:, None], hard, alpha), torch.where(pick.sampled, cells, -1)
 
 
-class AttentionDecoder(nn.Module):
+class AttentionDecoder(Decoder):
     """Show, Attend and Tell: LSTMCell input is [word embedding; sigmoid(f_beta(h)) * context]. Soft
     attention by default; `argmax_attention` makes decoding attend to the most likely cell alone
     (hard attention's argmax inference), and forward() with a HardNoise draws cells (its training)."""
 
-    image_state = ("proj",)  # the projected grid: beam search need not reorder it between beams
+    returns_maps = hard_attention = doubly_stochastic = True
+    image_state = ("proj",)  # the projected grid
 
     def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, attention_dim=512, dropout=0.5):
         super().__init__()
@@ -296,6 +354,13 @@ class AttentionDecoder(nn.Module):
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_dim, vocab_size)
         self.argmax_attention = False
+
+    @classmethod
+    def build(cls, model, vocab_size, encoder_dim, dropout):
+        return cls(vocab_size, encoder_dim, model.emb_dim, model.decoder_dim, model.attention_dim, dropout)
+
+    def set_inference(self, hard_inference):
+        self.argmax_attention = hard_inference == "argmax"
 
     def init_state(self, features):
         mean = features.mean(1)
@@ -333,6 +398,198 @@ class AttentionDecoder(nn.Module):
         return out if noise is None else (*out, torch.stack(picked, 1))
 
 
+class TransformerLayer(nn.Module):
+    """One pre-norm decoder layer: x + SelfAttention(LN x), then x + CrossAttention(LN x, cells), then
+    x + FeedForward(LN x), dropout on each block's output (Vaswani et al.'s residual dropout; none on the
+    attention weights, whose random draws cost a quarter of a CPU training step). Attention runs in
+    torch's fused kernel, except where the maps are wanted: the fused kernel does not return its
+    weights, so that cross-attention is written out."""
+
+    def __init__(self, dim, heads, ff_dim, dropout):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.self_out = nn.Linear(dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)  # over the cells: once per image
+        self.cross_out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Linear(ff_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def split(self, x):
+        """B x T x dim -> B x heads x T x dim / heads."""
+        return x.view(x.size(0), x.size(1), self.heads, -1).transpose(1, 2)
+
+    def merge(self, x):
+        """B x heads x T x dim / heads -> B x T x dim."""
+        return x.transpose(1, 2).flatten(2)
+
+    def memory(self, cells):
+        """The cells' keys and values, N x heads x P x dim / heads each, from cells N x P x dim."""
+        keys, values = self.key_value(cells).chunk(2, dim=2)
+        return self.split(keys), self.split(values)
+
+    def forward(self, x, keys, values, cache=None, maps=False):
+        """x: B x T x dim, the words so far; keys and values: the cells' of N images, B = N x k rows (k
+        captions per image, image-major). Without a cache the whole caption runs at once under a causal
+        mask; with one (this layer's self-attention keys and values of the t earlier words, B x heads x t x
+        dim / heads each), x is the newest word (T = 1). Returns x, the cross-attention weights averaged
+        over the heads (B x T x P) when `maps` asks for them (else None), and the cache with this word's
+        keys and values added (None without one)."""
+        q, k, v = (self.split(t) for t in self.qkv(self.norm1(x)).chunk(3, dim=2))  # B x H x T x dh each
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B x H x T x dh
+        else:
+            cache = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # B x H x t+1 x dh each
+            a, _ = attend_one(q, *cache)
+        x = x + self.dropout(self.self_out(self.merge(a)))
+        q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
+        N, B, weights = keys.size(0), x.size(0), None
+        if cache is not None:  # decoding: one row per image
+            c, weights = attend_one(q, keys, values)  # B x H x 1 x dh, B x H x P
+            weights = weights.mean(1, keepdim=True)  # B x 1 x P
+        elif maps:  # by hand, for the weights: each image's cells serve its k rows without a copy
+            q = q.reshape(N, B // N, *q.shape[1:])  # N x k x H x T x dh
+            weights = torch.softmax((q @ keys.unsqueeze(1).transpose(3, 4)).float() / math.sqrt(q.size(-1)), -1)
+            c = (weights.to(x.dtype) @ values.unsqueeze(1)).flatten(0, 1)  # B x H x T x dh
+            weights = weights.flatten(0, 1).mean(1).to(x.dtype)  # B x T x P
+        else:
+            if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
+                keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
+            c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
+        x = x + self.dropout(self.cross_out(self.merge(c)))
+        x = x + self.dropout(self.ff(self.norm3(x)))
+        return x, weights if maps else None, cache
+
+
+def attend_one(q, keys, values):
+    """Attention of one query per row and head (q: B x H x 1 x dh) over S keys and values (B x H x S x
+    dh): the output B x H x 1 x dh and the weights B x H x S. What a decoding step needs; on a CPU two
+    matmuls cost less than the fused kernel (which also keeps the weights to itself) at one query."""
+    scores = (q @ keys.transpose(2, 3)).float() / math.sqrt(q.size(3))  # B x H x 1 x S
+    weights = torch.softmax(scores, dim=3).to(q.dtype)
+    return weights @ values, weights[:, :, 0]
+
+
+class TransformerDecoder(Decoder):
+    """A Transformer decoder (Vaswani et al. 2017) over the encoder grid: a stack of pre-norm layers of
+    masked self-attention over the words so far, cross-attention over the projected cells and a feed-
+    forward block. Learned word positions, and a learned 2D position per cell (a row's plus a column's
+    embedding), since a pooled grid says little of where a cell is. Teacher forcing runs the whole
+    caption in one pass under a causal mask; stepping keeps every layer's keys and values of the words
+    so far (a cache), and the cells' keys and values, computed once per image, in the image's state.
+    Its maps are the cross-attention averaged over the heads, of the layer `map_layer`, or averaged over
+    the layers too when it is None, the default (scripts/transformer_maps.py measures each choice)."""
+    returns_maps = True
+    dropout_key = "transformer_dropout"  # a Transformer's usual 0.1, not the LSTMs' 0.5
+    adam = {"betas": (0.9, 0.98), "eps": 1e-9}  # Vaswani et al.'s
+
+    def __init__(self, vocab_size, encoder_dim, dim=512, layers=3, heads=8, ff_dim=2048, positions=64, grid=None,
+                 dropout=0.1):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Embedding(positions, dim)
+        self.cells = nn.Linear(encoder_dim, dim)
+        self.rows = nn.Embedding(grid, dim) if grid else None
+        self.columns = nn.Embedding(grid, dim) if grid else None
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff_dim, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, vocab_size)
+        # the mean of the layers' maps: on the demo's VAL they point at the named object 91% of the time at
+        # each of 3 seeds, the first layer's 53-93%, the second's 58-62% (scripts/transformer_maps.py)
+        self.heads, self.max_len, self.map_layer = heads, positions - 1, None
+        self.image_state = tuple(f"{kv}{i}" for i in range(layers) for kv in ("cell_keys", "cell_values"))
+
+    @classmethod
+    def build(cls, model, vocab_size, encoder_dim, dropout):
+        return cls(vocab_size, encoder_dim, model.transformer_dim, model.transformer_layers, model.transformer_heads,
+                   model.transformer_ff_dim, model.transformer_positions,
+                   model.encoded_size if model.transformer_cell_positions else None, dropout)
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg["transformer_dim"] % cfg["transformer_heads"]:
+            raise InputError(f"transformer_dim {cfg['transformer_dim']} must be a multiple of transformer_heads "
+                             f"{cfg['transformer_heads']}")
+        for key in ("max_decode_len", "scst_max_len"):
+            if cfg[key] + 1 > cfg["transformer_positions"]:
+                raise InputError(f"{key} {cfg[key]} needs {cfg[key] + 1} word positions (the words and <end>), but "
+                                 f"transformer_positions is {cfg['transformer_positions']}: raise it or lower {key}")
+
+    @classmethod
+    def warmup_steps(cls, cfg):
+        return cfg["transformer_warmup"] if cfg["objective"] == "xe" else 0
+
+    def memory(self, features):
+        """Each layer's (keys, values) of the cells, N x heads x P x dim / heads, from features N x P x D."""
+        cells = self.cells(features)  # N x P x dim
+        if self.rows is not None:
+            if cells.size(1) != self.rows.num_embeddings ** 2:
+                raise InputError(f"the features have {cells.size(1)} cells, the Transformer's cell positions a "
+                                 f"{self.rows.num_embeddings} x {self.rows.num_embeddings} grid")
+            where = self.rows.weight[:, None] + self.columns.weight[None]  # G x G x dim: row-major, as Encoder.head
+            cells = cells + where.flatten(0, 1).to(cells.dtype)
+        cells = self.dropout(cells)
+        return [layer.memory(cells) for layer in self.layers]
+
+    def init_state(self, features):
+        B, dev = features.size(0), features.device
+        state = {"position": torch.zeros(B, dtype=torch.long, device=dev)}  # B: the next word's position
+        for i, (keys, values) in enumerate(self.memory(features)):
+            state[f"cell_keys{i}"], state[f"cell_values{i}"] = keys, values
+            empty = keys.new_zeros(B, self.heads, 0, keys.size(3))  # B x H x 0 x dh: no words yet
+            state[f"keys{i}"], state[f"values{i}"] = empty, empty
+        return state
+
+    def step(self, prev_words, state, features):
+        x = self.dropout(self.embedding(prev_words) + self.positions(state["position"]))[:, None]  # B x 1 x dim
+        new, maps = {"position": state["position"] + 1}, []
+        for i, layer in enumerate(self.layers):
+            x, m, (new[f"keys{i}"], new[f"values{i}"]) = layer(
+                x, state[f"cell_keys{i}"], state[f"cell_values{i}"], (state[f"keys{i}"], state[f"values{i}"]),
+                self.shows(i))
+            new[f"cell_keys{i}"], new[f"cell_values{i}"] = state[f"cell_keys{i}"], state[f"cell_values{i}"]
+            maps.append(m)
+        return self.fc(self.norm(x[:, 0])), new, self.chosen(maps)[:, 0]  # B x V, ..., B x P
+
+    def forward(self, features, captions, lengths):
+        """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major), the
+        cells' keys and values computed once per image. Returns logits B x T x V and the maps
+        B x T x P, T = max(lengths) - 1, every word in one pass."""
+        T = int(lengths.max()) - 1
+        if T > self.positions.num_embeddings:
+            raise InputError(f"a caption of {T + 1} tokens needs {T} word positions, but transformer_positions is "
+                             f"{self.positions.num_embeddings}: raise it")
+        x = self.dropout(self.embedding(captions[:, :T]) + self.positions.weight[:T])  # B x T x dim
+        maps = []
+        for i, (layer, (keys, values)) in enumerate(zip(self.layers, self.memory(features), strict=True)):
+            x, m, _ = layer(x, keys, values, maps=self.shows(i))
+            maps.append(m)
+        return self.fc(self.norm(x)), self.chosen(maps)
+
+    def shows(self, layer):
+        """Whether the maps need this layer's cross-attention weights."""
+        return self.map_layer is None or layer == self.map_layer % len(self.layers)
+
+    def chosen(self, maps):
+        """The maps shown, of the layers' (B x T x P each, None where not asked for): map_layer's, or the
+        mean of all for None."""
+        return torch.stack(maps).mean(0) if self.map_layer is None else maps[self.map_layer]
+
+
+DECODERS = {"rnn": RNNDecoder, "attention": AttentionDecoder, "transformer": TransformerDecoder}
+
+
+def decoder_class(name):
+    """The decoder class a config's `decoder` names; an unknown name is an error, never a fallback."""
+    if name not in DECODERS:
+        raise InputError(f"unknown decoder {name!r}: use {', '.join(DECODERS)}")
+    return DECODERS[name]
+
+
 def expand(state, k, keep=()):
     """A decoder state computed once per image, repeated for each of its k captions (image-major);
     the entries in `keep` stay per image."""
@@ -346,12 +603,11 @@ def build_encoder(model, weights="none"):
     return Encoder(model.encoder, weights, model.encoded_size, model.encoder_stages, model.coord_channels)
 
 
-def build_decoder(model, vocab_size, encoder_dim, dropout=0.0):
-    common = dict(vocab_size=vocab_size, encoder_dim=encoder_dim, emb_dim=model.emb_dim,
-                  decoder_dim=model.decoder_dim, dropout=dropout)
-    if model.decoder == "attention":
-        return AttentionDecoder(attention_dim=model.attention_dim, **common)
-    return RNNDecoder(**common)
+def build_decoder(model, vocab_size, encoder_dim, dropout=0.0, hard_inference="expected"):
+    """The decoder of a ModelConfig, decoding the way `hard_inference` says (hard attention only)."""
+    decoder = model.decoder_class.build(model, vocab_size, encoder_dim, dropout)
+    decoder.set_inference(hard_inference)
+    return decoder
 
 
 def features_of(encoder, images):
@@ -372,28 +628,6 @@ def weights_id(ckpt):
     return digest.hexdigest()[:16]
 
 
-def load_model(ckpt, device, hard_inference=None):
-    """A checkpoint's encoder and decoder in eval mode, checked against its own word map. The attention
-    decoder attends as its config's hard_inference says (expected: soft; argmax: the most likely cell),
-    or as `hard_inference` overrides."""
-    word_map = ckpt["word_map"]
-    rows = ckpt["decoder"]["embedding.weight"].shape[0]
-    if rows != len(word_map):
-        raise InputError(f"the checkpoint's decoder knows {rows} words but its word map has {len(word_map)}: "
-                         "it mixes two vocabularies")
-    model = ModelConfig.of_checkpoint(ckpt)
-    encoder = build_encoder(model)
-    decoder = build_decoder(model, len(word_map), encoder.dim)
-    try:
-        encoder.load_state_dict(ckpt["encoder"])
-        decoder.load_state_dict(ckpt["decoder"])
-    except RuntimeError as e:
-        raise InputError(f"the checkpoint's weights do not fit its config ({str(e).splitlines()[1].strip()})") from None
-    if model.decoder == "attention":
-        decoder.argmax_attention = (hard_inference or ckpt["config"].get("hard_inference", "expected")) == "argmax"
-    return encoder.to(device).eval(), decoder.to(device).eval()
-
-
 # ----------------------------------------------------------------------------- loss
 
 class CaptionLoss(NamedTuple):
@@ -403,9 +637,12 @@ class CaptionLoss(NamedTuple):
     tokens: torch.Tensor  # real tokens in the batch
 
 
-def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=None, norm_images=None):
+def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=None, norm_images=None,
+                 label_smoothing=0.0):
     """Cross-entropy over real tokens only (the targets after <start>, up to and including <end>),
-    plus the doubly stochastic term alpha_c * ((1 - sum_t alpha_t) ** 2).mean() for attention.
+    plus the doubly stochastic term alpha_c * ((1 - sum_t alpha_t) ** 2).mean() for attention. With
+    label_smoothing the loss (not ce_sum, which stays the plain cross-entropy) targets 1 - label_smoothing
+    on the reference word and the rest spread evenly over the vocabulary.
 
     Both are sums divided by norm_tokens and norm_images x P (default: this batch's own), so that the
     micro-batches of one accumulated step can share the whole step's normalisers. Everything but the
@@ -416,7 +653,9 @@ def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=Non
     picked, wanted = logits[mask].float(), targets[mask]  # N x V, N
     tokens = mask.sum()
     ce_sum = F.cross_entropy(picked, wanted, reduction="sum")
-    loss = ce_sum / (norm_tokens if norm_tokens is not None else tokens)
+    trained = F.cross_entropy(picked, wanted, reduction="sum", label_smoothing=label_smoothing) \
+        if label_smoothing else ce_sum
+    loss = trained / (norm_tokens if norm_tokens is not None else tokens)
     if alphas is not None and alpha_c:
         attended = (alphas.float() * mask.unsqueeze(2)).sum(1)  # B x P, padded steps excluded
         images = norm_images if norm_images is not None else alphas.size(0)

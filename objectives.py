@@ -106,9 +106,18 @@ class Objective(nn.Module):
     def __init__(self, encoder, decoder, cfg):
         super().__init__()
         self.encoder, self.decoder, self.cfg = encoder, decoder, cfg
+        self.alpha_c = cfg["alpha_c"] if decoder.doubly_stochastic else 0.0  # the one place of this rule
+        self.label_smoothing = cfg.get("label_smoothing", 0.0)
 
     def features(self, images):
         return features_of(self.encoder, images)
+
+    def teacher_forced(self, features, captions, lengths, norm_tokens=None, norm_images=None):
+        """The decoder's teacher-forced CaptionLoss (with alpha_c's term where it applies) and its maps
+        (None for a decoder without): training's cross-entropy and validation's loss both come from here."""
+        logits, alphas = self.decoder(features, captions, lengths)
+        return caption_loss(logits, alphas, captions, lengths, self.alpha_c, norm_tokens, norm_images,
+                            self.label_smoothing), alphas
 
 
 class CrossEntropy(Objective):
@@ -116,15 +125,13 @@ class CrossEntropy(Objective):
 
     def __init__(self, encoder, decoder, cfg):
         super().__init__(encoder, decoder, cfg)
-        self.alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
-        self.Sums = AttentionSums if cfg["decoder"] == "attention" else LossSums
+        self.Sums = AttentionSums if decoder.returns_maps else LossSums  # what forward returns
 
     def forward(self, batch, step):
         """batch.image: N images (or cached grids); batch.caption: N x L, or N x k x L with k captions
         per image (group_by_image), whose image-only work then runs once per image, in the decoder."""
         captions, lengths = batch.caption.flatten(0, -2), batch.length.flatten()  # B x L, B
-        logits, alphas = self.decoder(self.features(batch.image), captions, lengths)  # N x P x D features in
-        loss = caption_loss(logits, alphas, captions, lengths, self.alpha_c, step.tokens, step.captions)
+        loss, alphas = self.teacher_forced(self.features(batch.image), captions, lengths, step.tokens, step.captions)
         if alphas is None:
             return loss.loss, LossSums.of(loss, step.tokens)
         with torch.no_grad():
@@ -207,7 +214,7 @@ class HardAttention(Objective):
 
     def __init__(self, encoder, decoder, cfg, rank=0, world=1):
         super().__init__(encoder, decoder, cfg)
-        self.alpha_c, self.rank, self.world = cfg["alpha_c"], rank, world
+        self.rank, self.world = rank, world
         self.estimator = cfg["hard_estimator"]
         self.draws = cfg["hard_samples"] if self.estimator == "loo" else 1
         self.register_buffer("baseline", torch.tensor(math.nan, dtype=torch.float64))
@@ -233,7 +240,7 @@ class HardAttention(Objective):
         T = int(lengths.max()) - 1
         logits, alphas, cells = self.decoder(features, captions, lengths, noise._replace(gumbel=noise.gumbel[:, :T]))
         tokens, rows = step.tokens * D, step.captions * D  # the likelihood: the mean over the D draws
-        loss = caption_loss(logits, alphas, captions, lengths, self.alpha_c, tokens, rows)
+        loss = caption_loss(logits, alphas, captions, lengths, self.alpha_c, tokens, rows, self.label_smoothing)
         entropy, log_alpha, mask = map_entropy(alphas, lengths)  # summed over real words; B*D x T x P; B*D x T
         total = loss.loss - self.cfg["hard_lambda_e"] * entropy / tokens
         if self.estimator != "gumbel":  # REINFORCE: each caption's summed cross-entropy L, against a baseline
@@ -265,6 +272,6 @@ def build_objective(cfg, encoder, decoder, vocab, train_set, rank=0, world=1):
     """The objective that `cfg["objective"]` (and, for cross-entropy, `cfg["attention"]`) names."""
     if cfg["objective"] == "scst":
         return SelfCritical(encoder, decoder, cfg, vocab, Reward(train_references(train_set)))
-    if cfg["decoder"] == "attention" and cfg["attention"] == "hard":
+    if cfg["attention"] == "hard":  # config.py refuses it for a decoder without hard attention
         return HardAttention(encoder, decoder, cfg, rank, world)
     return CrossEntropy(encoder, decoder, cfg)

@@ -14,6 +14,7 @@ import torch
 import significance
 import visualize
 from hardware import BUSY_CORES, busy_note
+from models import DECODERS
 from results import mean_sd
 
 QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
@@ -361,8 +362,9 @@ def self_critical(c):
                      f"{o1[shift] / sum(o1.values()):.0%} of captions.")
             md.append(line)
     by_decoder = {run.cfg["decoder"]: (base, run) for base, run in pairs}
-    if {"rnn", "attention"} <= set(by_decoder):
-        (rx, rs), (ax, as_) = by_decoder["rnn"], by_decoder["attention"]
+    present = [n for n in DECODERS if n in by_decoder]  # each later decoder's lead over each earlier one
+    for first, second in ((a, b) for i, a in enumerate(present) for b in present[i + 1:]):
+        (rx, rs), (ax, as_) = by_decoder[first], by_decoder[second]
         for b in beams:
             for k in ("CIDEr", "exact_match"):
                 before = {m.measure: m for m in c.run_margins(rx, ax, b)}[k]
@@ -371,8 +373,8 @@ def self_critical(c):
                     after.low > before.high or after.high < before.low)
                 change = ("it grew" if after.difference > before.difference else "it shrank") if apart else \
                     "the two intervals overlap: no clear change"
-                md.append(f"- Attention's lead in {label(k)} at beam {b}: {fmt_interval(before)} after cross-entropy, "
-                          f"{fmt_interval(after)} after SCST: {change}.")
+                md.append(f"- {second}'s lead over {first} in {label(k)} at beam {b}: {fmt_interval(before)} after "
+                          f"cross-entropy, {fmt_interval(after)} after SCST: {change}.")
     md.append("")
     visualize.scst_curves([(r.label, [(s["step"], s["reward"], s["sample_length"]) for s in r.steps],
                             [(sum(e["epoch_time_s"] for e in r.epochs[: i + 1]), e["val_cider"])
@@ -392,7 +394,7 @@ def attention_maps(c):
                          fmt("pointing", m.get("pointing")), fmt("train_time_s", r.cost["train_time_s"])])
     if not rows:
         return []
-    trained = {r.folder: r for r in c.runs if r.cfg["decoder"] == "attention"}.values()  # one curve per training run
+    trained = {r.folder: r for r in c.runs if r.maps}.values()  # one curve per training run
     visualize.attention_curves(
         [(f"{os.path.basename(os.path.normpath(r.folder))} ({r.cfg.get('attention', 'soft')} attention)",
           [(sum(e["epoch_time_s"] for e in r.epochs[: i + 1]), e["val_cider"]) for i, e in enumerate(r.epochs)
@@ -412,7 +414,7 @@ def attention_maps(c):
 def attention(c):
     """attention.png: where the first attention run looked for each word of its captions of the first
     images, drawn from the maps eval.py stored, with the other runs' captions of the same images."""
-    runs = [r for r in c.shown if r.cfg["decoder"] == "attention"]
+    runs = [r for r in c.shown if r.maps]
     if not runs or c.data is None:
         return []
     att, beam = runs[0], c.beam

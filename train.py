@@ -1,4 +1,4 @@
-"""Train a captioning decoder (Show and Tell, or Show, Attend and Tell) on prepared data.
+"""Train a captioning decoder (Show and Tell, Show, Attend and Tell, or a Transformer) on prepared data.
 
     python train.py --decoder attention                                  # the reference experiment: COCO
     python train.py --decoder rnn --config configs/shapes.yaml --out runs/shapes-rnn
@@ -34,7 +34,7 @@ from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_
 from decoding import DecodeOptions, caption_features
 from hardware import OtherLoad, amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
-from models import ModelConfig, build_decoder, build_encoder, caption_loss, features_of
+from models import ModelConfig, build_decoder, build_encoder, features_of
 from objectives import LossSums, Step, build_objective
 from utils import InputError, run_cli
 
@@ -48,11 +48,12 @@ def main():
 
     # data
     word_map = load_word_map(cfg["data_folder"], cfg["data_name"])
+    where = "give --data_folder where its data is now"
     if ckpt:
-        check_word_map(ckpt, word_map, cfg)
+        check_word_map(ckpt, word_map, cfg["data_folder"], cfg["data_name"], "the checkpoint", where)
     if init:  # a new run from another run's weights (scst from an xe checkpoint)
         check_init(init, cfg, cfg["init_from"])
-        check_word_map(init, word_map, cfg)
+        check_word_map(init, word_map, cfg["data_folder"], cfg["data_name"], cfg["init_from"], where)
     train_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "TRAIN")
     val_set = CaptionDataset(cfg["data_folder"], cfg["data_name"], "VAL")
     if rank == 0:
@@ -94,7 +95,7 @@ def main():
     if grouped and cfg["batch_size"] % sampler.k:
         raise InputError(f"group_by_image needs a batch_size that is a multiple of the {sampler.k} captions per image "
                          f"(train_captions_per_image, 0: all {train_set.cpi}); got batch_size {cfg['batch_size']}")
-    if grouped and not scst and cfg["decoder"] == "rnn" and cfg["batch_size"] // sampler.k < 32:
+    if grouped and not scst and run.decoder.image_batchnorm and cfg["batch_size"] // sampler.k < 32:
         say(f"note: group_by_image: the plain decoder's BatchNorm (its initial state) normalises over "
             f"{cfg['batch_size'] // sampler.k} images per batch, not {cfg['batch_size']}; batch_size "
             f"{32 * sampler.k} keeps 32 (docs/training.md)")
@@ -177,7 +178,9 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
     model = ModelConfig.of(cfg)
     # A resumed run takes its encoder weights from the checkpoint, never from a download.
     encoder = build_encoder(model, "none" if resuming else cfg["encoder_weights"])
-    decoder = build_decoder(model, len(word_map), encoder.dim, cfg["dropout"])
+    # validation (and later decoding) attends as hard_inference says
+    decoder = build_decoder(model, len(word_map), encoder.dim, cfg[model.decoder_class.dropout_key],
+                            cfg["hard_inference"])
     encoder.fine_tune(cfg["fine_tune_encoder"])
     if dist.is_initialized() and device.type == "cuda":
         # The plain decoder's BatchNorm (initial state) then normalises over the global batch, as a
@@ -190,13 +193,11 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
     if device.type == "cuda":
         encoder.to(memory_format=torch.channels_last)
     vocab = Vocabulary(word_map)
-    if cfg["decoder"] == "attention":  # how validation (and later decoding) attends: hard attention's argmax
-        decoder.argmax_attention = cfg["hard_inference"] == "argmax"
     objective = build_objective(cfg, encoder, decoder, vocab, train_set, rank, world)
     if dist.is_initialized():  # DDP averages the gradients of whatever the objective trains
         objective = DistributedDataParallel(objective)
     lr = cfg["scst_lr"] if cfg["objective"] == "scst" else cfg["decoder_lr"]
-    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=lr)
+    decoder_optimizer = torch.optim.Adam(decoder.parameters(), lr=lr, **decoder.adam)
     encoder_optimizer = None
     if cfg["fine_tune_encoder"]:
         encoder_optimizer = torch.optim.Adam([p for p in encoder.parameters() if p.requires_grad], lr=cfg["encoder_lr"])
@@ -264,6 +265,7 @@ def train_step(run, group, amp):
     sums of the objective's statistics on the device (LossSums, AttentionSums, RewardSums), zero for a
     skipped step."""
     cfg, device = run.cfg, run.device
+    set_learning_rates(run)
     counts = (sum(int((b.length - 1).sum()) for b in group), sum(b.length.numel() for b in group))
     if dist.is_initialized():  # the whole step's counts, on all ranks
         counts = distributed.all_sum(torch.tensor(counts, dtype=torch.float32, device=device)) / run.world
@@ -308,6 +310,27 @@ def train_step(run, group, amp):
     return run.Sums(device=device)
 
 
+def lr_factor(step, warmup):
+    """The warm-up schedule at optimiser step `step` (0-based): a linear rise over `warmup` steps, then a
+    decay with the inverse square root of the step (Vaswani et al. 2017's shape), 1 at its peak; 1 at
+    every step when warmup is 0. A Transformer's attention is unstable under Adam's first, poorly
+    estimated steps at the full rate; the decay then follows how Transformers are usually trained."""
+    if not warmup:
+        return 1.0
+    return min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+
+
+def set_learning_rates(run):
+    """Each parameter group's rate for this step: its base rate (decoder_lr, encoder_lr or scst_lr, as
+    lowered on plateaus by lr_decay_factor) x the decoder's warm-up schedule. Both follow from what a
+    checkpoint already holds (the base rate is a key of the optimiser's group, the schedule a function
+    of the step counter), so a resumed run has the uninterrupted run's rates."""
+    factor = lr_factor(run.step, run.decoder.warmup_steps(run.cfg))
+    for opt in run.optimizers:
+        for group in opt.param_groups:
+            group["lr"] = group.setdefault("base_lr", group["lr"]) * factor  # checkpoints before base_lr: lr
+
+
 @torch.no_grad()
 def validate(run, loader, amp, stop):
     """Teacher-forced loss and top-5 over every reference caption, and BLEU-4 of real decoding; under
@@ -319,7 +342,6 @@ def validate(run, loader, amp, stop):
     run.decoder.eval()
     vocab = run.vocab
     options = DecodeOptions(cfg["val_beam_size"], cfg["max_decode_len"])
-    alpha_c = cfg["alpha_c"] if cfg["decoder"] == "attention" else 0.0
     sums = LossSums(device=device)
     references, hypotheses = [], []
     for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=run.rank > 0):
@@ -330,8 +352,7 @@ def validate(run, loader, amp, stop):
             feats = features_of(run.encoder, batch.image.to(device))  # B x P x D
             captions = all_captions.flatten(0, 1)  # B*cpi x (max_len + 2)
             lengths = (captions != vocab.pad).sum(1)
-            logits, alphas = run.decoder(feats.repeat_interleave(all_captions.size(1), 0), captions, lengths)
-            sums += LossSums.of(caption_loss(logits, alphas, captions, lengths, alpha_c))
+            sums += LossSums.of(run.objective_module.teacher_forced(feats, captions, lengths)[0])  # cpi per image
             hypotheses += [c.words for c in caption_features(run.decoder, vocab, feats, options)]
         references += [[vocab.decode(c) for c in caps] for caps in all_captions.tolist()]
     if dist.is_initialized():
@@ -360,6 +381,7 @@ def end_of_epoch(run, stats):
     if not improved and cfg["lr_decay_patience"] and run.bad_epochs % cfg["lr_decay_patience"] == 0:
         for opt in run.optimizers:
             for group in opt.param_groups:
+                group["base_lr"] = group.setdefault("base_lr", group["lr"]) * cfg["lr_decay_factor"]
                 group["lr"] *= cfg["lr_decay_factor"]
     run.epoch, run.samples = run.epoch + 1, 0
     return improved

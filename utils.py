@@ -60,38 +60,6 @@ def disk_full(error, folder):
         return False
 
 
-TUTORIAL_CLASSES = ("models.Encoder", "models.DecoderWithAttention")  # what its checkpoints pickle
-
-
-def load_checkpoint(path):
-    """A checkpoint, loaded safely: weights_only=True unpickles tensors and plain containers only, so
-    a crafted file cannot run code here."""
-    import torch
-    if os.path.isdir(path):
-        raise InputError(f"{path} is a folder: pass one of its checkpoints (best.pt for the best validation "
-                         "score, last.pt to continue training)")
-    if not os.path.isfile(path):
-        raise InputError(f"checkpoint {path} not found")
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # a truncated file, or a pickle that wants to run code
-        message = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch's message carries terminal colour codes
-        found = re.search(r"Unsupported global: GLOBAL ([\w.]+)", message)
-        if found and (found.group(1).startswith("torch.nn.") or found.group(1) in TUTORIAL_CLASSES):
-            raise InputError(f"{path} holds pickled model objects ({found.group(1)}), the way sgrvinod's tutorial "
-                             "saves checkpoints, not the weights this repository's checkpoints hold: it cannot be "
-                             "loaded safely or converted; train here with train.py (data the tutorial prepared "
-                             "loads as it is)") from None
-        if found:  # a pickle that asks for code: not a file of this repository's
-            raise InputError(f"{path} is not a checkpoint of this repository (it asks to run {found.group(1)}, "
-                             "which is not loaded, for safety)") from None
-        # torch's own sentence (the first, never cut inside) for one that is truncated or not a checkpoint
-        said = re.split(r"(?<=\.)\s", message.strip().splitlines()[0])[0].rstrip(".") if message.strip() else ""
-        other = "best.pt" if os.path.basename(path) == "last.pt" else "last.pt"
-        raise InputError(f"{path} is damaged or incomplete ({type(e).__name__}{': ' + said if said else ''}): "
-                         f"copy it again, or use the {other} of the same run folder") from None
-
-
 def pick_device(name):
     """auto | cpu | cuda -> torch.device; asking for cuda without a GPU is an InputError."""
     import torch

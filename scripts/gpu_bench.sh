@@ -26,7 +26,7 @@ DATA="$OUT/data"
     --image-size "$SIZE" --min-word-freq 0 --overwrite > "$OUT/prepare.log"
 NAME=shapes_5_cap_per_img_0_min_word_freq
 
-# The matrix: both decoders x fp32/fp16/bf16 x frozen/fine-tuned/cached x accumulation 1/2, the
+# The matrix: every decoder x fp32/fp16/bf16 x frozen/fine-tuned/cached x accumulation 1/2, the
 # the reference model (ResNet-101, 256 px, 14x14, 512-d), batch 32; decoding at beam 1/3/5; the loader.
 "$PY" bench.py --device "$DEVICE" "${BENCH[@]}" --data-folder "$DATA" --data-name "$NAME" --profile \
     --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"

@@ -183,6 +183,7 @@ def scored_row(index, image_id, words, references, rng, attention=None):
 
 def run_compare(args):
     """Two made-up runs with results on every TEST image (the attention run with 14 x 14 maps)."""
+    from models import decoder_class
     from results import FORMAT, BeamResult, EvalResults, ImageTable, file_names, write
     from visualize import attention_bytes
     refs = json.load(open(os.path.join(prepared(args), f"TEST_REFS_{NAME}.json")))
@@ -205,7 +206,7 @@ def run_compare(args):
             words = rng.choice(ref["references"]).split()
             rows.append(scored_row(i, ref["image_id"], words, ref["references"], rng,
                                    attention_bytes(np.random.default_rng(i).random((len(words), 196)))
-                                   if decoder == "attention" else None))
+                                   if decoder_class(decoder).returns_maps else None))
         path = os.path.join(folder, "eval_TEST.json")
         captions_file, images_file = file_names(path, 3)
         metrics = {"BLEU-1": 0.7, "BLEU-2": 0.5, "BLEU-3": 0.35, "BLEU-4": 0.25, "CIDEr": 0.9, "METEOR": 0.23,
@@ -216,7 +217,7 @@ def run_compare(args):
                              {3: BeamResult(3, metrics, 100.0, 50.0, 50, 0.0, 0, captions_file, images_file)},
                              format=FORMAT)
         write(path, result, {3: [{"image_id": r.image_id, "caption": r.caption} for r in rows]},
-              {3: ImageTable("TEST", 3, 14 if decoder == "attention" else None, rows)})
+              {3: ImageTable("TEST", 3, 14 if decoder_class(decoder).returns_maps else None, rows)})
         runs.append(folder)
     report = os.path.join(args.out, "report")
     seconds, mib, _ = measured([sys.executable, "compare.py", *runs, "--out", report])

@@ -57,7 +57,8 @@ def scst_run(trained, shapes_data, tmp_path_factory):
 
 # The demo's settings at test size: the same data generator, encoder and grid, 4,000 scenes instead of
 # 10,000 (400 TEST images), small decoders, two epochs.
-TINY_DEMO = {"emb_dim": 32, "decoder_dim": 64, "attention_dim": 32, "epochs": 2, "val_max_images": 100}
+TINY_DEMO = {"emb_dim": 32, "decoder_dim": 64, "attention_dim": 32, "transformer_dim": 32, "transformer_ff_dim": 64,
+             "transformer_warmup": 20, "epochs": 2, "val_max_images": 100}
 TINY_DEMO_SCENES = 4000
 
 

@@ -15,9 +15,11 @@ import zlib
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES_NAME = "shapes_5_cap_per_img_0_min_word_freq"
 ENCODER = "encoder_resnet18_stages1.pt"
-# A model small enough that a test run takes seconds: resnet18 stem + layer1, a 4x4 grid.
+# A model small enough that a test run takes seconds: resnet18 stem + layer1, a 4x4 grid; the Transformer's
+# warm-up shorter than a test run.
 TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stages": 1, "encoded_size": 4,
-        "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "batch_size": 8, "workers": 0,
+        "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "transformer_dim": 16, "transformer_heads": 2,
+        "transformer_ff_dim": 32, "transformer_warmup": 4, "batch_size": 8, "workers": 0,
         "log_every": 1, "max_decode_len": 20, "val_max_images": 0, "fine_tune_encoder": "false",
         "train_captions_per_image": 0}
 TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb", "others_cores")  # log.jsonl fields that differ run to run

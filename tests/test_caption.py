@@ -15,9 +15,10 @@ from tests.helpers import ROOT, bomb_png, page_data, photos, refused, run_main, 
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
-def test_caption_attention_panels(trained, tmp_path):
+@pytest.mark.parametrize("decoder", ["attention", "transformer"])
+def test_caption_attention_panels(trained, tmp_path, decoder):
     src = photos(tmp_path / "in")
-    r = run_script("caption.py", "--checkpoint", trained("attention"), "--folder", src, "--out", tmp_path / "out",
+    r = run_script("caption.py", "--checkpoint", trained(decoder), "--folder", src, "--out", tmp_path / "out",
                    "--beam-size", 3)
     assert r.returncode == 0, r.stderr
     lines = [ln for ln in r.stdout.splitlines() if ln.startswith(str(src))]

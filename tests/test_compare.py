@@ -150,3 +150,20 @@ def test_report_says_what_self_critical_training_changed(trained, scst_run, tmp_
 
 def test_compare_refuses_a_folder_without_a_run(trained, tmp_path):
     refused(run_script("compare.py", trained("rnn").parent, tmp_path, "--out", tmp_path / "r"), "config.yaml")
+
+
+def test_three_decoders_side_by_side(evaluated, trained, tmp_path):
+    """The Transformer beside the two LSTMs: its margins with intervals, its maps in the browser and in
+    attention.png, asked of its decoder class (it returns maps) rather than of its name."""
+    run = tmp_path / "transformer"
+    shutil.copytree(trained("transformer").parent, run)
+    assert run_script("eval.py", "--checkpoint", run / "best.pt", "--beam-size", 3).returncode == 0
+    out = tmp_path / "report"
+    r = run_script("compare.py", *evaluated, run, "--out", out, "--beam-size", 3, "--pair", "attention", "transformer")
+    assert r.returncode == 0, r.stderr
+    report = (out / "report.md").read_text()
+    (margins,) = tables_under(report, "### transformer - attention")
+    assert "transformer - attention [95% interval]" in margins["CIDEr"]
+    data = page_data((out / "report.html").read_text())
+    assert [(r["name"], r["grid"]) for r in data["runs"]] == [("rnn", None), ("attention", 4), ("transformer", 4)]
+    assert (out / "attention.png").stat().st_size > 1000

@@ -20,8 +20,9 @@ def test_every_model_key_is_a_config_key_with_its_bounds():
         merge_config(defaults, {"emb_dim": 0}, "test")
     with pytest.raises(InputError, match="encoder_stages must be one of 1, 2, 3, 4"):
         merge_config(defaults, {"encoder_stages": "5"}, "test")
-    with pytest.raises(InputError, match="decoder must be one of rnn, attention"):
-        merge_config(defaults, {"decoder": "transformer"}, "test")
+    with pytest.raises(InputError, match="decoder must be one of rnn, attention, transformer"):
+        merge_config(defaults, {"decoder": "lstm"}, "test")
+    assert ModelConfig() == ModelConfig.of(defaults)  # each field's default is default.yaml's
 
 
 def test_model_differences_name_the_key():

@@ -1,19 +1,20 @@
-"""Decoding: batched beam search == one image at a time; beam 1 == greedy; n-gram blocking; max_len;
-sampling for self-critical training."""
+"""Decoding with trained models: captions end, batched beam search == one image at a time with a
+length penalty, n-gram blocking, max_len; sampling for self-critical training, for every decoder.
+(test_decoders.py holds every decoder to the search's equivalences on untrained ones.)"""
 import pytest
 import torch
 
 from datasets import CaptionDataset, Vocabulary
 from decoding import DecodeOptions, beam_search, decode, greedy, sample
-from models import AttentionDecoder, RNNDecoder, load_model
+from checkpoint import load_trained
+from models import DECODERS
+from tests.test_decoders import VOCAB, D, P, make
 from tests.helpers import SHAPES_NAME
-from utils import load_checkpoint
 
 
 @pytest.fixture(scope="module", params=["rnn", "attention"])
 def model(request, trained, shapes_data):
-    ckpt = load_checkpoint(trained(request.param))
-    encoder, decoder = load_model(ckpt, torch.device("cpu"))
+    ckpt, encoder, decoder, _ = load_trained(trained(request.param), torch.device("cpu"))
     images = torch.stack([CaptionDataset(shapes_data, SHAPES_NAME, split)[i].image
                           for split in ("VAL", "TEST") for i in range(6)])
     with torch.no_grad():
@@ -28,44 +29,16 @@ def test_trained_model_ends_its_captions(model):
     assert all(s[-1] == word_map.end and word_map.end not in s[:-1] for s in out.seqs)
 
 
-@pytest.mark.parametrize("beam_size", [3, 5])
 @pytest.mark.parametrize("length_penalty", [0.0, 0.7])
-def test_batched_equals_one_at_a_time(model, beam_size, length_penalty):
+def test_batched_equals_one_at_a_time_on_a_trained_model(model, length_penalty):
+    """The search of test_decoders.py on captions a trained model ends by itself, with a length penalty."""
     decoder, features, word_map, kind = model
-    options = DecodeOptions(beam_size, max_len=20, length_penalty=length_penalty)
+    options = DecodeOptions(5, max_len=20, length_penalty=length_penalty)
     batched = beam_search(decoder, features, word_map, options)
     for i in range(len(features)):
         single = beam_search(decoder, features[i:i + 1], word_map, options)
         assert single.seqs[0] == batched.seqs[i]
         torch.testing.assert_close(single.scores[0], batched.scores[i], atol=1e-5, rtol=1e-5)
-        if kind == "attention":
-            torch.testing.assert_close(single.alphas[0], batched.alphas[i], atol=1e-5, rtol=1e-4)
-            assert batched.alphas[i].shape == (len(batched.seqs[i]), features.size(1))
-        else:
-            assert batched.alphas is None
-
-
-def test_beam_one_is_greedy(model):
-    decoder, features, word_map, kind = model
-    g = greedy(decoder, features, word_map, max_len=20)
-    b = beam_search(decoder, features, word_map, DecodeOptions(beam_size=1, max_len=20))
-    assert g.seqs == b.seqs
-    torch.testing.assert_close(g.scores, b.scores, atol=1e-5, rtol=1e-5)
-    if kind == "attention":
-        for x, y in zip(g.alphas, b.alphas, strict=True):
-            torch.testing.assert_close(x, y)
-
-
-@pytest.mark.parametrize("beam_size", [1, 4])
-def test_scores_are_the_log_probability_of_the_caption(model, beam_size):
-    """Rescoring each returned caption with the teacher-forced forward gives the search's score."""
-    decoder, features, word_map, _ = model
-    out = beam_search(decoder, features, word_map, DecodeOptions(beam_size, max_len=20))
-    for i, seq in enumerate(out.seqs):
-        caption = torch.tensor([[word_map.start] + seq])
-        logits, _ = decoder(features[i:i + 1], caption, torch.tensor([len(seq) + 1]))
-        logp = torch.log_softmax(logits[0], dim=1).gather(1, caption[0, 1:, None]).sum()
-        torch.testing.assert_close(logp, out.scores[i], atol=1e-4, rtol=1e-5)
 
 
 def test_ngram_blocking_and_max_len(model):
@@ -80,23 +53,11 @@ def test_ngram_blocking_and_max_len(model):
 
 # ----------------------------------------------------------------------------- sampling
 
-V, P, D = 12, 4, 8
-
-
-VOCAB = Vocabulary({**{f"w{i}": i for i in range(1, V - 3)}, "<pad>": 0, "<unk>": V - 3, "<start>": V - 2,
-                    "<end>": V - 1})
-
-
 def decoder(kind, seed=0):
-    torch.manual_seed(seed)
-    dec = RNNDecoder(V, D, emb_dim=8, decoder_dim=16) if kind == "rnn" else \
-        AttentionDecoder(V, D, emb_dim=8, decoder_dim=16, attention_dim=8)
-    with torch.no_grad():
-        dec.fc.bias[VOCAB.end] += 1.5  # ends within a few words
-    return dec.eval()
+    return make(kind, seed, end_bias=1.5)  # ends within a few words
 
 
-@pytest.mark.parametrize("kind", ["rnn", "attention"])
+@pytest.mark.parametrize("kind", DECODERS)
 def test_sampling_near_zero_temperature_is_greedy(kind):
     dec, features = decoder(kind), torch.randn(6, P, D)
     out = sample(dec, features, VOCAB, samples=3, max_len=10, temperature=1e-6)
@@ -106,7 +67,7 @@ def test_sampling_near_zero_temperature_is_greedy(kind):
     torch.testing.assert_close(out.logprob.detach(), ref.scores.repeat_interleave(3), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kind", ["rnn", "attention"])
+@pytest.mark.parametrize("kind", DECODERS)
 def test_sampled_log_probabilities_are_the_teacher_forced_ones(kind):
     """The log-probability kept for each sample, <end> included, is what the teacher-forced forward
     gives the same caption, and the gradient reaches the decoder through it."""

@@ -16,7 +16,8 @@ from tests.helpers import ROOT
 
 pytestmark = pytest.mark.slow  # the workspace is made by make demo
 
-PAGES = ("README.md", "docs/tutorial.md", "docs/data.md", "docs/shapes.md", "docs/training.md", "docs/scst.md",
+PAGES = ("README.md", "docs/tutorial.md", "docs/data.md", "docs/shapes.md", "docs/training.md", "docs/transformer.md",
+         "docs/scst.md",
          "docs/hard-attention.md", "docs/evaluation.md", "docs/benchmarks.md", "docs/troubleshooting.md",
          "docs/differences-from-the-tutorial.md")
 

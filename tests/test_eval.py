@@ -9,13 +9,14 @@ import torch
 from PIL import Image
 
 import significance
+from models import DECODERS
 from results import ImageRow
 from tests.helpers import copy_data, refused, run_script
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
-@pytest.mark.parametrize("decoder", ["rnn", "attention"])
+@pytest.mark.parametrize("decoder", DECODERS)
 def test_eval(trained, tmp_path, decoder):
     out = tmp_path / "res" / "eval.json"
     r = run_script("eval.py", "--checkpoint", trained(decoder), "--beam-size", 1, 3, "--out", out)
@@ -27,7 +28,7 @@ def test_eval(trained, tmp_path, decoder):
         for metric in ("BLEU-1", "BLEU-4", "ROUGE-L", "CIDEr", "nltk BLEU-4"):
             assert 0 <= res[metric] <= 10
         assert res["images_per_s"] > 0
-        assert ("pointing" in res) == (decoder == "attention")
+        assert ("pointing" in res) == (decoder != "rnn")  # the decoders with maps
         captions = json.loads((out.parent / res["captions_file"]).read_text())
         assert sorted(c["image_id"] for c in captions) == list(range(6))
         assert all(isinstance(c["caption"], str) and "<end>" not in c["caption"] for c in captions)
@@ -185,7 +186,8 @@ def test_a_bad_option_is_one_line_naming_it(monkeypatch, capsys, argv, said):
 
 
 def test_a_run_folder_is_its_best_checkpoint_and_a_folder_without_one_is_said(tmp_path, capsys):
-    from utils import InputError, checkpoint_file, load_checkpoint
+    from checkpoint import load_checkpoint
+    from utils import InputError, checkpoint_file
     assert checkpoint_file(str(tmp_path)) == str(tmp_path)  # no best.pt: load_checkpoint says what to pass
     with pytest.raises(InputError, match="is a folder: pass one of its checkpoints"):
         load_checkpoint(str(tmp_path))

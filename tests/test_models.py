@@ -1,4 +1,4 @@
-"""Encoder and decoders: forward == stepping, attention, loss, accumulation, weights files."""
+"""Encoder and decoders: attention, loss, accumulation, weights files (test_decoders.py: forward == stepping)."""
 import pytest
 import torch
 
@@ -23,23 +23,6 @@ def batch(b=B, length=9, seed=1):
     for i, n in enumerate(lengths.tolist()):
         captions[i, :n] = torch.randint(1, V, (n,), generator=g)
     return features, captions, lengths
-
-
-@pytest.mark.parametrize("kind", ["rnn", "attention"])
-def test_forward_equals_stepping(kind):
-    dec = make(kind).eval()
-    features, captions, lengths = batch()
-    with torch.no_grad():
-        logits, alphas = dec(features, captions, lengths)
-        state = dec.init_state(features)
-        for t in range(logits.size(1)):
-            step_logits, state, alpha = dec.step(captions[:, t], state, features)
-            torch.testing.assert_close(step_logits, logits[:, t], atol=1e-5, rtol=1e-5)
-            if kind == "attention":
-                torch.testing.assert_close(alpha, alphas[:, t], atol=1e-6, rtol=1e-5)
-                torch.testing.assert_close(alpha.sum(1), torch.ones(B))
-            else:
-                assert alpha is None and alphas is None
 
 
 def test_doubly_stochastic_term_matches_formula():
@@ -194,3 +177,17 @@ def test_cached_grid_gives_the_features_of_the_images(encoded_size):
     assert from_cache.shape == direct.shape == (3, encoded_size ** 2, 130)
     torch.testing.assert_close(from_cache, direct, atol=2e-3, rtol=1e-3)  # float16 keeps 11 bits
     torch.testing.assert_close(from_cache, direct.half().float(), atol=2e-3, rtol=1e-3)
+
+
+def test_label_smoothing_changes_the_loss_not_the_reported_cross_entropy():
+    dec = make("rnn").eval()
+    features, captions, lengths = batch()
+    logits, _ = dec(features, captions, lengths)
+    plain = caption_loss(logits, None, captions, lengths)
+    smooth = caption_loss(logits, None, captions, lengths, label_smoothing=0.1)
+    T = logits.size(1)
+    mask = torch.arange(T)[None] < (lengths - 1)[:, None]
+    expected = torch.nn.functional.cross_entropy(logits[mask], captions[:, 1:T + 1][mask], label_smoothing=0.1)
+    torch.testing.assert_close(smooth.loss, expected)
+    torch.testing.assert_close(smooth.ce_sum, plain.ce_sum)
+    assert not torch.isclose(smooth.loss, plain.loss)

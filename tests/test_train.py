@@ -1,4 +1,4 @@
-"""train.py end to end on tiny shapes data: both decoders, exact resume, overfitting, bf16, early stop,
+"""train.py end to end on tiny shapes data: every decoder, exact resume, overfitting, bf16, early stop,
 the config, and every bad setting (exit status 2, one `error:` line, nothing written)."""
 import glob
 import json
@@ -13,12 +13,14 @@ import yaml
 from PIL import Image
 
 from tests.helpers import ROOT, copy_data, files, load, log_records, refused, run_script, train, train_args
-from utils import InputError, load_checkpoint
+from checkpoint import load_checkpoint
+from models import DECODERS
+from utils import InputError
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
-@pytest.mark.parametrize("decoder", ["rnn", "attention"])
-def test_shapes_config_runs_both_decoders(tmp_path, shapes_data, decoder):
+@pytest.mark.parametrize("decoder", DECODERS)
+def test_shapes_config_runs_every_decoder(tmp_path, shapes_data, decoder):
     run = tmp_path / decoder
     r = train(run, shapes_data, decoder=decoder, epochs=1)
     assert r.returncode == 0, r.stderr
@@ -39,10 +41,11 @@ GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches o
 
 
 @pytest.mark.parametrize("decoder,stop,grouping", [("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {}),
-                                                   ("attention", {"max_steps": 5}, GROUPED)])
+                                                   ("attention", {"max_steps": 5}, GROUPED),
+                                                   ("transformer", {"max_steps": 3}, GROUPED)])
 def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop, grouping):
     """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume; also with
-    grouped batches."""
+    grouped batches, and for the Transformer inside its warm-up (its rates follow the step counter)."""
     # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
     common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2,
                   encoder_weights="none", **grouping)
@@ -58,6 +61,11 @@ def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder,
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["step"] == b["step"] and a["best"] == b["best"]
     assert log_records(straight) == log_records(split)
+    if decoder == "transformer":  # the rate rose over 4 steps, then fell as 1 / sqrt(step)
+        rates = [r["lr"] for r in log_records(straight, "step")]
+        base = a["config"]["decoder_lr"]
+        assert rates[:5] == pytest.approx([base * s / 4 for s in (1, 2, 3, 4)] + [base * (4 / 5) ** 0.5])
+        assert a["decoder_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.98)
 
 
 def test_overfits_sixteen_images(tmp_path):
@@ -76,8 +84,8 @@ def test_overfits_sixteen_images(tmp_path):
 
 # ONEDNN_MAX_CPU_ISA=AVX2 makes this CPU behave as an AVX2-only one (AMD Zen 3, Intel before Sapphire
 # Rapids), whose oneDNN has no bf16 kernel for nn.LSTM: the plain decoder must still train.
-@pytest.mark.parametrize("isa", ["native", "AVX2"])
-@pytest.mark.parametrize("decoder", ["rnn", "attention"])
+@pytest.mark.parametrize("decoder,isa", [("rnn", "native"), ("rnn", "AVX2"), ("attention", "native"),
+                                         ("attention", "AVX2"), ("transformer", "native")])
 def test_bf16_autocast_on_cpu(tmp_path, shapes_data, decoder, isa):
     env = dict(os.environ, **({"ONEDNN_MAX_CPU_ISA": isa} if isa != "native" else {}))
     r = train(tmp_path / "run", shapes_data, decoder=decoder, epochs=1, amp="true", amp_dtype="bfloat16", env=env)
@@ -175,7 +183,9 @@ def run(shapes_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("override,needles", [
-    ({"decoder": "transformer"}, ("decoder", "transformer")),
+    ({"decoder": "lstm"}, ("decoder must be one of rnn, attention, transformer", "lstm")),
+    ({"decoder": "transformer", "attention": "hard"}, ("only the attention decoder does", "transformer")),
+    ({"decoder": "transformer", "max_decode_len": 70}, ("max_decode_len 70 needs 71 word positions",)),
     ({"batch_size": 0}, ("batch_size", ">= 1")),
     ({"batch_size": -4}, ("batch_size", "-4")),
     ({"bacth_size": 4}, ("unknown config key", "bacth_size", "did you mean 'batch_size'?")),

@@ -25,14 +25,17 @@ def test_scst_refusals(trained, shapes_data, tmp_path):
     assert not (tmp_path / "x").exists()
 
 
-def test_scst_resumed_after_sigkill_ends_bit_identical(trained, shapes_data, tmp_path):
+@pytest.mark.parametrize("decoder", ["rnn", "transformer"])
+def test_scst_resumed_after_sigkill_ends_bit_identical(trained, shapes_data, tmp_path, decoder):
+    """Also for the Transformer, whose samples go through its cached steps, at scst_lr without warm-up."""
     common = dict(epochs=2, checkpoint_every=1, log_every=1, scst_baseline="greedy")
     straight, killed = tmp_path / "straight", tmp_path / "killed"
-    r = run_script("train.py", *scst_args(straight, shapes_data, trained("rnn"), **common))
+    r = run_script("train.py", *scst_args(straight, shapes_data, trained(decoder), **common))
     assert r.returncode == 0, r.stderr
-    kill_then_resume(scst_args(killed, shapes_data, trained("rnn"), **common), killed, lines=4)
+    kill_then_resume(scst_args(killed, shapes_data, trained(decoder), **common), killed, lines=4)
     assert same_weights(straight, killed)
     assert log_records(straight) == log_records(killed)
+    assert {r["lr"] for r in log_records(straight, "step")} == {1e-3}  # scst_args' scst_lr, never warmed up
 
 
 def test_scst_under_torchrun_keeps_the_ranks_equal(trained, shapes_data, tmp_path):

@@ -89,3 +89,24 @@ def test_grouped_batches_on_two_processes_match_one(shapes_data, tmp_path):
         for key in ("loss", "ce", "train_loss", "val_loss"):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=TOLERANCE, abs=1e-6), (x["step"], key)
+
+
+def test_transformer_on_two_processes_matches_one(shapes_data, tmp_path):
+    """The Transformer under DDP, grouped batches and accumulation, inside its warm-up: two processes at
+    batch 4 give the losses and weights of one at batch 8."""
+    common = dict(decoder="transformer", transformer_dropout=0.0, epochs=1, accumulation_steps=2, log_every=1,
+                  group_by_image="true", train_captions_per_image=2)
+    ddp, single = tmp_path / "ddp", tmp_path / "single"
+    r = torchrun(2, *train_args(ddp, shapes_data, batch_size=4, **common))
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "ranks agree: identical parameters on all 2 processes" in r.stdout
+    assert run_script("train.py", *train_args(single, shapes_data, batch_size=8, **common)).returncode == 0
+    a, b = losses(single), losses(ddp)
+    assert [x["step"] for x in a] == [x["step"] for x in b]
+    for x, y in zip(a, b, strict=True):
+        for key in ("loss", "train_loss", "val_loss", "lr"):
+            if key in x:
+                assert y[key] == pytest.approx(x[key], rel=TOLERANCE, abs=1e-6), (x["step"], key)
+    wa, wb = load(single / "last.pt")["decoder"], load(ddp / "last.pt")["decoder"]
+    for k in wa:
+        assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
