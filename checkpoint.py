@@ -256,8 +256,8 @@ def check_init(init, cfg, path):
 def check_word_map(ckpt, word_map, folder, name, path, what_to_do):
     """The one check that prepared data (folder, name) has the vocabulary the checkpoint at `path` knows."""
     if ckpt["word_map"] != word_map:
-        raise InputError(f"{path} has a {len(ckpt['word_map'])}-word vocabulary, the data in {folder} ({name}) a "
-                         f"different one of {len(word_map)} words: {what_to_do}")
+        raise InputError(f"the word map of {path} ({len(ckpt['word_map'])} words) differs from "
+                         f"{folder}/WORDMAP_{name}.json ({len(word_map)} words): {what_to_do}")
 
 
 def prepare_run_folder(out, resuming, overwrite):

@@ -10,6 +10,7 @@ import sys
 import pytest
 import torch
 
+import objectives
 import train
 from tests.helpers import (ROOT, load, log_lines, log_records, popen, run_main, run_script, same_weights, train_args,
                            wait_for)
@@ -129,12 +130,12 @@ def test_out_of_memory_names_the_batch_size(shapes_data, tmp_path, monkeypatch, 
 
 def test_validation_builds_no_graph(shapes_data, tmp_path, monkeypatch):
     seen = []
-    real = train.caption_loss
+    real = objectives.caption_loss  # training's loss and validation's both come from the objective
 
     def spy(logits, *args, **kw):
         seen.append((torch.is_grad_enabled(), logits.requires_grad))
         return real(logits, *args, **kw)
-    monkeypatch.setattr(train, "caption_loss", spy)
+    monkeypatch.setattr(objectives, "caption_loss", spy)
     monkeypatch.setattr(sys, "argv", ["train.py", *map(str, train_args(tmp_path / "run", shapes_data, epochs=1))])
     train.main()
     training, validation = seen[:-1], seen[-1]  # 6 VAL images: one validation batch, last

@@ -108,5 +108,13 @@ def test_transformer_on_two_processes_matches_one(shapes_data, tmp_path):
             if key in x:
                 assert y[key] == pytest.approx(x[key], rel=TOLERANCE, abs=1e-6), (x["step"], key)
     wa, wb = load(single / "last.pt")["decoder"], load(ddp / "last.pt")["decoder"]
+    dim = wa["layers.0.query.bias"].numel()
     for k in wa:
-        assert torch.allclose(wa[k], wb[k], rtol=1e-3, atol=1e-5), k
+        # a key's bias adds the same to every score of a query, which softmax ignores: its gradient is
+        # rounding noise, which Adam scales up to lr-sized steps (as the attention LSTM's full_att.bias)
+        keep = slice(None)
+        if k.endswith("qkv.bias"):
+            keep = torch.cat([torch.arange(dim), torch.arange(2 * dim, 3 * dim)])
+        elif k.endswith("key_value.bias"):
+            keep = torch.arange(dim, 2 * dim)
+        assert torch.allclose(wa[k][keep], wb[k][keep], rtol=1e-3, atol=1e-5), k
