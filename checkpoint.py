@@ -19,7 +19,7 @@ from typing import NamedTuple
 import torch
 
 import distributed
-from datasets import Vocabulary
+from datasets import Vocabulary, data_path
 from models import ModelConfig, build_decoder, build_encoder
 from objectives import LossSums
 from utils import InputError, atomic_path
@@ -257,7 +257,7 @@ def check_word_map(ckpt, word_map, folder, name, path, what_to_do):
     """The one check that prepared data (folder, name) has the vocabulary the checkpoint at `path` knows."""
     if ckpt["word_map"] != word_map:
         raise InputError(f"the word map of {path} ({len(ckpt['word_map'])} words) differs from "
-                         f"{folder}/WORDMAP_{name}.json ({len(word_map)} words): {what_to_do}")
+                         f"{data_path(folder, 'WORDMAP', name)} ({len(word_map)} words): {what_to_do}")
 
 
 def prepare_run_folder(out, resuming, overwrite):

@@ -37,7 +37,6 @@ from utils import (ArgumentParser, at_least, checkpoint_file, grid_side, pick_de
 from visualize import attention_bytes
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
-POINTING_WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
 
 
 BENCHMARK_RUNS = 3
@@ -216,7 +215,7 @@ def main():
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
         points = None
         if boxes is not None and decoder.returns_maps:
-            points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, POINTING_WORDS)
+            points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, shapes.POINTING_WORDS)
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})

@@ -23,6 +23,8 @@ COLOURS = {  # well apart in hue, so a little jitter never makes two colours mee
     "orange": (245, 135, 25),
 }
 SIZES = {"small": 0.10, "large": 0.17}  # half-width of the object as a fraction of the image side
+# The words whose attention map pointing accuracy checks (metrics.pointing), and what each names.
+POINTING_WORDS = {**{c: "colour" for c in COLOURS}, **{s: "shape" for s in SHAPES}}
 BACKGROUNDS = ("plain", "noisy")
 NUMBERS = ("zero", "one", "two", "three")
 RELATIONS = ("to the left of", "to the right of", "above", "below")

@@ -21,8 +21,6 @@ from decoding import DecodeOptions, caption_images  # noqa: E402
 from metrics import pointing, pointing_accuracy  # noqa: E402
 from utils import ArgumentParser, InputError, at_least, run_cli  # noqa: E402
 
-WORDS = {**{c: "colour" for c in shapes.COLOURS}, **{s: "shape" for s in shapes.SHAPES}}
-
 
 def main():
     p = ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -48,7 +46,7 @@ def main():
         decoder.map_layer, found[choice] = choice, []
         for batch in loader:
             captions = caption_images(encoder, decoder, vocab, batch.image, options)
-            found[choice] += [pointing(c.words, c.alphas, boxes[i], dataset.image_size, WORDS)
+            found[choice] += [pointing(c.words, c.alphas, boxes[i], dataset.image_size, shapes.POINTING_WORDS)
                               for i, c in zip(batch.index.tolist(), captions, strict=True)]
     print(f"{args.split}, {count} images, beam {args.beam_size}: pointing of each choice of maps")
     print(f"{'maps':>22s} {'pointing':>9s} {'chance':>7s} {'words':>6s}")
