@@ -27,8 +27,8 @@ import torch
 import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
 from hardware import OtherLoad, amp_context, busy_note, peak_memory_mb, sync, timed
-from decoding import DecodeOptions, decode
-from models import DECODERS, TransformerDecoder
+from decoding import DecodeOptions, check_length, decode
+from models import DECODERS, TransformerDecoder, decoder_class
 from config import default_config, merge_config, read_yaml
 from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
 
@@ -214,8 +214,9 @@ def profile(args, fn, device, name):
 
 def decode_all(decoder, features, vocab, size, beam, max_len):
     """Every image's caption (token ids), decoded `size` images at a time."""
+    options = DecodeOptions(beam, max_len, max_len_name="--decode-len")
     return [seq for i in range(0, len(features), size)
-            for seq in decode(decoder, features[i:i + size], vocab, DecodeOptions(beam, max_len)).seqs]
+            for seq in decode(decoder, features[i:i + size], vocab, options).seqs]
 
 
 class Recomputed(torch.nn.Module):
@@ -346,6 +347,8 @@ def markdown(result):
 def main():
     args = parse_args()
     cfg = model_config(args)
+    for name in args.decoder:  # before any benchmark: every decoder can write --decode-len words
+        check_length(decoder_class(name).longest(cfg), args.decode_len, "--decode-len")
     if args.out:
         os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
     device = pick_device(args.device)

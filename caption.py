@@ -78,7 +78,7 @@ def main():
     p.add_argument("--html", metavar="PAGE", help="also write this self-contained HTML page (say captions.html)")
     p.add_argument("--skip-bad-images", action="store_true", help="leave out images that cannot be read, saying "
                    "which, instead of stopping")
-    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="attention decoder: attend to the "
+    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="hard attention: attend to the "
                    "alpha-weighted mean of the cells, or to the most likely cell (default: the checkpoint's)")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
     args = p.parse_args()
@@ -93,7 +93,8 @@ def main():
         raise InputError(f"--out {out} is one file but there are {len(paths)} images: give a folder")
     if args.html and os.path.isdir(args.html):
         raise InputError(f"--html {args.html} is a folder: give the page's file name, say {args.html}/captions.html")
-    captioner = Captioner(args.checkpoint, args.device, args.hard_inference)
+    captioner = Captioner(args.checkpoint, args.device, args.hard_inference, "--hard-inference")
+    options = captioner.options(args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat, "--max-len")
     if captioner.config.get("data_name", "").startswith("shapes_"):
         words = len(captioner.vocab) - len(SPECIAL_TOKENS)
         print(f"note: {args.checkpoint} was trained on the built-in shapes data: its {words}-word "
@@ -104,7 +105,7 @@ def main():
         stem = os.path.splitext(os.path.basename(path))[0]
         seen[stem] = seen.get(stem, 0) + 1
         names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
-    captions = captioner.decode(arrays, args.beam_size, args.max_len, args.length_penalty, args.block_ngram_repeat)
+    captions = captioner.decode(arrays, options)
     targets = [out] if to_file else [os.path.join(out, name) for name in names]
     replaced = sum(os.path.exists(t) for t in targets)
     rows = []

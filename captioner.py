@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 
 from datasets import image_array, load_image
-from decoding import DecodeOptions, caption_images
+from decoding import DecodeOptions, caption_images, check_length
 from checkpoint import load_trained
 from utils import InputError, pick_device
 
@@ -22,11 +22,13 @@ from utils import InputError, pick_device
 class Captioner:
     """A trained encoder and decoder in eval mode, with their vocabulary and image size."""
 
-    def __init__(self, checkpoint, device="auto", hard_inference=None):
-        """hard_inference: the attention decoder attends to the expected context or to the argmax cell
-        (default: the checkpoint's hard_inference)."""
+    def __init__(self, checkpoint, device="auto", hard_inference=None, hard_inference_name="hard_inference="):
+        """checkpoint: a checkpoint file, or a run folder (its best.pt, as caption.py and eval.py take it).
+        hard_inference: hard attention attends to the expected context or to the argmax cell (default: the
+        checkpoint's hard_inference; refused for a decoder without hard attention)."""
         self.device = pick_device(device)
-        ckpt, self.encoder, self.decoder, self.vocab = load_trained(checkpoint, self.device, hard_inference)
+        ckpt, self.encoder, self.decoder, self.vocab = load_trained(checkpoint, self.device, hard_inference,
+                                                                    hard_inference_name)
         self.image_size = ckpt["image_size"]
         self.config = ckpt["config"]
 
@@ -52,14 +54,20 @@ class Captioner:
 
     def caption(self, images, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, batch_size=32):
         """One decoding.Caption (words, score, per-word attention maps or None) per image, in order.
-        Every image is read before any is decoded, so a bad one fails fast."""
-        return self.decode([self.image(im) for im in images], beam_size, max_len, length_penalty, block_ngram_repeat,
-                           batch_size)
+        The options are checked, then every image is read before any is decoded, so a bad one fails fast."""
+        options = self.options(beam_size, max_len, length_penalty, block_ngram_repeat)
+        return self.decode([self.image(im) for im in images], options, batch_size=batch_size)
 
-    def decode(self, arrays, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, batch_size=32):
-        """caption() for images already read by image(): 3 x S x S uint8 arrays."""
+    def options(self, beam_size=5, max_len=None, length_penalty=0.0, block_ngram_repeat=0, max_len_name="max_len="):
+        """DecodeOptions for this checkpoint (max_len: its max_decode_len by default), refused in one line
+        naming `max_len_name` (how the caller's user gave it) when the decoder cannot write max_len words."""
         options = DecodeOptions(beam_size, max_len or self.config["max_decode_len"], length_penalty,
-                                block_ngram_repeat)
+                                block_ngram_repeat, max_len_name)
+        check_length(self.decoder.max_len, options.max_len, max_len_name)
+        return options
+
+    def decode(self, arrays, options, batch_size=32):
+        """caption() for images already read by image(): 3 x S x S uint8 arrays, with options()."""
         captions = []
         for start in range(0, len(arrays), batch_size):
             batch = torch.from_numpy(np.stack(arrays[start:start + batch_size])).to(self.device)

@@ -22,7 +22,7 @@ import distributed
 from datasets import Vocabulary, data_path
 from models import ModelConfig, build_decoder, build_encoder
 from objectives import LossSums
-from utils import InputError, atomic_path
+from utils import InputError, atomic_path, checkpoint_file
 
 # The counters of a run, saved and restored as they are.
 COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "skipped")
@@ -68,10 +68,12 @@ class Trained(NamedTuple):
     vocab: Vocabulary
 
 
-def load_trained(path, device, hard_inference=None):
-    """A checkpoint's encoder and decoder in eval mode on `device`, checked against its own word map.
-    Decoding attends as the run's hard_inference says (hard attention: expected or argmax), or as
-    `hard_inference` overrides."""
+def load_trained(path, device, hard_inference=None, hard_inference_name="hard_inference="):
+    """A checkpoint (or a run folder's best.pt) with its encoder and decoder in eval mode on `device`,
+    checked against its own word map. Decoding attends as the run's hard_inference says (hard attention:
+    expected or argmax), or as `hard_inference` overrides: refused, naming `hard_inference_name` (how the
+    user gave it), for a decoder that has no cell to choose."""
+    path = checkpoint_file(path)
     ckpt = load_checkpoint(path)
     word_map = ckpt["word_map"]
     rows = ckpt["decoder"]["embedding.weight"].shape[0]
@@ -79,6 +81,10 @@ def load_trained(path, device, hard_inference=None):
         raise InputError(f"{path}: its decoder knows {rows} words but its word map has {len(word_map)}: it mixes "
                          "two vocabularies")
     model = ModelConfig.of_checkpoint(ckpt)
+    if hard_inference and not model.decoder_class.hard_attention:
+        raise InputError(f"{hard_inference_name}{'' if hard_inference_name.endswith('=') else ' '}{hard_inference} "
+                         f"chooses how hard attention picks its cell; {path} was trained with --decoder "
+                         f"{model.decoder}, which has no cell to pick: leave it out")
     encoder = build_encoder(model)
     decoder = build_decoder(model, len(word_map), encoder.dim,
                             hard_inference=hard_inference or ckpt["config"].get("hard_inference", "expected"))

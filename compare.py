@@ -67,6 +67,11 @@ class Run:
         patience = self.cfg["patience"]
         self.stopped_early = bool(patience and bad >= patience and len(self.epochs) < self.cfg["epochs"])
 
+    def eval_command(self, split, beam=None):
+        """The eval.py command that writes (or rewrites) this run's results: every hint says this one."""
+        return (f"`python eval.py --checkpoint {os.path.join(self.folder, 'best.pt')}"
+                + (f" --beam-size {beam}" if beam else "") + (f" --split {split}" if split != "TEST" else "") + "`")
+
     @property
     def how(self):
         """The decoder, and for hard attention the inference it was scored with."""
@@ -149,8 +154,9 @@ class Group:
 
     @property
     def label(self):
+        """The group's name (a plain run's is its folder's) throughout the report, with what it is."""
         if len(self.runs) == 1:
-            return self.first.label
+            return f"{self.name} ({self.first.how})"
         return f"{self.name} ({self.first.how}, {len(self.runs)} seeds)"
 
     def values(self, beam, key):
@@ -176,13 +182,23 @@ def decoding(run, beam):
     return {k: getattr(scored, k) for k in ("max_len", "length_penalty", "block_ngram_repeat")}
 
 
-def check_group(group):
+# The differences that say most about why runs are not seeds of one experiment, named first.
+TELLING = ("decoder", "attention", "objective", "data_name", "evaluated data", "split", "images", "attention inference")
+
+
+def check_group(group, split):
     """Refuse, in one line naming the difference, a group whose runs are not seeds of one experiment."""
     first, key = group.first, experiment(group.first)
+    unevaluated = [r for r in group.runs if not r.results]
+    if unevaluated and len(unevaluated) < len(group.runs):
+        run = unevaluated[0]
+        raise InputError(f"group {group.name}: {run.folder} has no eval_{split}.json yet: run "
+                         f"{run.eval_command(split).strip('`')} on it first")
     seeds = {}
     for run in group.runs:
         other = experiment(run)
-        differ = [k for k in sorted(set(key) | set(other), key=str) if key.get(k) != other.get(k)]
+        differ = sorted((k for k in set(key) | set(other) if key.get(k) != other.get(k)),
+                        key=lambda k: (TELLING.index(k) if k in TELLING else len(TELLING), str(k)))
         if differ:
             k = differ[0]
             raise InputError(f"group {group.name}: {first.folder} and {run.folder} differ in {k} ({key.get(k)!r} "
@@ -246,7 +262,7 @@ class Comparison:
                            f"(evaluate with `--beam-size {beam}` for beam {beam})")
         for r in evaluated:
             table = r.table(c.beam)
-            again = f"`python eval.py --checkpoint {os.path.join(r.folder, 'best.pt')} --beam-size {c.beam}`"
+            again = r.eval_command(split, c.beam)
             if table is not None and not table.has_statistics:
                 c.notes.append(f"{r.name}: its beam-{c.beam} results have no per-image statistics (an older eval.py), "
                                f"so its margins have no interval: evaluate again with {again}")
@@ -386,19 +402,24 @@ def parse_groups(p, args):
     groups = []
     for name, folders in named:
         runs = [Run(folder, args.split) for folder in folders]
-        groups.append(Group(runs[0].name if len(folders) == 1 and name == folders[0] else name, runs))
+        if len(runs) == 1 and name != folders[0]:  # a named group of one run: the group's name throughout
+            runs[0].name = name
+        groups.append(Group(runs[0].name, runs) if len(runs) == 1 else Group(name, runs))
     names = [g.name for g in groups]
     if len(set(names)) < len(names):
         twice = ", ".join(sorted({n for n in names if names.count(n) > 1}))
         p.error(f"two groups or runs have the same name ({twice}): name the groups apart (--group NAME ...)")
     for g in groups:
-        check_group(g)
+        check_group(g, args.split)
     by_name = {g.name: g for g in groups}
     if not args.pair:
         return groups, [(a, b) for i, a in enumerate(groups) for b in groups[i + 1:]]
     unknown = [n for pair in args.pair for n in pair if n not in by_name]
     if unknown:
         p.error(f"--pair names {', '.join(unknown)}, not a group or run of this comparison ({', '.join(names)})")
+    for a, b in args.pair:
+        if a == b:
+            p.error(f"--pair {a} {b} pairs {a} with itself: name two different groups or runs")
     return groups, [(by_name[a], by_name[b]) for a, b in args.pair]
 
 

@@ -219,4 +219,4 @@ def decoding_options(args, cfg, beam_size):
     """DecodeOptions from add_decoding_arguments' options, at one beam size; `cfg` is the checkpoint's."""
     from decoding import DecodeOptions
     return DecodeOptions(beam_size, args.max_len or cfg["max_decode_len"], args.length_penalty,
-                         args.block_ngram_repeat)
+                         args.block_ngram_repeat, "--max-len")

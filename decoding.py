@@ -6,7 +6,7 @@ way. `caption_images` is the one path from images to words; `sample` draws capti
 log-probabilities for self-critical training.
 """
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -20,6 +20,8 @@ class DecodeOptions:
     max_len: int = 50  # words at most; then <end> is forced
     length_penalty: float = 0.0  # scores are divided by length ** length_penalty (0: plain sums)
     block_ngram_repeat: int = 0  # forbid repeating an n-gram of this size (0: off)
+    # how the user gave max_len ("--max-len", "max_len=", "max_decode_len"), for the message that refuses it
+    max_len_name: str = field(default="max_len=", compare=False)
 
     def __post_init__(self):
         for name, low in (("beam_size", 1), ("max_len", 1), ("length_penalty", 0), ("block_ngram_repeat", 0)):
@@ -41,19 +43,21 @@ class Caption:
     alphas: torch.Tensor | None  # len(words) x P: where the attention decoder looked for each word
 
 
-def check_length(decoder, max_len, name="--max-len"):
-    """An InputError when the decoder cannot write max_len words (the Transformer's position table)."""
-    if decoder.max_len is not None and max_len > decoder.max_len:
-        raise InputError(f"{name} {max_len} is more words than the decoder has positions for: its "
-                         f"transformer_positions allow {decoder.max_len} words and <end>; give {name} "
-                         f"{decoder.max_len} or less")
+def check_length(longest, max_len, name):
+    """An InputError when a decoder that can write at most `longest` words (None: no limit; the
+    Transformer's position table sets one) is asked for max_len, which the user gave as `name`. Every
+    search checks (greedy, beam_search, sample); a script may check earlier, before its work."""
+    if longest is not None and max_len > longest:
+        said = f"{name}{max_len}" if name.endswith("=") else f"{name} {max_len}"
+        raise InputError(f"{said} is more words than the decoder has positions for: its transformer_positions allow "
+                         f"{longest} words and <end>; give {name}{'' if name.endswith('=') else ' '}{longest} or "
+                         "less")
 
 
 def decode(decoder, features, vocab, options=DecodeOptions()):
     """Greedy for beam 1, beam search otherwise: the one entry point to search. features: B x P x D."""
-    check_length(decoder, options.max_len)
     if options.beam_size == 1 and not options.length_penalty and not options.block_ngram_repeat:
-        return greedy(decoder, features, vocab, options.max_len)
+        return greedy(decoder, features, vocab, options.max_len, options.max_len_name)
     return beam_search(decoder, features, vocab, options)
 
 
@@ -91,7 +95,7 @@ def sample(decoder, features, vocab, samples=5, max_len=16, temperature=1.0):
     <end> ends a caption, and is forced after max_len words; finished captions leave the batch.
     features: B x P x D; returns Samples over R = B x samples rows (image-major). The initial state
     (and the attention projection) is computed once per image, then repeated for its samples."""
-    check_length(decoder, max_len, "scst_max_len")
+    check_length(decoder.max_len, max_len, "scst_max_len")
     state = expand(decoder.init_state(features), samples)  # R x ... each
     feats = features.repeat_interleave(samples, 0)  # R x P x D: rows leave one by one as they end
     R, L, dev = feats.size(0), max_len + 1, features.device
@@ -158,8 +162,9 @@ def _block_ngrams(logp, history, n):
 
 
 @torch.no_grad()
-def greedy(decoder, features, vocab, max_len=50):
+def greedy(decoder, features, vocab, max_len=50, max_len_name="max_len="):
     """The most likely word at every step, for a batch. At most max_len words, then <end> is forced."""
+    check_length(decoder.max_len, max_len, max_len_name)
     B, P = features.shape[:2]
     L, dev = max_len + 1, features.device
     state = decoder.init_state(features)
@@ -200,6 +205,7 @@ def beam_search(decoder, features, vocab, options):
     attention maps are not: each step stores its maps and the beam every live hypothesis came from
     (a backpointer), and each image's maps are traced back once, at the end.
     """
+    check_length(decoder.max_len, options.max_len, options.max_len_name)
     K, max_len, penalty = options.beam_size, options.max_len, options.length_penalty
     B, P = features.shape[:2]
     L, dev = max_len + 1, features.device

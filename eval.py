@@ -26,7 +26,7 @@ import results
 import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
-from decoding import beam_search, caption_images
+from decoding import beam_search, caption_images, check_length
 from hardware import OtherLoad, busy_note, timed
 from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
                      scene_errors, scene_measures_of)
@@ -53,7 +53,7 @@ def parse_args():
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")
     p.add_argument("--max-images", type=int, default=0, help="evaluate the first N images only (0: all)")
     p.add_argument("--spice", action="store_true", help="also SPICE (needs Java and Stanford CoreNLP)")
-    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="attention decoder: attend to the "
+    p.add_argument("--hard-inference", choices=["expected", "argmax"], help="hard attention: attend to the "
                    "alpha-weighted mean of the cells (expected) or to the most likely cell (argmax); default: the "
                    "checkpoint's hard_inference")
     p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
@@ -100,7 +100,7 @@ def attention_spread(maps):
 
 def setup(args):
     device = pick_device(args.device)
-    ckpt, encoder, decoder, _ = load_trained(args.checkpoint, device, args.hard_inference)
+    ckpt, encoder, decoder, _ = load_trained(args.checkpoint, device, args.hard_inference, "--hard-inference")
     cfg = ckpt["config"]
     folder, name = args.data_folder or cfg["data_folder"], args.data_name or cfg["data_name"]
     check_word_map(ckpt, load_word_map(folder, name), folder, name, args.checkpoint,
@@ -178,6 +178,7 @@ def main():
     args = parse_args()
     ckpt, dataset, encoder, decoder, device, boxes, refs_file = setup(args)
     vocab, cfg = Vocabulary(ckpt["word_map"]), ckpt["config"]
+    check_length(decoder.max_len, decoding_options(args, cfg, 1).max_len, "--max-len")  # before anything is made
     if args.benchmark_decoding:
         benchmark_decoding(args, dataset, encoder, decoder, vocab, cfg, device)
         return

@@ -229,6 +229,11 @@ class Decoder(nn.Module):
         """Optimiser steps of linear warm-up before the learning rate decays (0: no schedule)."""
         return 0
 
+    @classmethod
+    def longest(cls, cfg):
+        """The most words a decoder of this config can write (None: no limit); its max_len once built."""
+        return None
+
     def set_inference(self, hard_inference):
         """How decoding attends: expected or argmax (hard attention); a no-op for the others."""
 
@@ -515,13 +520,17 @@ class TransformerDecoder(Decoder):
             raise InputError(f"transformer_dim {cfg['transformer_dim']} must be a multiple of transformer_heads "
                              f"{cfg['transformer_heads']}")
         for key in ("max_decode_len", "scst_max_len"):
-            if cfg[key] + 1 > cfg["transformer_positions"]:
+            if cfg[key] > cls.longest(cfg):
                 raise InputError(f"{key} {cfg[key]} needs {cfg[key] + 1} word positions (the words and <end>), but "
                                  f"transformer_positions is {cfg['transformer_positions']}: raise it or lower {key}")
 
     @classmethod
     def warmup_steps(cls, cfg):
         return cfg["transformer_warmup"] if cfg["objective"] == "xe" else 0
+
+    @classmethod
+    def longest(cls, cfg):
+        return cfg["transformer_positions"] - 1  # the words, then <end>
 
     def memory(self, features):
         """Each layer's (keys, values) of the cells, N x heads x P x dim / heads, from features N x P x D."""

@@ -184,7 +184,7 @@ class SelfCritical(Objective):
             was_training = self.decoder.training
             self.decoder.eval()
             with torch.no_grad():
-                g = greedy(self.decoder, features.detach(), self.vocab, cfg["scst_max_len"])
+                g = greedy(self.decoder, features.detach(), self.vocab, cfg["scst_max_len"], "scst_max_len")
             self.decoder.train(was_training)
             baseline = self.reward([s[:-1] for s in g.seqs], images.tolist()).view(-1, 1).expand(-1, k)  # no <end>
         advantage = (r - baseline).flatten().to(out.logprob.device, torch.float32)

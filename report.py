@@ -95,10 +95,13 @@ def header(c):
         if len(g.runs) > 1:
             md.append(f"- Group **{g.name}**: " + ", ".join(f"{r.name} (seed {r.cfg['seed']})" for r in g.runs)
                       + "; the per-image sections show its first run.")
-    for run in c.runs:
-        if not run.results:
-            md.append(f"- **{run.label}: no eval results yet** - run `python eval.py --checkpoint "
-                      f"{os.path.join(run.folder, 'best.pt')} --split {c.split}`, then compare again.")
+        elif g.name != os.path.basename(os.path.normpath(g.first.folder)):
+            md.append(f"- **{g.name}** is the run in {g.first.folder} (seed {g.first.cfg['seed']}).")
+    for g in c.groups:
+        for run in g.runs:
+            if not run.results:
+                md.append(f"- **{g.label}: no eval results yet** - run {run.eval_command(c.split)}, then compare "
+                          "again.")
         if run.stopped_early:
             md.append(f"- {run.label} stopped early after {len(run.epochs)} of {run.cfg['epochs']} epochs "
                       f"(patience {run.cfg['patience']}); its best epoch was {run.best['epoch']}.")
@@ -132,6 +135,8 @@ def summary(c):
         if any(m.method == "images" for m in margins):
             lines.append("  One run per side: these intervals cover which test images were drawn, not which "
                          "training run; seeds (`compare.py --group`) would count that too.")
+        if borrowed(a, b):
+            lines.append(f"  {borrowed(a, b)}")
         ca, cb = group_cost(a, beam), group_cost(b, beam)
         if ca["train_images_per_s"] and cb["train_images_per_s"]:
             ratio = ca["train_images_per_s"] / cb["train_images_per_s"]
@@ -177,8 +182,9 @@ def quality(c):
     used = {r.results.references["kind"] for r in c.evaluated}
     if used:  # eval.py says which references coco-caption scored against
         md += [f"coco-caption metrics against the {' and '.join(sorted(used))} references; nltk BLEU-4 against "
-               "the encoded references (the tutorial's protocol). A group's row is the mean ± standard deviation "
-               "over its seeds (ddof 1), each seed's run below it.", ""]
+               "the encoded references (the tutorial's protocol)." + (
+                   " A group's row is the mean ± standard deviation over its seeds (ddof 1), each seed's run below "
+                   "it." if any(len(g.runs) > 1 for g in c.groups) else ""), ""]
     for b in c.beams:
         keys = [k for k in QUALITY if any(r.quality(b)[k] is not None for r in c.runs)] + list(UNRESAMPLED)
         rows = []
@@ -218,8 +224,19 @@ def margins(c):
                          fmt_p(m.p), fmt_p(m.p_holm), "yes" if m.significant else "no"])
         if rows:
             head = ["measure", a.name, b.name, f"{b.name} - {a.name} [95% interval]", "p", "p (Holm)", "significant"]
-            md += [f"### {b.name} - {a.name}", "", table(head, rows), ""]
+            md += [f"### {b.name} - {a.name}", ""] + ([borrowed(a, b), ""] if borrowed(a, b) else []) + [
+                table(head, rows), ""]
     return md
+
+
+def borrowed(a, b):
+    """The sentence a pair needs when one side is a single run beside several seeds: its seed variance is
+    taken to be the other group's (significance.margin), or None."""
+    if (len(a.runs) == 1) == (len(b.runs) == 1):
+        return None
+    one, many = (a, b) if len(a.runs) == 1 else (b, a)
+    return (f"{one.name} is one run: its seed-to-seed variance, which one run cannot show, is taken to be "
+            f"{many.name}'s ({len(many.runs)} seeds), so these intervals assume the two vary alike from seed to seed.")
 
 
 def cost(c):
@@ -396,7 +413,8 @@ def attention_maps(c):
         return []
     trained = {r.folder: r for r in c.runs if r.maps}.values()  # one curve per training run
     visualize.attention_curves(
-        [(f"{os.path.basename(os.path.normpath(r.folder))} ({r.cfg.get('attention', 'soft')} attention)",
+        [(f"{os.path.basename(os.path.normpath(r.folder))} ("
+          f"{'hard attention' if r.cfg.get('attention') == 'hard' else r.cfg['decoder']})",
           [(sum(e["epoch_time_s"] for e in r.epochs[: i + 1]), e["val_cider"]) for i, e in enumerate(r.epochs)
            if "val_cider" in e],
           [(s["step"], s["attention_grad_var"]) for s in r.steps if "attention_grad_var" in s],

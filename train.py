@@ -29,7 +29,7 @@ from tqdm import tqdm
 
 import distributed
 from checkpoint import RunLog, RunState, check_init, check_word_map, finite_weights, prepare_run_folder
-from config import default_config, dump_yaml, resolve_config
+from config import RUN_KEYS, default_config, dump_yaml, resolve_config
 from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_word_map
 from decoding import DecodeOptions, caption_features
 from hardware import OtherLoad, amp_context, check_amp, peak_memory_mb
@@ -72,6 +72,8 @@ def main():
     run = build_run(cfg, word_map, train_set.image_size, device, rank, world, bool(ckpt or init), train_set)
     if ckpt:
         run.restore(ckpt)
+        for line in resume_changes(run, ckpt["config"]):
+            say(line)
     elif init:
         run.encoder.load_state_dict(init["encoder"])
         run.decoder.load_state_dict(init["decoder"])
@@ -113,6 +115,7 @@ def main():
                            rank == 0)
     last, best = os.path.join(cfg["out"], "last.pt"), os.path.join(cfg["out"], "best.pt")
 
+    first_epoch = run.epoch
     with distributed.StopRequest() as stop:
         try:
             while run.epoch < cfg["epochs"] and not (cfg["patience"] and run.bad_epochs >= cfg["patience"]):
@@ -152,10 +155,17 @@ def main():
                 if stop.agreed(device):
                     raise distributed.Stopped
             else:  # the epochs ran out, or patience did (not max_steps)
-                if cfg["patience"] and run.bad_epochs >= cfg["patience"]:
-                    say(f"early stop: no improvement of {cfg['early_stop_metric']} for {run.bad_epochs} epochs "
-                        f"(patience {cfg['patience']}); best checkpoint in {best}")
-                say(f"done: {run.epoch} epochs, run folder {cfg['out']}")
+                patience_out = cfg["patience"] and run.bad_epochs >= cfg["patience"]
+                if ckpt and run.epoch == first_epoch:
+                    why = (f"it stopped early ({run.bad_epochs} epochs without improvement, patience "
+                           f"{cfg['patience']})" if patience_out else f"it has trained all its {cfg['epochs']} epochs")
+                    say(f"nothing left to train in {cfg['out']}: {why}; give a larger --epochs"
+                        + (" or --patience" if patience_out else "") + " to train on")
+                else:
+                    if patience_out:
+                        say(f"early stop: no improvement of {cfg['early_stop_metric']} for {run.bad_epochs} epochs "
+                            f"(patience {cfg['patience']}); best checkpoint in {best}")
+                    say(f"done: {run.epoch} epochs, run folder {cfg['out']}")
             if dist.is_initialized():
                 distributed.check_ranks_agree((run.encoder, run.decoder), world)
                 say(f"ranks agree: identical parameters on all {world} processes")
@@ -205,6 +215,29 @@ def build_run(cfg, word_map, image_size, device, rank=0, world=1, resuming=False
                                   and cfg["amp_dtype"] == "float16")
     return RunState(cfg, word_map, image_size, encoder, decoder, objective, decoder_optimizer,
                     encoder_optimizer, scaler, device, rank, world)
+
+
+def resume_changes(run, trained):
+    """What a resumed run says of the training keys given anew (the model's are refused): which changed,
+    from when they apply, and what that does to the learning rate, which the optimiser state brings back."""
+    cfg, trained = run.cfg, {**default_config(), **trained}
+    changed = [k for k in cfg if k not in RUN_KEYS and cfg[k] != trained.get(k)]
+    if not changed:
+        return []
+    lines = [f"resumed at step {run.step} with changed keys, which apply from here on: "
+             + ", ".join(f"{k} {trained[k]} -> {cfg[k]}" for k in changed)]
+    group = run.decoder_optimizer.param_groups[0]
+    base = group.get("base_lr", group["lr"])
+    ignored = [k for k in ("decoder_lr", "scst_lr") if k in changed]
+    if ignored:
+        lines.append(f"  {ignored[0]} does not change a resumed run: the optimiser keeps the checkpoint's base rate "
+                     f"{base:.3g} (start a new run with --init_from for another rate)")
+    before = base * lr_factor(run.step, run.decoder.warmup_steps(trained))
+    after = base * lr_factor(run.step, run.decoder.warmup_steps(cfg))
+    if not math.isclose(before, after):
+        lines.append(f"  the learning-rate schedule changes with them: at step {run.step} the rate goes from "
+                     f"{before:.3g} to {after:.3g} at once (the warm-up is a function of the step)")
+    return lines
 
 
 def train_epoch(run, loader, amp, stop):
@@ -341,7 +374,7 @@ def validate(run, loader, amp, stop):
     run.encoder.eval()
     run.decoder.eval()
     vocab = run.vocab
-    options = DecodeOptions(cfg["val_beam_size"], cfg["max_decode_len"])
+    options = DecodeOptions(cfg["val_beam_size"], cfg["max_decode_len"], max_len_name="max_decode_len")
     sums = LossSums(device=device)
     references, hypotheses = [], []
     for batch in tqdm(loader, desc="validate", unit="batch", leave=False, disable=run.rank > 0):

@@ -32,7 +32,8 @@ def main():
     ckpt, encoder, decoder, vocab = load_trained(args.checkpoint, torch.device("cpu"))
     cfg = ckpt["config"]
     if not hasattr(decoder, "map_layer"):
-        raise InputError(f"{args.checkpoint} is a {cfg['decoder']} decoder: this script is for --decoder transformer")
+        raise InputError(f"{args.checkpoint} was trained with --decoder {cfg['decoder']}: this script is for --decoder "
+                         "transformer")
     boxes = load_boxes(cfg["data_folder"], cfg["data_name"], args.split)
     if boxes is None:
         raise InputError(f"{cfg['data_folder']} has no object boxes: pointing is measured on shapes data only")

@@ -199,3 +199,43 @@ def test_a_new_users_mistakes_are_one_line_each(trained, tmp_path, monkeypatch, 
     assert code == 0 and "replacing 2 of an earlier run" in out
     with pytest.raises(InputError, match="beam_size must be at least 1, got 0"):
         Captioner(run_folder / "best.pt").caption([src / "photo0.jpg"], beam_size=0)
+
+
+def test_options_a_decoder_cannot_take_are_refused_as_typed(trained, tmp_path, monkeypatch, capsys):
+    """A caption longer than the Transformer's position table, and --hard-inference for a decoder without
+    hard attention, are refused in one line naming the option as the user gave it (caption.py, eval.py,
+    its decoding benchmark, bench.py, the Python API) and before any work; the API takes a run folder as
+    caption.py does."""
+    import bench
+    import caption
+    import eval as ev
+    from captioner import Captioner
+    from utils import InputError
+    src = photos(tmp_path / "in", 1)
+    ckpt = trained("transformer")
+    run_folder = tmp_path / "run"
+    shutil.copytree(ckpt.parent, run_folder)
+    captioner = Captioner(run_folder, "cpu")  # a run folder: its best.pt
+    assert capsys.readouterr().out == f"{run_folder} is a run folder: using its best.pt\n"
+    with pytest.raises(InputError, match=r"^max_len=64 is more words .* allow 63 words and <end>; give max_len=63"):
+        captioner.caption([src / "missing.jpg"], max_len=64)  # refused before any image is read
+    for decoder in ("transformer", "rnn"):
+        with pytest.raises(InputError, match=r"^hard_inference=argmax chooses how hard attention picks its cell; .* "
+                                             f"--decoder {decoder}, which has no cell to pick"):
+            Captioner(trained(decoder), "cpu", hard_inference="argmax")
+    out = tmp_path / "out"
+    for module, argv, said in (
+            (caption, ["--image", src / "photo0.jpg", "--out", out, "--max-len", 100], "--max-len 100 is more words"),
+            (caption, ["--image", src / "photo0.jpg", "--out", out, "--hard-inference", "argmax"],
+             "--hard-inference argmax chooses"),
+            (ev, ["--beam-size", 3, "--benchmark-decoding", 2, "--max-len", 100], "--max-len 100 is more words"),
+            (ev, ["--beam-size", 1, "--max-len", 100, "--out", out / "e.json"], "--max-len 100 is more words"),
+            (ev, ["--hard-inference", "expected"], "--hard-inference expected chooses")):
+        code, err = run_main(module, ["--checkpoint", ckpt, *argv], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and said in err, (module.__name__, argv, err)
+    from scripts import transformer_maps
+    code, err = run_main(transformer_maps, ["--checkpoint", trained("attention")], monkeypatch, capsys)
+    assert code == 2 and "was trained with --decoder attention: this script is for --decoder transformer" in err, err
+    code, err = run_main(bench, ["--tiny", "--decoder", "rnn", "transformer", "--decode-len", 70], monkeypatch, capsys)
+    assert code == 2 and "--decode-len 70 is more words" in err and "give --decode-len 63 or less" in err, err
+    assert not out.exists()

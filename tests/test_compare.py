@@ -7,7 +7,7 @@ import shutil
 import pytest
 import yaml
 
-from tests.helpers import page_data, refused, run_script, train_args
+from tests.helpers import page_data, refused, run_main, run_script, train_args
 
 pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
@@ -167,3 +167,47 @@ def test_three_decoders_side_by_side(evaluated, trained, tmp_path):
     data = page_data((out / "report.html").read_text())
     assert [(r["name"], r["grid"]) for r in data["runs"]] == [("rnn", None), ("attention", 4), ("transformer", 4)]
     assert (out / "attention.png").stat().st_size > 1000
+
+
+def test_groups_say_what_is_wrong_and_name_one_thing_one_way(evaluated, trained, tmp_path, monkeypatch, capsys):
+    """A pair of a group with itself, a group holding a run not yet evaluated, and a group mixing decoders
+    are refused in one line that says what to do; a one-run group keeps its group's name throughout; a
+    single run paired with a group of seeds says that it borrows the group's seed variance; a report of
+    plain runs does not explain group rows."""
+    import compare
+    import eval as ev
+    rnn, soft = evaluated
+    tf = tmp_path / "demo-transformer"
+    shutil.copytree(trained("transformer").parent, tf)
+    assert run_main(ev, ["--checkpoint", tf / "best.pt", "--beam-size", 3], monkeypatch, capsys)[0] == 0
+    unevaluated = tmp_path / "soft-s1"
+    shutil.copytree(trained("attention").parent, unevaluated)
+    seed1 = tmp_path / "soft-seed1"  # the same results as another seed: a group of two with no spread
+    shutil.copytree(soft, seed1)
+    cfg = yaml.safe_load((seed1 / "config.yaml").read_text())
+    (seed1 / "config.yaml").write_text(yaml.safe_dump({**cfg, "seed": 1, "out": str(seed1)}))
+    out = tmp_path / "report"
+    for argv, said in (
+            (["--group", "tf", tf, "--group", "soft", soft, "--pair", "soft", "soft"],
+             "--pair soft soft pairs soft with itself: name two different groups or runs"),
+            (["--group", "soft", soft, unevaluated, "--group", "tf", tf],
+             f"group soft: {unevaluated} has no eval_TEST.json yet: run python eval.py --checkpoint "
+             f"{unevaluated / 'best.pt'} on it first"),
+            (["--group", "mixed", soft, tf, "--group", "plain", rnn], "differ in decoder ('attention' against "
+                                                                      "'transformer')")):
+        code, err = run_main(compare, [*argv, "--out", out], monkeypatch, capsys)
+        assert code == 2 and err.count("\n") == 1 and said in err, (argv, err)
+        assert not out.exists()
+    code, err = run_main(compare, ["--group", "tf", tf, "--group", "soft", soft, seed1, "--out", out, "--beam-size", 3],
+                         monkeypatch, capsys)
+    assert code == 0, err
+    report = (out / "report.md").read_text()
+    assert "demo-transformer (transformer)" not in report
+    assert "**tf (transformer)**" in report and "### soft - tf" in report
+    assert f"- **tf** is the run in {tf} (seed 42)." in report
+    borrowed = "tf is one run: its seed-to-seed variance, which one run cannot show, is taken to be soft's (2 seeds)"
+    assert report.count(borrowed) == 2  # in the summary and above the pair's margins
+    assert "A group's row is the mean" in report
+    code, err = run_main(compare, [rnn, soft, "--out", tmp_path / "plain", "--beam-size", 3], monkeypatch, capsys)
+    plain = (tmp_path / "plain" / "report.md").read_text()
+    assert code == 0 and "A group's row" not in plain and "is one run: its seed-to-seed" not in plain

@@ -7,7 +7,7 @@ import torch
 
 from config import merge_config
 from datasets import Vocabulary
-from decoding import DecodeOptions, beam_search, decode, greedy
+from decoding import DecodeOptions, beam_search, decode, greedy, sample
 from models import DECODERS, ModelConfig, build_decoder, caption_loss, decoder_class
 from utils import InputError
 
@@ -190,8 +190,15 @@ def test_transformer_map_layer_and_positions():
     torch.testing.assert_close(mean, (first + last) / 2)
     assert dec.max_len == 23  # 24 positions: 23 words and <end>
     decode(dec, features(1), VOCAB, DecodeOptions(max_len=23))
-    with pytest.raises(InputError, match="--max-len 24 .* transformer_positions allow 23 words"):
+    with pytest.raises(InputError, match="^max_len=24 is more .* transformer_positions allow 23 words.*max_len=23 or"):
         decode(dec, features(1), VOCAB, DecodeOptions(beam_size=3, max_len=24))
+    # every search checks, whatever path reached it (eval.py's benchmark calls beam_search itself), and says
+    # the option as the user typed it
+    for search in (lambda: beam_search(dec, features(1), VOCAB, DecodeOptions(3, 24, max_len_name="--max-len")),
+                   lambda: greedy(dec, features(1), VOCAB, 24, "--max-len"),
+                   lambda: sample(dec, features(1), VOCAB, 2, max_len=24)):
+        with pytest.raises(InputError, match="^(--max-len|scst_max_len) 24 is more words"):
+            search()
     long, long_lengths = padded([26])
     with pytest.raises(InputError, match="needs 25 word positions, but transformer_positions is 24"):
         dec(features(1), long, long_lengths)

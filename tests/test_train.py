@@ -6,6 +6,7 @@ import math
 import os
 import re
 import shutil
+import sys
 
 import pytest
 import torch
@@ -289,3 +290,29 @@ def test_grouped_batches_need_a_multiple_of_the_captions_per_image(tmp_path, sha
     r = train(tmp_path / "rnn", shapes_data, decoder="rnn", epochs=1, **GROUPED)
     assert r.returncode == 0, r.stderr
     assert "BatchNorm (its initial state) normalises over 4 images per batch, not 8" in r.stdout
+
+
+def test_resume_says_what_is_left_and_what_changed(trained, tmp_path, monkeypatch, capsys):
+    """A finished run resumed as it is says there is nothing left to train; resumed with more epochs and
+    another warm-up, it names the changed keys and the learning rate's jump (docs/troubleshooting.md)."""
+    import train as train_script
+    from utils import run_cli
+    run = tmp_path / "run"
+    shutil.copytree(trained("transformer").parent, run)
+
+    def resume(*argv):
+        monkeypatch.setattr(sys, "argv", ["train.py", "--resume", str(run / "last.pt"), *map(str, argv)])
+        run_cli(train_script.main)
+        return capsys.readouterr().out
+
+    out = resume()
+    assert f"nothing left to train in {run}: it has trained all its 12 epochs; give a larger --epochs" in out
+    assert "done:" not in out and "changed keys" not in out
+    step = load(run / "last.pt")["step"]
+    out = resume("--epochs", 13, "--transformer_warmup", 50, "--decoder_lr", 1)
+    assert (f"resumed at step {step} with changed keys, which apply from here on: transformer_warmup 4 -> 50, epochs "
+            "12 -> 13, decoder_lr 0.005 -> 1.0") in out
+    assert "decoder_lr does not change a resumed run: the optimiser keeps the checkpoint's base rate 0.005" in out
+    before, after = (5e-3 * min((step + 1) / w, math.sqrt(w / (step + 1))) for w in (4, 50))
+    assert f"at step {step} the rate goes from {before:.3g} to {after:.3g} at once" in out
+    assert "done: 13 epochs" in out
