@@ -1,7 +1,9 @@
 # Targets (everything runs in .venv, created on first use):
 #   install     .venv with the packages of requirements.txt and this project (pip install -e .)
 #   test        the whole test suite, what CI runs
-#   test-fast   the tests that start no subprocess, for the edit-and-test loop
+#   test-fast   the tests that need no prepared data, trained model or process of their own, for the
+#               edit-and-test loop (about a minute)
+#   coverage    make test with line coverage (pytest-cov), the scripts' subprocesses counted too
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
 #   demo        shapes data, pretrained encoder, both decoders trained and evaluated, compared into
@@ -46,7 +48,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast lint browser demo transformer seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
+.PHONY: install test test-fast coverage lint browser demo transformer seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
 	clean
 
 install: $(STAMP)
@@ -64,6 +66,12 @@ test: install
 
 test-fast: install
 	$(PYTEST) -m "not slow"
+
+# Line coverage of the whole suite, scripts started in subprocesses included (coverage.py's subprocess
+# patch; [tool.coverage] in pyproject.toml): slower than make test, for the figure, not for every change.
+coverage: install
+	rm -rf .coverage-data && mkdir .coverage-data
+	COVERAGE_ROOT=$(CURDIR) $(PYTEST) --cov --cov-report=term
 
 lint: install
 	$(PY) -m ruff check .

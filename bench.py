@@ -28,7 +28,8 @@ import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
 from hardware import OtherLoad, amp_context, busy_note, peak_memory_mb, sync, timed
 from decoding import DecodeOptions, check_length, decode
-from models import DECODERS, TransformerDecoder, decoder_class
+from models import DECODERS, TINY, decoder_class
+from transformer import TransformerDecoder
 from config import default_config, merge_config, read_yaml
 from utils import ArgumentParser, InputError, atomic_path, pick_device, run_cli
 
@@ -79,10 +80,7 @@ def model_config(args):
     cfg = merge_config(cfg, {"device": args.device, "workers": 0, "encoder_weights": "none",
                              "max_decode_len": args.decode_len}, "bench.py")
     if args.tiny:
-        cfg = merge_config(cfg, {"encoder": "resnet18", "encoder_stages": 2, "encoded_size": 4, "emb_dim": 16,
-                                 "decoder_dim": 32, "attention_dim": 16, "coord_channels": False,
-                                 "transformer_layers": 1, "transformer_heads": 2, "transformer_dim": 16,
-                                 "transformer_ff_dim": 32}, "--tiny")
+        cfg = merge_config(cfg, {**TINY, "encoder_stages": 2}, "--tiny")  # a stage past the stem, to fine-tune
         args.image_size, args.vocab, args.caption_len, args.runs, args.steps = 32, 50, 8, 2, 1
         args.batch_size, args.decode_images, args.decode_single, args.warmup = [4], 8, 2, 1
     return cfg

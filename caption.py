@@ -17,12 +17,12 @@ run unless --skip-bad-images is given.
 """
 import os
 
-import htmlpage
 from captioner import Captioner
 from config import add_decoding_arguments
 from datasets import SPECIAL_TOKENS, load_image
 from utils import ArgumentParser, InputError, atomic_path, checkpoint_file, grid_side, run_cli
-from visualize import DPI, attention_bytes, caption_figure, save
+from results import attention_bytes
+from visualize import DPI, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -120,6 +120,7 @@ def main():
             cap = {"caption": " ".join(caption.words)}
             if caption.alphas is not None:
                 cap["attention"] = attention_bytes(caption.alphas)
+            import htmlpage  # the HTML code, only for --html
             rows.append({"src": htmlpage.image_uri(shown), "title": path, "refs": [], "caps": [cap]})
     print(f"saved {len(paths)} PNG(s) {'as ' + out if to_file else 'in ' + out + '/'}"
           + (f", replacing {replaced} of an earlier run (--out FOLDER keeps them)" if replaced else ""))
@@ -129,6 +130,7 @@ def main():
 
 def write_page(args, captioner, captions, rows):
     """caption.py --html: every image and its caption, in the results browser's layout (htmlpage.py)."""
+    import htmlpage
     alphas = captions[0].alphas
     run = os.path.basename(os.path.dirname(os.path.abspath(args.checkpoint)))
     help_text = f"Captions by {args.checkpoint} at beam {args.beam_size}."

@@ -7,16 +7,56 @@
 
 caption.py is built on it. Images go through the same loading and resizing as the training data.
 """
+import importlib
+import importlib.util
 import os
+import sys
 
 import numpy as np
 import torch
 from PIL import Image
 
-from datasets import image_array, load_image
-from decoding import DecodeOptions, caption_images, check_length
-from checkpoint import load_trained
-from utils import InputError, pick_device
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def own_modules(*names):
+    """This repository's modules `names` (and all they import), imported from its folder even from a
+    notebook elsewhere beside another package of the same name (Hugging Face's `datasets` is common),
+    installed or already imported: `pip install -e .` installs the flat modules under plain names, and
+    an installed package of that name would come first. The user's own `import datasets` still gets
+    theirs afterwards: the names of ours that another module shares leave sys.modules again (our
+    modules keep what they imported). Modules imported this way must not import such a name inside a
+    function, when it would be looked up again."""
+    mine = {f[:-3] for f in os.listdir(HERE) if f.endswith(".py")}
+
+    def here(module):
+        return os.path.dirname(os.path.abspath(getattr(module, "__file__", "") or "")) == HERE
+    theirs = {n: sys.modules.pop(n) for n in mine if n in sys.modules and not here(sys.modules[n])}
+    sys.path.insert(0, HERE)
+    try:
+        modules = [importlib.import_module(n) for n in names]
+    finally:
+        sys.path.remove(HERE)
+    for name in [n for n in mine if n in sys.modules and here(sys.modules[n])]:
+        ours = sys.modules.pop(name)
+        if name in theirs:
+            sys.modules[name] = theirs[name]
+        elif not elsewhere(name):
+            sys.modules[name] = ours  # no other module of this name: ours stays imported as usual
+    return modules
+
+
+def elsewhere(name):
+    """Whether `import name` (ours not imported) would find a module outside this folder."""
+    spec = importlib.util.find_spec(name)
+    return spec is not None and spec.origin is not None and os.path.dirname(os.path.abspath(spec.origin)) != HERE
+
+
+datasets, decoding, checkpoint, utils = own_modules("datasets", "decoding", "checkpoint", "utils")
+image_array, load_image = datasets.image_array, datasets.load_image
+DecodeOptions, caption_images, check_length = decoding.DecodeOptions, decoding.caption_images, decoding.check_length
+load_trained = checkpoint.load_trained
+InputError, pick_device = utils.InputError, utils.pick_device
 
 
 class Captioner:

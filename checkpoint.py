@@ -8,6 +8,7 @@ RunState.restore reads them back, and check_resumable refuses a file that lacks 
 load_trained reads only config, model, word_map, image_size, encoder and decoder.
 """
 import glob
+import hashlib
 import json
 import math
 import os
@@ -20,7 +21,8 @@ import torch
 
 import distributed
 from datasets import Vocabulary, data_path
-from models import ModelConfig, build_decoder, build_encoder
+from encoder import build_encoder
+from models import ModelConfig, build_decoder
 from objectives import LossSums
 from utils import InputError, atomic_path, checkpoint_file
 
@@ -128,7 +130,7 @@ class RunState:
     def __post_init__(self):
         self.Sums = self.objective_module.Sums  # LossSums, AttentionSums or RewardSums
         self.sums, self.window = self.Sums(device=self.device), self.Sums(device=self.device)
-        self.attention_grads = AttentionGrads(getattr(self.decoder, "attention", None), self.device)
+        self.attention_grads = AttentionGrads(self.decoder.attention_parameters(), self.device)
         self.vocab = Vocabulary(self.word_map)
         self.params = [p for o in self.optimizers for g in o.param_groups for p in g["params"]]  # for clipping
 
@@ -201,8 +203,8 @@ class AttentionGrads:
     each attention parameter's gradient, averaged over the parameters, and the signal-to-noise ratio
     (mean squared mean gradient / that variance). Hard attention's estimators differ most in this."""
 
-    def __init__(self, attention, device):
-        self.params = list(attention.parameters()) if attention is not None else []
+    def __init__(self, params, device):
+        self.params = params
         size = sum(p.numel() for p in self.params)
         self.sum = torch.zeros(size, dtype=torch.float64, device=device)
         self.squares = torch.zeros_like(self.sum)
@@ -236,6 +238,15 @@ class AttentionGrads:
         if self.params:
             self.sum.copy_(state["sum"]), self.squares.copy_(state["squares"])
             self.steps = state["steps"]
+
+
+def weights_id(ckpt):
+    """A short fingerprint of a checkpoint's weights: eval.py's results say which model they score."""
+    digest = hashlib.sha1()
+    for part in ("encoder", "decoder"):
+        for name, value in sorted(ckpt[part].items()):
+            digest.update(name.encode() + value.cpu().contiguous().view(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def check_resumable(ckpt, cfg, path):

@@ -17,7 +17,8 @@ holds the sections).
 """
 import json
 import os
-from dataclasses import dataclass, field
+import statistics
+from dataclasses import asdict, dataclass, field
 from functools import cached_property
 
 import yaml
@@ -29,7 +30,7 @@ from config import RUN_KEYS, default_config
 from datasets import CaptionDataset, Vocabulary, load_references, load_word_map
 from models import decoder_class
 from report import QUALITY, UNRESAMPLED
-from results import Margin, comparison_json, mean_sd, read_results, read_table
+from results import Interval, Margin, comparison_json, mean_sd, read_results, read_table
 from utils import ArgumentParser, InputError, atomic_path, run_cli, write_json
 
 
@@ -103,7 +104,7 @@ class Run:
 
     @cached_property
     def cost(self):
-        median = lambda xs: sorted(xs)[len(xs) // 2] if xs else None  # noqa: E731
+        median = lambda xs: statistics.median_high(xs) if xs else None  # noqa: E731
         return {
             "parameters": self.results.decoder_parameters if self.results else None,
             "train_images_per_s": median([e["images_per_s"] for e in self.epochs]),
@@ -124,10 +125,7 @@ class Run:
         over the second half of training: how jagged the curve is (compare runs with the same log_every)."""
         losses = [s["loss"] for s in self.steps[len(self.steps) // 2:] if "loss" in s]  # scst logs rewards
         changes = [b - a for a, b in zip(losses, losses[1:], strict=False)]
-        if len(changes) < 2:
-            return None
-        mean = sum(changes) / len(changes)
-        return (sum((c - mean) ** 2 for c in changes) / (len(changes) - 1)) ** 0.5
+        return statistics.stdev(changes) if len(changes) > 1 else None
 
     def table(self, beam):
         """eval.py's per-image results.ImageTable at one beam size, read once, or None."""
@@ -171,8 +169,7 @@ def experiment(run):
     out = {k: v for k, v in run.cfg.items() if k not in RUN_KEYS}
     if run.results:
         r = run.results
-        out.update({"evaluated data": f"{r.data_name} in {os.path.realpath(r.data_folder)}", "split": r.split,
-                    "images": r.images, "attention inference": r.attention_inference})
+        out.update({**r.scored_on, "attention inference": r.attention_inference})
     return out
 
 
@@ -219,8 +216,10 @@ def check_same_images(runs):
     """Refuse, before anything is written, runs whose eval results score different images: their
     margins would compare two datasets."""
     evaluated = [r for r in runs if r.results]
-    what = lambda r: (f"{r.results.data_name} ({os.path.realpath(r.results.data_folder)}), split "  # noqa: E731
-                      f"{r.results.split}, {r.results.images} images")
+    def what(run):
+        scored = run.results.scored_on
+        return f"{scored['evaluated data']}, split {scored['split']}, {scored['images']} images"
+
     for run in evaluated[1:]:
         if what(run) != what(evaluated[0]):
             raise InputError(f"{evaluated[0].name} was scored on {what(evaluated[0])} and {run.name} on {what(run)}: "
@@ -313,10 +312,9 @@ class Comparison:
             draws = [[self.draws(r, beam).get(key) for r in g.runs] for g in (a, b)]
             if key in QUALITY and all(d is not None for side in draws for d in side):
                 interval = significance.margin(values_a, values_b, *draws)
-                out.append(Margin(a.name, b.name, beam, key, interval.difference, interval.low, interval.high,
-                                  interval.p, method=interval.method))
             else:
-                out.append(Margin(a.name, b.name, beam, key, mean_sd(values_b)[0] - mean_sd(values_a)[0]))
+                interval = Interval(mean_sd(values_b)[0] - mean_sd(values_a)[0])
+            out.append(Margin(**asdict(interval), a=a.name, b=b.name, beam=beam, measure=key))
         tested = [m for m in out if m.p is not None]
         for m, adjusted in zip(tested, significance.holm([m.p for m in tested]), strict=True):
             m.p_holm = adjusted

@@ -4,19 +4,19 @@ file (--config) and --key value pairs overlay it, each value checked against the
 Paths in a config (data_folder, encoder_weights, out, init files) are used as written: a relative
 path is relative to the folder the command runs in, at the time it runs.
 """
+import argparse
 import difflib
 import os
 import re
 from dataclasses import fields
 
 from models import DECODERS, ModelConfig, decoder_class
-from utils import InputError, at_least, atomic_path, option_key
+from utils import ArgumentParser, InputError, at_least, atomic_path, one_spelling, option_key
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs")
 MODEL_FIELDS = fields(ModelConfig)  # the model's keys bring their own bounds
-CHOICES = {
+CHOICES = {  # decoder's choices are DECODERS' names when a value is checked (a decoder registered later counts)
     **{f.name: f.metadata["choices"] for f in MODEL_FIELDS if "choices" in f.metadata},
-    "decoder": tuple(DECODERS),
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
@@ -34,7 +34,7 @@ AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.met
             "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1, "hard_sample_p": 0.0, "hard_lambda_r": 0.0,
             "hard_lambda_e": 0.0, "hard_samples": 1, "hard_tau": 0.0,
             "decoder_lr": 0.0, "encoder_lr": 0.0, "grad_clip": 0.0, "alpha_c": 0.0, "dropout": 0.0,
-            "transformer_dropout": 0.0, "transformer_warmup": 0, "label_smoothing": 0.0}
+            "label_smoothing": 0.0}  # besides these, each decoder class's training_bounds
 TRUE, FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0")
 # What says where and how a run ran, not what it is: runs whose configs differ only in these keys are
 # seeds of one experiment (compare.py --group refuses any other difference).
@@ -59,9 +59,22 @@ def default_config():
     return read_yaml(os.path.join(CONFIG_DIR, "default.yaml"))
 
 
+def choices(key):
+    """The values a key may take (None: any of its type)."""
+    return tuple(DECODERS) if key == "decoder" else CHOICES.get(key)
+
+
+def lowest(key):
+    """The least value a key may take (None: no bound): config.AT_LEAST's, a ModelConfig field's, or the
+    training_bounds of the decoder class whose key it is."""
+    bounds = {k: v for cls in DECODERS.values() for k, v in cls.training_bounds.items()} | AT_LEAST
+    return bounds.get(key)
+
+
 def _coerce(key, value, default, source):
     """`value` (from YAML, or a string from the command line) as the type of the default."""
     kind = type(default)
+    allowed, low = choices(key), lowest(key)
     if key == "cache_features" and isinstance(value, str) and value.lower() in TRUE + FALSE:
         value = value.lower() in TRUE  # cache_features: true on the command line
     try:
@@ -76,18 +89,18 @@ def _coerce(key, value, default, source):
     except ValueError:
         pass
     ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
-    if key in CHOICES:
+    if allowed:
         ok = True  # checked against the choices below
     elif default is None:
         ok = value is None or isinstance(value, str)
     if not ok:
         expected = "a string or null" if default is None else kind.__name__
         raise InputError(f"{source}: {key} must be {expected}, got {value!r}")
-    if key in CHOICES and value not in CHOICES[key]:
-        raise InputError(f"{source}: {key} must be one of {', '.join(map(str, CHOICES[key]))}, got {value!r}")
-    if key in AT_LEAST and value < AT_LEAST[key] or key.endswith("_lr") and value <= 0:
-        low = "> 0" if key.endswith("_lr") else f">= {AT_LEAST[key]}"
-        raise InputError(f"{source}: {key} must be {low}, got {value!r}")
+    if allowed and value not in allowed:
+        raise InputError(f"{source}: {key} must be one of {', '.join(map(str, allowed))}, got {value!r}")
+    if low is not None and value < low or key.endswith("_lr") and value <= 0:
+        bound = "> 0" if key.endswith("_lr") else f">= {low}"
+        raise InputError(f"{source}: {key} must be {bound}, got {value!r}")
     return value
 
 
@@ -105,52 +118,63 @@ def merge_config(cfg, updates, source):
     return cfg
 
 
-def parse_cli(argv, flags=()):
-    """`--key value` / `--key=value` pairs, plus the value-less `flags`. Returns (flags set, pairs)."""
-    pairs, seen = {}, set()
-    i = 0
-    while i < len(argv):
-        arg = argv[i]
-        if not arg.startswith("--"):
-            raise InputError(f"unexpected argument {arg!r}: options are --key value")
-        key, eq, value = arg[2:].partition("=")
-        key = option_key(key)
-        if key in flags:
-            seen.add(key)
-            i += 1
-            continue
-        if not eq:
-            if i + 1 >= len(argv) or argv[i + 1].startswith("--"):
-                raise InputError(f"--{key} needs a value")
-            value, i = argv[i + 1], i + 1
-        pairs[key] = value
-        i += 1
-    return seen, pairs
-
-
 def dump_yaml(cfg, path):
     import yaml
     with atomic_path(path) as tmp, open(tmp, "w") as f:
         yaml.safe_dump(cfg, f, sort_keys=False)
 
 
-def config_help():
-    """Every key of configs/default.yaml with its default and comment, grouped as in the file: the
-    text of train.py --help."""
-    lines, key = [], None
+def config_keys():
+    """[title, its comment's further lines, [(key, default as written, comment)]] for each section of
+    configs/default.yaml, in its order: what train.py's command line is made of."""
+    sections, key = [], None
     with open(os.path.join(CONFIG_DIR, "default.yaml")) as f:
         text = f.read().split("\n\n", 1)[1]  # after the file's own header
-        for line in text.splitlines():
-            entry = re.match(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$", line)
-            if entry:
-                key, value, comment = entry.groups()
-                lines.append(f"{'  --' + key + ' ' + value:<46s}{comment or ''}".rstrip())
-            elif re.match(r"^\s+#", line) and key:  # a comment continued on the next line
-                lines.append(" " * 46 + line.strip().lstrip("# "))
-            elif line.startswith("# "):
-                key = None
-                lines.append(f"\n{line[2:]}:" if lines else f"{line[2:]}:")
-    return "\n".join(lines)
+    for line in text.splitlines():
+        entry = re.match(r"^(\w+):\s*(.*?)\s*(?:#\s*(.*))?$", line)
+        if line.startswith("# ") and sections and not sections[-1][2]:  # a section's title, continued
+            sections[-1][1] += line[2:] + " "
+        elif line.startswith("# "):
+            sections.append([line[2:], "", []])
+        elif entry:
+            key, value, comment = entry.groups()
+            if key == "decoder":  # the registry's names, whatever decoders it holds when asked
+                comment = f"{comment}: {' | '.join(DECODERS)}"
+            sections[-1][2].append([key, value, comment or ""])
+        elif re.match(r"^\s+#", line) and key:  # a comment continued on the next line
+            sections[-1][2][-1][2] += " " + line.strip().lstrip("# ")
+    return sections
+
+
+def train_parser(usage):
+    """train.py's argparse parser, made from configs/default.yaml: a --KEY VALUE option per key (its
+    default shown, its comment the help), besides --config, --resume and --overwrite. Values are strings
+    here; merge_config gives each the type of its default and checks its bounds."""
+    p = ArgumentParser(prog="train.py", usage="train.py [--config FILE] [--resume CHECKPOINT] [--overwrite] "
+                       "[--KEY VALUE ...]", description=usage, formatter_class=argparse.RawDescriptionHelpFormatter,
+                       allow_abbrev=False, spellings=False)
+    p.add_argument("--config", metavar="FILE", help="a YAML file of key: value pairs over configs/default.yaml")
+    p.add_argument("--resume", metavar="CHECKPOINT", help="a run's last.pt (or best.pt): continue it in its folder")
+    p.add_argument("--overwrite", action="store_true", help="replace the run already in --out")
+    for title, more, keys in config_keys():
+        group = p.add_argument_group(title, more.strip() or None)
+        for key, value, comment in keys:
+            group.add_argument(f"--{key}", default=argparse.SUPPRESS, metavar=value or "null",
+                               help=comment.replace("%", "%%"))
+    return p
+
+
+def parse_train_args(argv, usage=""):
+    """train.py's command line -> ({key: value as given}, --config, --resume, --overwrite); a key
+    configs/default.yaml does not have is refused with the nearest one."""
+    p = train_parser(usage)
+    args, unknown = p.parse_known_args(one_spelling(argv))
+    for arg in unknown:
+        if arg.startswith("--"):
+            merge_config(default_config(), {arg[2:].split("=")[0]: None}, "command line")  # says the nearest key
+        p.error(f"unexpected argument {arg!r}: options are --key value")
+    given = {k: v for k, v in vars(args).items() if k not in ("config", "resume", "overwrite")}
+    return given, args.config, args.resume, args.overwrite
 
 
 def resolve_config(argv, usage=""):
@@ -161,11 +185,7 @@ def resolve_config(argv, usage=""):
     continues in the folder that holds its checkpoint, whatever folder the checkpoint's config names
     (the run may have been copied or moved since), unless --out says otherwise."""
     from checkpoint import check_resumable, load_checkpoint
-    flags, pairs = parse_cli(argv, flags=("overwrite", "help"))
-    if "help" in flags:
-        print(usage + "\nconfig keys (configs/default.yaml; --key value or --key=value):\n\n" + config_help())
-        raise SystemExit(0)
-    resume, config_file = pairs.pop("resume", None), pairs.pop("config", None)
+    pairs, config_file, resume, overwrite = parse_train_args(argv, usage)
     ckpt = load_checkpoint(resume) if resume else None
     from_file = {option_key(k): v for k, v in read_yaml(config_file).items()} if config_file else {}
     # init_from means the same from the command line or a config file: the new run starts from that
@@ -198,7 +218,7 @@ def resolve_config(argv, usage=""):
                          f"{cfg['hard_tau']})")
     if not cfg["out"]:
         cfg["out"] = os.path.join("runs", cfg["decoder"])
-    return cfg, ckpt, init, "overwrite" in flags
+    return cfg, ckpt, init, overwrite
 
 
 def add_decoding_arguments(parser, beam_size):

@@ -1,7 +1,7 @@
 """Decoding through the decoders' one step API: greedy, batched beam search, and sampling.
 
 Every search goes through `decoder.init_state(features)` and `decoder.step(prev_words, state,
-features)` (models.py), so validation, eval.py, caption.py and self-critical training decode the same
+features)` (decoders.py), so validation, eval.py, caption.py and self-critical training decode the same
 way. `caption_images` is the one path from images to words; `sample` draws captions with their
 log-probabilities for self-critical training.
 """
@@ -10,7 +10,8 @@ from dataclasses import dataclass, field
 
 import torch
 
-from models import expand, features_of
+from decoders import expand
+from encoder import features_of
 from utils import InputError
 
 @dataclass(frozen=True)

@@ -30,11 +30,9 @@ from decoding import beam_search, caption_images, check_length
 from hardware import OtherLoad, busy_note, timed
 from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
                      scene_errors, scene_measures_of)
-from checkpoint import check_word_map, load_trained
-from models import weights_id
+from checkpoint import check_word_map, load_trained, weights_id
 from utils import (ArgumentParser, at_least, checkpoint_file, grid_side, pick_device,
                    run_cli)
-from visualize import attention_bytes
 
 COLUMNS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4")
 
@@ -83,7 +81,7 @@ def image_rows(ids, image_ids, caps, coco, references, boxes, points):
         if points is not None:
             row.pointing = [None if p is None else int(p[0]) for p in points[i]]
         if c.alphas is not None:
-            row.attention = attention_bytes(c.alphas)
+            row.attention = results.attention_bytes(c.alphas)
         rows.append(row)
     return rows
 

@@ -137,4 +137,4 @@ def timed(fn, device, runs, warmup):
         fn()
         sync(device)
         times.append(time.perf_counter() - t0)
-    return statistics.median(times), min(times), max(times)
+    return statistics.median_high(times), min(times), max(times)

@@ -6,7 +6,7 @@ The data the script reads (see html/viewer.js; browser_data makes it from eval.p
     {"runs": [{"name", "label", "grid": the side of its attention maps' grid, or null}], "split",
      "scored": whether captions carry scores (filters and sort are shown then), "help": a line on top,
      "images": [{"src": data URI, "title", "refs": [reference, ...],
-                 "caps": [per run: {"caption", "attention": base64 uint8 maps (visualize.attention_bytes),
+                 "caps": [per run: {"caption", "attention": base64 uint8 maps (results.attention_bytes),
                                     and from results.ImageRow "CIDEr", "exact_match", "right",
                                     "describes_scene", "scene_errors", "pointing"}]}]}
 """

@@ -28,7 +28,42 @@ from torch import nn
 import distributed
 from decoding import greedy, sample
 from metrics import CiderD
-from models import HardNoise, caption_loss, features_of
+from decoders import HardNoise
+from encoder import features_of
+
+
+class CaptionLoss(NamedTuple):
+    loss: torch.Tensor  # what backward() takes
+    ce_sum: torch.Tensor  # cross-entropy summed over the tokens (detached)
+    top5_hits: torch.Tensor  # tokens whose target is among the 5 most likely words
+    tokens: torch.Tensor  # real tokens in the batch
+
+
+def caption_loss(logits, alphas, captions, lengths, alpha_c=0.0, norm_tokens=None, norm_images=None,
+                 label_smoothing=0.0):
+    """Cross-entropy over real tokens only (the targets after <start>, up to and including <end>),
+    plus the doubly stochastic term alpha_c * ((1 - sum_t alpha_t) ** 2).mean() for attention. With
+    label_smoothing the loss (not ce_sum, which stays the plain cross-entropy) targets 1 - label_smoothing
+    on the reference word and the rest spread evenly over the vocabulary.
+
+    Both are sums divided by norm_tokens and norm_images x P (default: this batch's own), so that the
+    micro-batches of one accumulated step can share the whole step's normalisers. Everything but the
+    loss is a detached tensor that stays on the device."""
+    T = logits.size(1)
+    targets = captions[:, 1 : T + 1]
+    mask = torch.arange(T, device=logits.device)[None] < (lengths - 1)[:, None]  # B x T
+    picked, wanted = logits[mask].float(), targets[mask]  # N x V, N
+    tokens = mask.sum()
+    ce_sum = F.cross_entropy(picked, wanted, reduction="sum")
+    trained = F.cross_entropy(picked, wanted, reduction="sum", label_smoothing=label_smoothing) \
+        if label_smoothing else ce_sum
+    loss = trained / (norm_tokens if norm_tokens is not None else tokens)
+    if alphas is not None and alpha_c:
+        attended = (alphas.float() * mask.unsqueeze(2)).sum(1)  # B x P, padded steps excluded
+        images = norm_images if norm_images is not None else alphas.size(0)
+        loss = loss + alpha_c * ((1.0 - attended) ** 2).sum() / (images * alphas.size(2))
+    hits = (picked.topk(min(5, picked.size(1)), dim=1).indices == wanted[:, None]).any(1).sum()
+    return CaptionLoss(loss, ce_sum.detach(), hits, tokens)
 
 
 class Step(NamedTuple):

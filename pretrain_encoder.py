@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import shapes
-from models import Encoder
+from encoder import Encoder
 from utils import ArgumentParser, InputError, atomic_path, grid_side, run_cli
 
 TASKS = {"colour": len(shapes.COLOURS), "shape": len(shapes.SHAPES), "size": len(shapes.SIZES)}

@@ -6,6 +6,7 @@ decodes anything; every interval comes from significance.py through Comparison.m
 """
 import os
 import platform
+import statistics
 import time
 from collections import Counter
 
@@ -15,73 +16,11 @@ import significance
 import visualize
 from hardware import BUSY_CORES, busy_note
 from models import DECODERS
-from results import mean_sd
+from results import fmt, fmt_interval, fmt_p, fmt_values, label, mean_sd, table
 
-QUALITY = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr", "nltk BLEU-4", "pointing",
-           "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
-           "phrase_precision", "relation_accuracy")
+QUALITY = tuple(significance.MEASURES)  # every quality measure, in the order the report shows them
 UNRESAMPLED = ("val_loss", "val_top5")  # quality measures with no per-image data: margins without an interval
-PERCENT = {"pointing", "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
-           "phrase_precision", "relation_accuracy", "val_top5"}
 RELATIONS = ("left of", "right of", "above", "below")
-
-
-# ----------------------------------------------------------------------------- formatting
-
-def label(key):
-    """exact_match_2_objects -> "exact match, 2 objects"."""
-    if key.startswith("exact_match_"):
-        n = key.split("_")[2]
-        return f"exact match, {n} object{'s' if n != '1' else ''}"
-    return key.replace("_", " ")
-
-
-def fmt(key, value):
-    if value is None:
-        return "n/a"
-    if key in PERCENT:
-        return f"{value:.1%}"
-    if key == "parameters":
-        return f"{value / 1e6:.2f} M"
-    if key in ("train_images_per_s", "epoch_time_s", "train_time_s", "peak_memory_mb"):
-        return f"{value:.1f}"
-    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
-
-
-def fmt_margin(key, value, unit=True):
-    if value is None:
-        return "n/a"
-    if key in PERCENT:
-        return f"{value * 100:+.1f}" + (" pts" if unit else "")
-    return f"{value:+.4f}"
-
-
-def fmt_values(key, values):
-    """One value, or the mean ± standard deviation (ddof 1) of a group's."""
-    if values is None:
-        return "n/a"
-    mean, sd = mean_sd(values)
-    if sd is None:
-        return fmt(key, mean)
-    return f"{fmt(key, mean)} ± {sd:.1%}" if key in PERCENT else f"{fmt(key, mean)} ± {sd:.4f}"
-
-
-def fmt_interval(m):
-    """A margin with its interval, "+0.2153 [+0.1980, +0.2330]" ("+36.2 pts [+32.1, +40.3]")."""
-    if m.low is None:
-        return fmt_margin(m.measure, m.difference)
-    return (f"{fmt_margin(m.measure, m.difference)} [{fmt_margin(m.measure, m.low, unit=False)}, "
-            f"{fmt_margin(m.measure, m.high, unit=False)}]")
-
-
-def fmt_p(p):
-    return "n/a" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
-
-
-def table(header, rows):
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- sections
@@ -168,7 +107,7 @@ def group_cost(g, beam):
     """A group's cost: the means over its runs of training images/s, parameters and decoding images/s at
     one beam size (None where a run lacks one)."""
     def mean(values):
-        return sum(values) / len(values) if values and all(v is not None for v in values) else None
+        return statistics.fmean(values) if values and all(v is not None for v in values) else None
     costs = [r.cost for r in g.runs]
     return {"train_images_per_s": mean([x["train_images_per_s"] for x in costs]),
             "parameters": mean([x["parameters"] for x in costs]),
@@ -438,15 +377,15 @@ def attention(c):
     att, beam = runs[0], c.beam
     stored = att.table(beam)
     if stored is None or not stored.has_maps:
-        return ["## Where the attention decoder looks", "",
-                f"No attention maps in {att.name}'s beam-{beam} results: run `python eval.py --checkpoint "
-                f"{os.path.join(att.folder, 'best.pt')} --beam-size {beam}` again to draw them.", ""]
+        return [f"## Where {att.name} looks", "",
+                f"No attention maps in {att.name}'s beam-{beam} results: run {att.eval_command(c.split, beam)} again "
+                "to draw them.", ""]
     rows = stored.rows[: c.overlays]
     visualize.attention_grid([(c.picture(row.index), f"{c.split} {row.index}", row.caption.split(),
                                visualize.attention_from_bytes(row.attention, stored.attention_grid)) for row in rows],
                              os.path.join(c.out, "attention.png"))
     captions = {r.name: r.captions(beam) for r in c.shown}
-    return ["## Where the attention decoder looks", "",
+    return [f"## Where {att.name} looks", "",
             f"One row per {c.split} image: the image, then {att.label}'s attention for each word it generated "
             f"(beam {beam}); light means attended.", "", "![attention overlays](attention.png)", "",
             table(["image"] + list(captions), [[f"{c.split} {row.index}"] + [caps.get(row.index, "n/a")

@@ -10,15 +10,20 @@ Beside the checkpoint (or --out), with STEM = eval_{SPLIT}:
                                  attention the per-word maps): every corpus metric of any subset or
                                  resample of the images can be computed from them again
 
-compare.py writes comparison.json beside its report (comparison_json, at the end of this file).
+compare.py writes comparison.json beside its report (comparison_json). How a measure's values, margins
+and p-values are written in reports (fmt...) is at the end of this file.
 
 A later eval of the same checkpoint on the same images adds its beam sizes to the file and replaces
 only the beam sizes it recomputed (merge); another checkpoint, other images or another attention
 inference (hard attention's expected or argmax), or a file of an older FORMAT, replace it whole.
 """
+import base64
 import json
 import os
+import statistics
 from dataclasses import asdict, dataclass, field, fields, replace
+
+import numpy as np
 
 from utils import InputError, atomic_path, write_json
 
@@ -89,10 +94,17 @@ class EvalResults:
                  for key, entry in data["results"].items()}
         return cls(**top, beams=dict(sorted(beams.items())))
 
+    @property
+    def scored_on(self):
+        """What these results scored, the one key of "the same data" (eval.py merges results only on the
+        same, compare.py compares and groups runs only on the same): {"evaluated data", "split", "images"}."""
+        return {"evaluated data": f"{self.data_name} in {os.path.realpath(self.data_folder)}", "split": self.split,
+                "images": self.images}
+
     def same_evaluation(self, other):
         """Whether two results score the same model on the same images, with per-image files of the same
         format, so their beams can be merged."""
-        key = lambda r: (r.weights, r.split, r.data_name, r.images, r.attention_inference, r.format)  # noqa: E731
+        key = lambda r: (r.weights, r.scored_on, r.attention_inference, r.format)  # noqa: E731
         return self.weights is not None and key(self) == key(other)
 
 
@@ -108,7 +120,7 @@ class ImageRow:
     describes_scene: bool | None = None  # shapes: names every object, nothing else, only true relations
     scene_errors: dict | None = None  # shapes: {"missing", "invented", "false"} phrases
     pointing: list | None = None  # attention on shapes, per word: 1 on a matching object, 0 not, None names none
-    attention: str | None = None  # attention decoder: the per-word maps, visualize.attention_bytes
+    attention: str | None = None  # a decoder with maps: the per-word maps, attention_bytes
     bleu: dict | None = None  # coco-caption's BLEU counts (metrics.BLEU_KEYS): the corpus BLEU-1..4 from their sums
     nltk_bleu: dict | None = None  # the same counts as nltk makes them, against the encoded references
     ROUGE_L: float | None = None  # its own (their mean is the ROUGE-L)
@@ -212,30 +224,37 @@ def write(path, results, captions, tables):
 
 def mean_sd(values):
     """(mean, sample standard deviation with ddof 1), the latter None for a single value."""
-    mean = sum(values) / len(values)
-    sd = (sum((v - mean) ** 2 for v in values) / (len(values) - 1)) ** 0.5 if len(values) > 1 else None
-    return mean, sd
+    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else None
 
 
 @dataclass
-class Margin:
-    """Group b's value minus group a's on one measure at one beam size (the difference of the means
-    over seeds), with its interval; low, high and p are None for a measure with no per-image data."""
-    a: str
-    b: str
-    beam: int
-    measure: str
+class Interval:
+    """A difference with its 95% interval and two-sided p-value (significance.margin); low, high and p
+    are None for a measure with no per-image data."""
     difference: float
-    low: float | None = None  # the 95% interval
+    low: float | None = None
     high: float | None = None
-    p: float | None = None  # two-sided
-    p_holm: float | None = None  # Holm-adjusted over the measures of this pair and beam size that have a p
+    p: float | None = None
     method: str | None = None  # "images" (the test images only) | "seeds" (seeds and images) | None: no interval
 
     @property
     def significant(self):
         """The interval excludes 0 (never for a measure without an interval)."""
         return self.low is not None and (self.low > 0 or self.high < 0)
+
+
+@dataclass(kw_only=True)
+class Margin(Interval):
+    """Group b's value minus group a's on one measure at one beam size (the difference of the means
+    over seeds), with its interval."""
+    a: str
+    b: str
+    beam: int
+    measure: str
+    p_holm: float | None = None  # Holm-adjusted over the measures of this pair and beam size that have a p
+
+
+MARGIN_KEYS = ("a", "b", "beam", "measure", "difference", "low", "high", "p", "p_holm", "method")
 
 
 def comparison_json(split, images, beams, bootstrap, methods, groups, margins):
@@ -257,4 +276,76 @@ def comparison_json(split, images, beams, bootstrap, methods, groups, margins):
                         "metrics": {f"beam{b}": {k: summary(v) for k, v in by_measure.items()}
                                     for b, by_measure in metrics.items()}}
                        for name, runs, metrics in groups],
-            "margins": [{**asdict(m), "significant": m.significant} for m in margins]}
+            "margins": [{k: getattr(m, k) for k in MARGIN_KEYS} | {"significant": m.significant} for m in margins]}
+
+
+def attention_bytes(alphas):
+    """Per-word attention maps (words x P) as base64 text of uint8 values, each map scaled so that its
+    largest weight is 255: how the results files and the HTML pages keep maps small. visualize.overlay()
+    normalises each smoothed map to its own range, and so does the pages' script, so the scale is all that
+    is dropped."""
+    maps = np.asarray(alphas, dtype=np.float64)
+    peak = np.maximum(maps.max(axis=1, keepdims=True), 1e-12)
+    return base64.b64encode(np.rint(maps / peak * 255).astype(np.uint8).tobytes()).decode("ascii")
+
+
+
+# ----------------------------------------------------------------------------- how the numbers are written
+
+PERCENT = {"pointing", "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
+           "phrase_precision", "relation_accuracy", "val_top5"}
+
+def label(key):
+    """exact_match_2_objects -> "exact match, 2 objects"."""
+    if key.startswith("exact_match_"):
+        n = key.split("_")[2]
+        return f"exact match, {n} object{'s' if n != '1' else ''}"
+    return key.replace("_", " ")
+
+
+def fmt(key, value):
+    if value is None:
+        return "n/a"
+    if key in PERCENT:
+        return f"{value:.1%}"
+    if key == "parameters":
+        return f"{value / 1e6:.2f} M"
+    if key in ("train_images_per_s", "epoch_time_s", "train_time_s", "peak_memory_mb"):
+        return f"{value:.1f}"
+    return f"{value:.4f}" if abs(value) < 10 else f"{value:.1f}"
+
+
+def fmt_margin(key, value, unit=True):
+    if value is None:
+        return "n/a"
+    if key in PERCENT:
+        return f"{value * 100:+.1f}" + (" pts" if unit else "")
+    return f"{value:+.4f}"
+
+
+def fmt_values(key, values):
+    """One value, or the mean ± standard deviation (ddof 1) of a group's."""
+    if values is None:
+        return "n/a"
+    mean, sd = mean_sd(values)
+    if sd is None:
+        return fmt(key, mean)
+    return f"{fmt(key, mean)} ± {sd:.1%}" if key in PERCENT else f"{fmt(key, mean)} ± {sd:.4f}"
+
+
+def fmt_interval(m):
+    """A margin with its interval, "+0.2153 [+0.1980, +0.2330]" ("+36.2 pts [+32.1, +40.3]")."""
+    if m.low is None:
+        return fmt_margin(m.measure, m.difference)
+    return (f"{fmt_margin(m.measure, m.difference)} [{fmt_margin(m.measure, m.low, unit=False)}, "
+            f"{fmt_margin(m.measure, m.high, unit=False)}]")
+
+
+def fmt_p(p):
+    return "n/a" if p is None else "<0.001" if p < 0.001 else f"{p:.3f}"
+
+
+def table(header, rows):
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)

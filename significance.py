@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metrics import bleu_vector, coco_bleu_from_sums, meteor_from_sums, meteor_vector, nltk_bleu_from_sums
+from results import Interval
 
 RESAMPLES, SEED, CONFIDENCE = 1000, 0, 0.95
 
@@ -65,7 +66,7 @@ def _counts(key, true):
     return Measure(lambda r: None if r.scene is None else [r.scene[true], r.scene[key]], _ratio)
 
 
-# Every quality measure report.QUALITY names, by the statistics eval.py keeps per image.
+# Every quality measure, by the statistics eval.py keeps per image, in the order reports show them (report.QUALITY).
 MEASURES = {
     **{f"BLEU-{n}": Measure(lambda r: None if r.bleu is None else bleu_vector(r.bleu),
                             _each(coco_bleu_from_sums, n=n)) for n in (1, 2, 3, 4)},
@@ -113,19 +114,6 @@ def replicates(rows, names, counts):
         out[name] = (float(measure.aggregate(full[:, at:at + width])[0]), measure.aggregate(sums[:, at:at + width]))
         at += width
     return out
-
-
-@dataclass
-class Interval:
-    difference: float
-    low: float
-    high: float
-    p: float
-    method: str  # "images" (the test images only) or "seeds" (the seeds and the test images)
-
-    @property
-    def significant(self):
-        return self.low > 0 or self.high < 0
 
 
 def margin(values_a, values_b, draws_a, draws_b, confidence=CONFIDENCE):

@@ -34,7 +34,8 @@ from datasets import CaptionDataset, TrainItem, Vocabulary, feature_cache, load_
 from decoding import DecodeOptions, caption_features
 from hardware import OtherLoad, amp_context, check_amp, peak_memory_mb
 from metrics import CiderD, corpus_bleu
-from models import ModelConfig, build_decoder, build_encoder, features_of
+from encoder import build_encoder, features_of
+from models import ModelConfig, build_decoder
 from objectives import LossSums, Step, build_objective
 from utils import InputError, run_cli
 

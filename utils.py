@@ -88,9 +88,16 @@ def option_key(name):
 
 class ArgumentParser(argparse.ArgumentParser):
     """argparse where --dash-names are also accepted as --underscore_names and the reverse (see
-    option_key, which train.py's --key value parsing uses too), and a mistake is one line."""
+    option_key), and a mistake is one line. train.py, whose many keys would list twice in --help, takes
+    spellings=False and reads its command line through `one_spelling` instead."""
+
+    def __init__(self, *args, spellings=True, **kw):
+        self.spellings = spellings  # before argparse adds -h
+        super().__init__(*args, **kw)
 
     def add_argument(self, *names, **kw):
+        if not self.spellings:
+            return super().add_argument(*names, **kw)
         spellings = [n for name in names if name.startswith("--")
                      for n in ("--" + option_key(name[2:]), "--" + option_key(name[2:]).replace("_", "-"))]
         return super().add_argument(*dict.fromkeys([*names, *spellings]), **kw)
@@ -98,6 +105,14 @@ class ArgumentParser(argparse.ArgumentParser):
     def error(self, message):
         message = re.sub(r"(--[\w-]+)(/--[\w-]+)+", r"\1", message)  # one spelling of an option, not all
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
+
+
+def one_spelling(argv):
+    """A command line with every --dash-name written --underscore_name (a value after = left as it is)."""
+    def spelt(arg):
+        name, eq, value = arg[2:].partition("=")
+        return f"--{option_key(name)}{eq}{value}"
+    return [spelt(a) if a.startswith("--") else a for a in argv]
 
 
 def at_least(low, kind=int):

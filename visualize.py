@@ -27,17 +27,8 @@ def overlay(ax, image, amap, word):
     ax.axis("off")
 
 
-def attention_bytes(alphas):
-    """Per-word attention maps (words x P) as base64 text of uint8 values, each map scaled so that its
-    largest weight is 255: how the HTML pages keep maps small. overlay() normalises each smoothed map
-    to its own range, and so does the pages' script, so the scale is all that is dropped."""
-    maps = np.asarray(alphas, dtype=np.float64)
-    peak = np.maximum(maps.max(axis=1, keepdims=True), 1e-12)
-    return base64.b64encode(np.rint(maps / peak * 255).astype(np.uint8).tobytes()).decode("ascii")
-
-
 def attention_from_bytes(text, grid):
-    """attention_bytes() back to words x P maps (float tensor), each scaled to a peak of 1."""
+    """results.attention_bytes() back to words x P maps (float tensor), each scaled to a peak of 1."""
     raw = torch.frombuffer(bytearray(base64.b64decode(text)), dtype=torch.uint8)
     return raw.view(-1, grid * grid).float() / 255
 

@@ -185,7 +185,7 @@ def run_compare(args):
     """Two made-up runs with results on every TEST image (the attention run with 14 x 14 maps)."""
     from models import decoder_class
     from results import FORMAT, BeamResult, EvalResults, ImageTable, file_names, write
-    from visualize import attention_bytes
+    from results import attention_bytes
     refs = json.load(open(os.path.join(prepared(args), f"TEST_REFS_{NAME}.json")))
     rng = random.Random(0)
     runs = []
@@ -254,7 +254,7 @@ def cache_sizes(args):
     import torch
 
     from datasets import CaptionDataset
-    from models import Encoder
+    from encoder import Encoder
     train = CaptionDataset(prepared(args), NAME, "TRAIN")
     encoder = Encoder("resnet101", "none", encoded_size=14, stages=4).eval()
     images = torch.from_numpy(train._images()[: args.cache_images])

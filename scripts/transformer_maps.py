@@ -1,6 +1,6 @@
 """Which of the Transformer's maps point best: each layer's cross-attention (averaged over its heads)
 and the mean over the layers, scored by pointing accuracy on a shapes split (VAL by default: the
-choice of models.TransformerDecoder.map_layer must not be made on TEST).
+choice of transformer.TransformerDecoder.map_layer must not be made on TEST).
 
     python scripts/transformer_maps.py --checkpoint runs/demo-transformer/best.pt [--split VAL] [--beam-size 3]
 

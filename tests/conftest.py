@@ -1,6 +1,8 @@
-"""The tests' fixtures (prepared shapes data, tiny trained checkpoints) and the two tiers: a test that
-runs a script in a subprocess is slow; `make test-fast` runs the others, and refuses a subprocess
-there. Shared helpers are in tests/helpers.py."""
+"""The tests' fixtures (prepared shapes data, tiny trained checkpoints, the docs' workspace), each made
+once for all of make test's processes, and the two tiers: a test is slow (marked one by one) when it
+uses one of those fixtures or needs a process of its own (torchrun, a kill, a fresh interpreter, make);
+`make test-fast` runs the others, and refuses a subprocess there. Scripts run in the test's own process
+(tests/helpers.run_script) unless a test asks for a process. Shared helpers are in tests/helpers.py."""
 import fcntl
 import os
 import shutil
@@ -10,81 +12,87 @@ import sys
 import pytest
 import yaml
 
+from models import TINY, WIDTHS
 from tests.helpers import ROOT, run_script, scst_args, train_args
 
 SCRIPTS = {"torchrun", "make"}  # besides sys.executable and *.py: what only slow tests may start
 
 
+def shared(tmp_path_factory, name, make):
+    """The folder `name`, made by make(folder) once for all of make test's processes: the first to ask
+    makes it, under a lock that the others wait on (a process that failed leaves no mark: the next one
+    starts over). Tests read it; a test that writes beside its files copies it first."""
+    base = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        base = base.parent  # the session's folder, above each process's own
+    folder, mark = base / name, base / f"{name}.made"
+    with open(base / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not mark.exists():
+            shutil.rmtree(folder, ignore_errors=True)
+            folder.mkdir(parents=True)
+            make(folder)
+            mark.touch()
+    return folder
+
+
+def check(r):
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+
+
 @pytest.fixture(scope="session")
 def shapes_data(tmp_path_factory):
     """64 shapes images (TRAIN 52, VAL 6, TEST 6) and a briefly pretrained one-stage encoder, made once
-    for the whole session."""
-    folder = tmp_path_factory.mktemp("shapes")
-    r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", folder,
-                   "--num-images", 64, "--min-word-freq", 0, "--workers", 1)
-    assert r.returncode == 0, r.stderr
-    r = run_script("pretrain_encoder.py", "--output-folder", folder, "--stages", 1, "--encoded-size", 4,
-                   "--steps", 30, "--batch-size", 8)
-    assert r.returncode == 0, r.stderr
-    return folder
+    for the whole run."""
+    def make(folder):
+        check(run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", folder,
+                         "--num-images", 64, "--min-word-freq", 0, "--workers", 1))
+        check(run_script("pretrain_encoder.py", "--output-folder", folder, "--stages", 1, "--encoded-size", 4,
+                         "--steps", 30, "--batch-size", 8))
+    return shared(tmp_path_factory, "shapes", make)
 
 
 @pytest.fixture(scope="session")
 def trained(shapes_data, tmp_path_factory):
-    """A tiny trained checkpoint per decoder (an untrained model never emits <end>)."""
-    runs = {}
-
+    """A tiny trained checkpoint per decoder (an untrained model never emits <end>), made once for the
+    whole run: trained(decoder) is its run folder's best.pt."""
     def get(decoder):
-        if decoder not in runs:
-            out = tmp_path_factory.mktemp(f"trained-{decoder}")
-            r = run_script("train.py", *train_args(out, shapes_data, decoder=decoder, epochs=12,
-                                                   decoder_lr=5e-3, dropout=0.0, log_every=100, patience=0,
-                                                   emb_dim=32, decoder_dim=64))
-            assert r.returncode == 0, r.stderr
-            runs[decoder] = out / "best.pt"
-        return runs[decoder]
+        def make(folder):
+            widths = {k: 2 * TINY[k] for k in ("emb_dim", "decoder_dim")}
+            check(run_script("train.py", *train_args(folder / f"trained-{decoder}", shapes_data, decoder=decoder,
+                                                     epochs=12, decoder_lr=5e-3, dropout=0.0, log_every=100,
+                                                     patience=0, **widths)))
+        return shared(tmp_path_factory, f"trained-{decoder}", make) / f"trained-{decoder}" / "best.pt"
     return get
 
 
 @pytest.fixture(scope="session")
 def scst_run(trained, shapes_data, tmp_path_factory):
     """Four epochs of self-critical training from the tiny attention checkpoint."""
-    run = tmp_path_factory.mktemp("scst") / "scst"
-    r = run_script("train.py", *scst_args(run, shapes_data, trained("attention")))
-    assert r.returncode == 0, r.stderr
-    return run
+    def make(folder):
+        check(run_script("train.py", *scst_args(folder / "scst", shapes_data, trained("attention"))))
+    return shared(tmp_path_factory, "scst", make) / "scst"
 
 
-# The demo's settings at test size: the same data generator, encoder and grid, 4,000 scenes instead of
-# 10,000 (400 TEST images), small decoders, two epochs.
-TINY_DEMO = {"emb_dim": 32, "decoder_dim": 64, "attention_dim": 32, "transformer_dim": 32, "transformer_ff_dim": 64,
-             "transformer_warmup": 20, "epochs": 2, "val_max_images": 100}
-TINY_DEMO_SCENES = 4000
+# The demo's settings at test size: the same data generator, encoder and grid, 1,000 scenes instead of
+# 10,000 (100 TEST images), small decoders, five epochs (cheap at this size: with two, the decoders'
+# captions differ on every TEST image), the encoder pretrained for 150 steps.
+TINY_DEMO = {**{k: 2 * TINY[k] for k in WIDTHS}, "transformer_warmup": 20, "epochs": 5, "val_max_images": 100}
+TINY_DEMO_SCENES = 1000
 
 
 @pytest.fixture(scope="session")
 def demo_workspace(tmp_path_factory):
     """A clone of this working tree (its files that git tracks or would add, committed in a repository
     of their own with configs/shapes.yaml at TINY_DEMO), after `make demo` at test size (the project's
-    .venv linked in, TINY_DEMO_SCENES scenes, 40 pretraining steps): the docs' commands run there,
+    .venv linked in, TINY_DEMO_SCENES scenes, 150 pretraining steps): the docs' commands run there,
     `git status` there says whether they left the clone as it was, and its report.html is a
     demo-sized page for the browser tests. Made once for all of make test's processes: the first to
     ask makes it, under a lock that the others wait on."""
-    shared = tmp_path_factory.getbasetemp()
-    if os.environ.get("PYTEST_XDIST_WORKER"):
-        shared = shared.parent  # the session's folder, above each process's own
-    ws = shared / "demo-workspace"
-    with open(shared / "demo-workspace.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not (ws / ".made").exists():
-            shutil.rmtree(ws, ignore_errors=True)  # what a process that failed left
-            make_demo_workspace(ws)
-            (ws / ".made").touch()
-    return ws
+    return shared(tmp_path_factory, "demo-workspace", make_demo_workspace)
 
 
 def make_demo_workspace(ws):
-    ws.mkdir(parents=True)
     files = subprocess.run(["git", "ls-files", "-z", "--cached", "--others", "--exclude-standard"], cwd=ROOT,
                            capture_output=True, text=True, check=True).stdout.split("\0")
     for name in filter(None, files):
@@ -100,11 +108,11 @@ def make_demo_workspace(ws):
     subprocess.run(git + ["add", "-A"], cwd=ws, check=True)
     subprocess.run(git + ["commit", "-q", "-m", "the clone"], cwd=ws, check=True)
     with open(ws / ".git" / "info" / "exclude", "a") as f:
-        # a link to the venv the tests run in, make's stamp for it, and this fixture's own mark
-        f.write(".venv\n.installed\n.made\n")
+        # a link to the venv the tests run in, and make's stamp for it
+        f.write(".venv\n.installed\n")
     os.symlink(os.path.dirname(os.path.dirname(sys.executable)), ws / ".venv")
     (ws / ".installed").touch()  # newer than requirements.txt: make installs nothing
-    r = subprocess.run(["make", "demo", f"PY={sys.executable}", "STAMP=.installed", "PRETRAIN_ARGS=--steps 40",
+    r = subprocess.run(["make", "demo", f"PY={sys.executable}", "STAMP=.installed", "PRETRAIN_ARGS=--steps 150",
                         f"SHAPES_ARGS=--num-images {TINY_DEMO_SCENES}"], cwd=ws, capture_output=True, text=True,
                        timeout=1200)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -127,9 +135,11 @@ def pytest_collection_modifyitems(items):
     items.sort(key=rank)
 
 
-# Test files by their time in make test, longest first (`pytest --durations`, 2026-12-03).
-FIRST = ("test_docs.py", "test_train.py", "test_eval.py", "test_compare.py", "test_caption.py", "test_train_hard.py",
-         "test_train_crash.py", "test_train_torchrun.py", "test_train_scst.py", "test_metrics.py")
+# Test files by their time in make test, longest first (`pytest --durations`, 2026-12-07); the docs' second
+# half after two others, so that the process that takes it does not wait long for the docs' workspace.
+FIRST = ("test_docs.py", "test_train_torchrun.py", "test_eval.py", "test_docs_standalone.py", "test_metrics.py",
+         "test_compare.py", "test_train.py", "test_caption.py", "test_train_hard.py", "test_train_crash.py",
+         "test_train_scst.py")
 
 
 @pytest.fixture(autouse=True)

@@ -1,34 +1,61 @@
 """What the tests share: running the scripts as a user would, the tiny model, reading runs back, and
 checking refusals. Fixtures are in conftest.py."""
+import contextlib
+import io
 import json
 import os
 import re
+import runpy
 import shutil
 import signal
 import struct
 import subprocess
 import sys
 import time
+import traceback
 import zlib
+
+import models
 
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES_NAME = "shapes_5_cap_per_img_0_min_word_freq"
 ENCODER = "encoder_resnet18_stages1.pt"
-# A model small enough that a test run takes seconds: resnet18 stem + layer1, a 4x4 grid; the Transformer's
-# warm-up shorter than a test run.
-TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, "encoder_stages": 1, "encoded_size": 4,
-        "emb_dim": 16, "decoder_dim": 32, "attention_dim": 16, "transformer_dim": 16, "transformer_heads": 2,
-        "transformer_ff_dim": 32, "transformer_warmup": 4, "batch_size": 8, "workers": 0,
+# A run of models.TINY that takes seconds: resnet18 stem + layer1, a 4x4 grid; the Transformer's warm-up
+# shorter than a test run.
+TINY = {"config": "configs/shapes.yaml", "data_name": SHAPES_NAME, **models.TINY, "transformer_warmup": 4,
+        "batch_size": 8, "workers": 0,
         "log_every": 1, "max_decode_len": 20, "val_max_images": 0, "fine_tune_encoder": "false",
         "train_captions_per_image": 0}
 TIMING = ("images_per_s", "epoch_time_s", "peak_memory_mb", "others_cores")  # log.jsonl fields that differ run to run
 SIZE = 24  # image side of the prepared Karpathy-format test data
 
 
-def run_script(script, *args, **kw):
-    cmd = [sys.executable, script, *map(str, args)]
-    return subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, **kw)
+def run_script(script, *args, process=False, env=None, cwd=ROOT):
+    """A script run as its command line would run it, with its exit status, stdout and stderr: in this
+    process (no interpreter to start, no imports to repeat) unless it needs one of its own: an
+    environment of its own (`env`, read when torch is imported), or `process` (a fresh interpreter)."""
+    argv = [os.path.join(ROOT, script), *map(str, args)]
+    if process or env is not None:
+        return subprocess.run([sys.executable, *argv], cwd=cwd, capture_output=True, text=True, env=env)
+    out, err, code, before = io.StringIO(), io.StringIO(), 0, (sys.argv, os.getcwd())
+    sys.argv = argv
+    os.chdir(cwd)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                runpy.run_path(argv[0], run_name="__main__")
+            except SystemExit as e:  # what the interpreter would make of it
+                code = e.code if isinstance(e.code, int) else 0 if e.code is None else 1
+                if isinstance(e.code, str):
+                    print(e.code, file=sys.stderr)
+            except Exception:
+                traceback.print_exc()
+                code = 1
+    finally:
+        sys.argv = before[0]
+        os.chdir(before[1])
+    return subprocess.CompletedProcess([sys.executable, *argv], code, out.getvalue(), err.getvalue())
 
 
 def run_main(module, argv, monkeypatch, capsys):
@@ -120,8 +147,7 @@ def log_records(run, kind=None):
 
 
 def prepare(*args, cwd=ROOT):
-    return subprocess.run([sys.executable, "create_input_files.py", *map(str, args)], cwd=cwd, capture_output=True,
-                          text=True)
+    return run_script("create_input_files.py", *args, cwd=cwd)
 
 
 def prepare_coco(src, out, *extra):

@@ -13,7 +13,6 @@ from PIL import Image
 
 from tests.helpers import ROOT, bomb_png, page_data, photos, refused, run_main, run_script
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 @pytest.mark.parametrize("decoder", ["attention", "transformer"])
 def test_caption_attention_panels(trained, tmp_path, decoder):
@@ -148,6 +147,18 @@ def test_the_python_api_imports_from_any_folder(trained, tmp_path):
     r = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stderr[-2000:] + "\n(make install does pip install -e .)"
     assert r.stdout.strip() == "1"
+    # beside packages named like its modules (Hugging Face's `datasets`, say), earlier on the path, imported
+    # before it or not: it captions, and the user's `import datasets` is still theirs
+    for name in ("datasets", "utils", "models", "metrics"):
+        (tmp_path / "site" / name).mkdir(parents=True)
+        (tmp_path / "site" / name / "__init__.py").write_text("WHO = 'theirs'\n")
+    for first in ("", "import datasets, utils\n"):
+        check = (f"{first}{code}\nimport datasets, utils, models, metrics\n"
+                 "print({m.WHO for m in (datasets, utils, models, metrics)})")
+        r = subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                           env=dict(env, PYTHONPATH=str(tmp_path / "site")))
+        assert r.returncode == 0, r.stderr[-2000:]
+        assert r.stdout.split() == ["1", "{'theirs'}"], (first, r.stdout)
 
 
 def test_every_module_is_installed():

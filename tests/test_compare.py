@@ -9,7 +9,6 @@ import yaml
 
 from tests.helpers import page_data, refused, run_main, run_script, train_args
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 def tables_under(report, heading):

@@ -7,7 +7,7 @@ import torch
 import yaml
 
 from config import default_config, merge_config, resolve_config
-from models import ModelConfig
+from models import DECODERS, ModelConfig
 from utils import InputError
 
 
@@ -20,7 +20,7 @@ def test_every_model_key_is_a_config_key_with_its_bounds():
         merge_config(defaults, {"emb_dim": 0}, "test")
     with pytest.raises(InputError, match="encoder_stages must be one of 1, 2, 3, 4"):
         merge_config(defaults, {"encoder_stages": "5"}, "test")
-    with pytest.raises(InputError, match="decoder must be one of rnn, attention, transformer"):
+    with pytest.raises(InputError, match=f"decoder must be one of {', '.join(DECODERS)}"):
         merge_config(defaults, {"decoder": "lstm"}, "test")
     assert ModelConfig() == ModelConfig.of(defaults)  # each field's default is default.yaml's
 

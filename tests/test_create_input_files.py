@@ -4,7 +4,6 @@ culprit, with no traceback, no partial output, and files already there untouched
 import errno
 import json
 import os
-import subprocess
 import sys
 
 import h5py
@@ -15,7 +14,7 @@ from PIL import Image
 import create_input_files
 from datasets import SPECIAL_TOKENS, CaptionDataset, Vocabulary, base_name, data_path, load_image
 from scripts.fixtures import colour_of, make_karpathy
-from tests.helpers import ROOT, SIZE, bomb_png, files, prepare, prepare_coco, refused
+from tests.helpers import SIZE, bomb_png, files, prepare, prepare_coco, refused, run_script
 from utils import run_cli
 
 @pytest.fixture(scope="module")
@@ -151,11 +150,9 @@ def test_load_image_every_mode(tmp_path, mode):
     assert a.shape == (3, 16, 16) and a.dtype == np.uint8
 
 
-@pytest.mark.slow
 def test_shapes_from_the_command_line(tmp_path):
-    r = subprocess.run([sys.executable, "create_input_files.py", "--dataset", "shapes", "--output-folder",
-                        str(tmp_path), "--num-images", "40", "--min-word-freq", "0"],
-                       cwd=ROOT, capture_output=True, text=True)
+    r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", tmp_path, "--num-images", 40,
+                   "--min-word-freq", 0)
     assert r.returncode == 0, r.stderr
     name = base_name("shapes", 5, 0)
     for split, n in (("TRAIN", 32), ("VAL", 4), ("TEST", 4)):

@@ -10,7 +10,6 @@ from create_input_files import tokenize
 from datasets import base_name, data_path
 from tests.helpers import prepare
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 NAME = base_name("mine", 5, 0)
 

@@ -109,7 +109,7 @@ def test_feature_cache_keeps_the_trunk_grid_and_reads_as_the_encoder_output(tuto
     from contextlib import nullcontext
 
     from datasets import feature_cache
-    from models import Encoder, features_of
+    from encoder import Encoder, features_of
     folder, name = tutorial
     encoder = Encoder("resnet18", "none", encoded_size=4, stages=1, coords=True)
     train = CaptionDataset(folder, name, "TRAIN")
@@ -133,7 +133,7 @@ def test_a_cache_of_another_layout_is_not_misread(tutorial):
     from contextlib import nullcontext
 
     from datasets import feature_cache
-    from models import Encoder
+    from encoder import Encoder
     folder, name = tutorial
     cfg = cache_config(folder, name, encoded_size=3)
     encoder = Encoder("resnet18", "none", encoded_size=3, stages=1, coords=True)
@@ -159,7 +159,7 @@ def test_the_disk_space_check_counts_the_grid(tutorial, monkeypatch, tmp_path):
     from contextlib import nullcontext
 
     import datasets
-    from models import Encoder
+    from encoder import Encoder
     folder, name = tutorial
     test = CaptionDataset(folder, name, "TEST")
     cfg = dict(cache_config(folder, name), data_folder=str(tmp_path))

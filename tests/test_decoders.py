@@ -1,4 +1,4 @@
-"""Every decoder of the registry, untrained, held to the step API's contract (models.py) and to the
+"""Every decoder of the registry, untrained, held to the step API's contract (decoders.py) and to the
 equivalences decoding relies on: forward == stepping, batched beam == one image at a time, beam 1 ==
 greedy, a search's score == the teacher-forced log-probability. Then what the Transformer adds: its
 key/value cache, its maps, its position table, and the config's refusals."""
@@ -8,14 +8,14 @@ import torch
 from config import merge_config
 from datasets import Vocabulary
 from decoding import DecodeOptions, beam_search, decode, greedy, sample
-from models import DECODERS, ModelConfig, build_decoder, caption_loss, decoder_class
+from models import DECODERS, TINY, ModelConfig, build_decoder, decoder_class
+from objectives import caption_loss
 from utils import InputError
 
 V, D, P = 16, 24, 9  # words, feature width, cells (a 3 x 3 grid)
 VOCAB = Vocabulary({**{f"w{i}": i for i in range(1, V - 3)}, "<pad>": 0, "<unk>": V - 3, "<start>": V - 2,
                     "<end>": V - 1})
-SMALL = ModelConfig(encoded_size=3, emb_dim=12, decoder_dim=20, attention_dim=10, transformer_layers=2,
-                    transformer_heads=4, transformer_dim=16, transformer_ff_dim=32, transformer_positions=24)
+SMALL = ModelConfig(**{**TINY, "encoded_size": 3, "transformer_positions": 24})  # a 3 x 3 grid
 
 
 def make(name, seed=0, dropout=0.0, end_bias=1.0):
@@ -207,9 +207,9 @@ def test_transformer_map_layer_and_positions():
 def test_the_config_asks_the_decoder_class():
     from config import default_config
     cfg = default_config()
-    with pytest.raises(InputError, match="unknown decoder 'lstm': use rnn, attention, transformer"):
+    with pytest.raises(InputError, match=f"unknown decoder 'lstm': use {', '.join(DECODERS)}$"):
         decoder_class("lstm")
-    with pytest.raises(InputError, match="decoder must be one of rnn, attention, transformer, got 'lstm'"):
+    with pytest.raises(InputError, match=f"decoder must be one of {', '.join(DECODERS)}, got 'lstm'"):
         merge_config(cfg, {"decoder": "lstm"}, "test")
     for name in ("rnn", "transformer"):
         with pytest.raises(InputError, match=f"only the attention decoder does; the {name} decoder takes attention"):

@@ -1,9 +1,10 @@
 """Every command of the README and the docs pages, run as written: in a workspace that `make demo`
 made (conftest.demo_workspace), page after page in the order the README lists them, each block after
 the ones before it, with the project's .venv activated as the pages say to (scripts/run_docs.py).
-A block the page marks `<!-- not run: why -->` is skipped, saying why. So the tests of this file run
-in one process, in order (tests/conftest.py: a group of their own in make test)."""
-import json
+A block the page marks `<!-- not run: why -->` is skipped, saying why. The pages whose commands use
+only what make demo made, and make nothing another page uses, run in tests/test_docs_standalone.py,
+beside these (make test runs a test file whole in one process, in order): the two halves share the
+workspace and take half the time each."""
 import os
 import re
 import subprocess
@@ -14,12 +15,17 @@ import pytest
 from scripts.run_docs import blocks
 from tests.helpers import ROOT
 
-pytestmark = pytest.mark.slow  # the workspace is made by make demo
 
 PAGES = ("README.md", "docs/tutorial.md", "docs/data.md", "docs/shapes.md", "docs/training.md", "docs/transformer.md",
          "docs/scst.md",
          "docs/hard-attention.md", "docs/evaluation.md", "docs/benchmarks.md", "docs/troubleshooting.md",
          "docs/differences-from-the-tutorial.md")
+
+
+# The pages that build on each other (the tutorial's Transformer section on make transformer, the
+# evaluation page on scst.md's run), in the README's order; test_docs_standalone.py runs the others.
+STANDALONE = ("docs/data.md", "docs/shapes.md", "docs/training.md", "docs/hard-attention.md", "docs/benchmarks.md")
+CHAINED = tuple(p for p in PAGES if p not in STANDALONE)
 
 
 def test_the_readme_links_every_page_in_this_order():
@@ -41,8 +47,13 @@ def test_the_readme_is_a_page_to_scan():
     assert len(open(os.path.join(ROOT, "README.md")).read().splitlines()) <= 200
 
 
-@pytest.mark.parametrize("page", PAGES)
+@pytest.mark.parametrize("page", CHAINED)
 def test_page_runs_as_written(demo_workspace, page):
+    run_page(demo_workspace, page)
+
+
+def run_page(demo_workspace, page):
+    """A page's commands in the workspace, as written; then git status there must be empty."""
     r = subprocess.run([sys.executable, os.path.join(ROOT, "scripts", "run_docs.py"), os.path.join(ROOT, page),
                         "--cwd", demo_workspace], capture_output=True, text=True, timeout=1500)
     assert r.returncode == 0, f"{page}:\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
@@ -51,17 +62,3 @@ def test_page_runs_as_written(demo_workspace, page):
     assert status.stdout == "", f"after {page}, git status shows:\n{status.stdout}"
     if page == "README.md":
         assert "not run: tests/test_docs.py makes its workspace with make demo" in r.stdout
-
-
-def test_the_own_data_example_made_what_it_says(demo_workspace):
-    """data.md's worked example: its photos split as the page says, scored against raw references."""
-    ws, name = demo_workspace, "mine_5_cap_per_img_0_min_word_freq"
-    refs = [json.loads((ws / "data" / "mine" / f"{s}_REFS_{name}.json").read_text()) for s in ("TRAIN", "VAL", "TEST")]
-    # 8 images without a split: 80/10/10 puts one each in VAL and TEST, beside coins.png and camera.png
-    assert [len(x) for x in refs] == [6, 2, 2] and "camera.png" in [x["image_id"] for x in refs[2]]
-    assert {"image_id": "coins.png", "file": "data/photos/coins.png", "references": ["rows of old coins"]} in refs[1]
-    report = json.loads((ws / "runs" / "mine" / "eval_TEST.json").read_text())
-    assert report["checkpoint"].endswith("last.pt") and report["references"]["kind"] == "raw"
-    captions = json.loads((ws / "runs" / "mine" / "eval_TEST_captions_beam3.json").read_text())
-    assert [c["image_id"] for c in captions] == [x["image_id"] for x in refs[2]]
-    assert len(list((ws / "runs" / "mine" / "captions").glob("*.png"))) == 10

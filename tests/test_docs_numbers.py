@@ -10,7 +10,8 @@ import re
 
 import pytest
 
-from report import QUALITY, label
+from report import QUALITY
+from results import label
 from tests.helpers import ROOT
 
 NUM = r"[+-]?\d+(?:\.\d+)?"

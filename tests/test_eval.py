@@ -13,7 +13,6 @@ from models import DECODERS
 from results import ImageRow
 from tests.helpers import copy_data, refused, run_script
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 @pytest.mark.parametrize("decoder", DECODERS)

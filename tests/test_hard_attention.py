@@ -8,7 +8,8 @@ from scipy import stats
 
 from datasets import TrainItem, Vocabulary
 from decoding import DecodeOptions, beam_search, greedy
-from models import ARGMAX, AttentionDecoder, HardNoise, caption_loss
+from decoders import ARGMAX, AttentionDecoder, HardNoise
+from objectives import caption_loss
 from objectives import CrossEntropy, HardAttention, Step
 
 V, P, D = 10, 3, 6

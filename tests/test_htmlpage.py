@@ -18,7 +18,8 @@ import htmlpage
 from scripts.browser import INSTALL, chromium, open_page
 from tests.conftest import TINY_DEMO_SCENES
 from tests.helpers import page_data, run_script
-from visualize import attention_bytes, attention_from_bytes
+from results import attention_bytes
+from visualize import attention_from_bytes
 
 TEST_IMAGES = TINY_DEMO_SCENES // 10  # the demo workspace's TEST split: 10% of its scenes
 
@@ -88,7 +89,7 @@ def browser():
 
 @pytest.fixture(scope="module")
 def demo_page(demo_workspace):
-    """The report.html `make demo` wrote in the test workspace: 400 TEST images, both decoders at
+    """The report.html `make demo` wrote in the test workspace: its TEST images, both decoders at
     beam 3, the attention decoder's maps (conftest.demo_workspace)."""
     runs = demo_workspace / "runs"
     tables = {d: json.loads((runs / f"demo-{d}" / "eval_TEST_images_beam3.json").read_text())["images"]

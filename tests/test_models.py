@@ -2,7 +2,9 @@
 import pytest
 import torch
 
-from models import AttentionDecoder, Encoder, RNNDecoder, caption_loss, load_resnet
+from decoders import AttentionDecoder, RNNDecoder
+from encoder import Encoder, load_resnet
+from objectives import caption_loss
 from utils import InputError
 
 V, D, P, B = 30, 24, 9, 6

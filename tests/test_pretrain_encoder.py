@@ -1,13 +1,11 @@
 """pretrain_encoder.py: the shapes encoder it writes loads as a ResNet state_dict and has learnt."""
 import json
 
-import pytest
 import torch
 
-from models import Encoder
+from encoder import Encoder
 from tests.helpers import ENCODER
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 def test_pretrained_encoder_loads_and_learnt(shapes_data):
     report = json.loads((shapes_data / ENCODER.replace(".pt", ".json")).read_text())

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 from create_input_files import build_word_map
 from datasets import Vocabulary
 from decoding import DecodeOptions, decode
-from models import DECODERS, ModelConfig, build_decoder
+from models import DECODERS, TINY, ModelConfig, build_decoder
 
 words = st.text(alphabet="abcdefgh", min_size=1, max_size=4)
 captions = st.lists(st.lists(words, min_size=1, max_size=12), min_size=1, max_size=20)
@@ -32,8 +32,7 @@ def test_decoded_captions_end_in_end_or_stop_at_max_len(kind, seed, beam, max_le
     vocab, cells, dim = 12, 4, 8
     word_map = {**{f"w{i}": i for i in range(1, vocab - 3)}, "<pad>": 0, "<unk>": vocab - 3, "<start>": vocab - 2,
                 "<end>": vocab - 1}
-    model = ModelConfig(decoder=kind, encoded_size=2, emb_dim=8, decoder_dim=16, attention_dim=8, transformer_layers=1,
-                        transformer_heads=2, transformer_dim=8, transformer_ff_dim=16, transformer_positions=10)
+    model = ModelConfig(**{**TINY, "decoder": kind, "encoded_size": 2, "transformer_positions": 10})
     decoder = build_decoder(model, vocab, dim).eval()
     with torch.no_grad():
         decoder.fc.bias[word_map["<end>"]] += end_bias  # from "never ends" to "ends at once"

@@ -8,6 +8,7 @@ import re
 import shutil
 import sys
 
+import numpy as np
 import pytest
 import torch
 import yaml
@@ -18,7 +19,6 @@ from checkpoint import load_checkpoint
 from models import DECODERS
 from utils import InputError
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 @pytest.mark.parametrize("decoder", DECODERS)
 def test_shapes_config_runs_every_decoder(tmp_path, shapes_data, decoder):
@@ -114,13 +114,18 @@ def test_resumed_copy_of_a_run_writes_into_the_copy(tmp_path, shapes_data):
     assert load(tmp_path / "c" / "last.pt")["epoch"] == 3 and load(b / "last.pt")["epoch"] == 2
 
 
-def test_help_lists_every_config_key():
-    from config import default_config
-    r = run_script("train.py", "--help")
-    assert r.returncode == 0
+def test_help_lists_every_config_key(capsys):
+    """train.py --help (in this process): every key of configs/default.yaml with its default and its comment,
+    the decoders of the registry among the choices."""
+    from config import default_config, resolve_config
+    with pytest.raises(SystemExit) as e:
+        resolve_config(["--help"], usage="train.py's usage")
+    out = " ".join(capsys.readouterr().out.split())
+    assert e.value.code == 0 and "train.py's usage" in out
     for key in default_config():
-        assert f"--{key} " in r.stdout, key
-    assert "doubly stochastic attention regularisation" in r.stdout  # the comments come along
+        assert f"--{key} " in out, key
+    assert "doubly stochastic attention regularisation" in out  # the comments come along
+    assert " | ".join(DECODERS) in out
 
 
 def test_early_stopping(tmp_path, shapes_data):
@@ -184,7 +189,7 @@ def run(shapes_data, tmp_path_factory):
 
 
 @pytest.mark.parametrize("override,needles", [
-    ({"decoder": "lstm"}, ("decoder must be one of rnn, attention, transformer", "lstm")),
+    ({"decoder": "lstm"}, (f"decoder must be one of {', '.join(DECODERS)}", "lstm")),
     ({"decoder": "transformer", "attention": "hard"}, ("only the attention decoder does", "transformer")),
     ({"decoder": "transformer", "max_decode_len": 70}, ("max_decode_len 70 needs 71 word positions",)),
     ({"batch_size": 0}, ("batch_size", ">= 1")),
@@ -316,3 +321,58 @@ def test_resume_says_what_is_left_and_what_changed(trained, tmp_path, monkeypatc
     before, after = (5e-3 * min((step + 1) / w, math.sqrt(w / (step + 1))) for w in (4, 50))
     assert f"at step {step} the rate goes from {before:.3g} to {after:.3g} at once" in out
     assert "done: 13 epochs" in out
+
+
+def test_a_fourth_decoder_is_one_class_and_a_registry_line(shapes_data, tmp_path, monkeypatch, capsys):
+    """A throwaway decoder, registered in models.DECODERS and nowhere else, trains, resumes, decodes (greedy
+    and beam), is evaluated and captions through the Python API: nothing outside the class knows names."""
+    import eval as ev
+    import train as train_script
+    from torch import nn
+
+    import models
+    from captioner import Captioner
+    from decoders import Decoder
+    from utils import run_cli
+
+    class Bag(Decoder):
+        """The next word from the mean of the cells and the previous word, nothing else."""
+        image_state = ("image",)
+
+        def __init__(self, vocab_size, encoder_dim, dim):
+            super().__init__()
+            self.embedding, self.image, self.fc = nn.Embedding(vocab_size, dim), nn.Linear(encoder_dim, dim), \
+                nn.Linear(dim, vocab_size)
+
+        @classmethod
+        def build(cls, model, vocab_size, encoder_dim, dropout):
+            return cls(vocab_size, encoder_dim, model.emb_dim)
+
+        def init_state(self, features):
+            return {"image": self.image(features.mean(1))}  # B x dim
+
+        def step(self, prev_words, state, features):
+            return self.fc(torch.tanh(state["image"] + self.embedding(prev_words))), state, None
+
+        def forward(self, features, captions, lengths):
+            k = captions.size(0) // features.size(0)  # captions per image
+            image = self.image(features.mean(1)).repeat_interleave(k, 0)[:, None]  # B x 1 x dim
+            return self.fc(torch.tanh(image + self.embedding(captions[:, : int(lengths.max()) - 1]))), None
+
+    monkeypatch.setitem(models.DECODERS, "bag", Bag)
+    out = tmp_path / "bag"
+
+    def main(module, *argv):
+        monkeypatch.setattr(sys, "argv", [module.__file__, *map(str, argv)])
+        run_cli(module.main)
+        return capsys.readouterr().out
+
+    main(train_script, *train_args(out, shapes_data, decoder="bag", epochs=2, max_steps=5, decoder_lr=1e-2))
+    assert "done: 2 epochs" in main(train_script, "--resume", out / "last.pt", "--max_steps", 0)
+    assert load(out / "best.pt")["model"]["decoder"] == "bag"
+    main(ev, "--checkpoint", out, "--beam-size", 1, 3, "--workers", 0)
+    scored = json.loads((out / "eval_TEST.json").read_text())
+    assert scored["decoder"] == "bag" and sorted(scored["results"]) == ["beam1", "beam3"]
+    assert "pointing" not in scored["results"]["beam3"]  # no maps: nothing to point with
+    (caption,) = Captioner(out, "cpu").caption([np.zeros((32, 32, 3), np.uint8)], beam_size=2)
+    assert caption.alphas is None and len(caption.words) <= 20

@@ -15,7 +15,6 @@ import train
 from tests.helpers import (ROOT, load, log_lines, log_records, popen, run_main, run_script, same_weights, train_args,
                            wait_for)
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 RUN = dict(decoder="attention", epochs=2, checkpoint_every=1, log_every=1)
 

@@ -8,7 +8,6 @@ import pytest
 from tests.helpers import (kill_then_resume, load, log_records, run_script, same_weights, scst_args, torchrun, train,
                            train_args)
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 HARD = dict(decoder="attention", attention="hard", hard_estimator="reinforce", dropout=0.0)
 

@@ -4,7 +4,6 @@ import pytest
 
 from tests.helpers import kill_then_resume, log_records, run_script, same_weights, scst_args, torchrun
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 
 def test_scst_raises_the_mean_training_reward(scst_run):

@@ -6,7 +6,6 @@ import torch
 
 from tests.helpers import load, log_records, run_script, torchrun, train_args
 
-pytestmark = pytest.mark.slow  # every test here runs scripts in subprocesses
 
 # Dropout off, so both runs draw no random numbers in training and must agree up to float summation order.
 COMMON = dict(decoder="attention", dropout=0.0, epochs=2, accumulation_steps=2, log_every=1)

@@ -1,0 +1,198 @@
+"""The Transformer decoder (Vaswani et al. 2017) over the encoder's grid, on the step API of decoders.py
+with a key/value cache; docs/transformer.md says what it is and how it compares.
+"""
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from decoders import Decoder
+from utils import InputError
+
+
+class TransformerLayer(nn.Module):
+    """One pre-norm decoder layer: x + SelfAttention(LN x), then x + CrossAttention(LN x, cells), then
+    x + FeedForward(LN x), dropout on each block's output (Vaswani et al.'s residual dropout; none on the
+    attention weights, whose random draws cost a quarter of a CPU training step). Attention runs in
+    torch's fused kernel, except where the maps are wanted: the fused kernel does not return its
+    weights, so that cross-attention is written out."""
+
+    def __init__(self, dim, heads, ff_dim, dropout):
+        super().__init__()
+        self.heads = heads
+        self.norm1, self.norm2, self.norm3 = nn.LayerNorm(dim), nn.LayerNorm(dim), nn.LayerNorm(dim)
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.self_out = nn.Linear(dim, dim)
+        self.query = nn.Linear(dim, dim)
+        self.key_value = nn.Linear(dim, 2 * dim)  # over the cells: once per image
+        self.cross_out = nn.Linear(dim, dim)
+        self.ff = nn.Sequential(nn.Linear(dim, ff_dim), nn.ReLU(), nn.Linear(ff_dim, dim))
+        self.dropout = nn.Dropout(dropout)
+
+    def split(self, x):
+        """B x T x dim -> B x heads x T x dim / heads."""
+        return x.view(x.size(0), x.size(1), self.heads, -1).transpose(1, 2)
+
+    def merge(self, x):
+        """B x heads x T x dim / heads -> B x T x dim."""
+        return x.transpose(1, 2).flatten(2)
+
+    def memory(self, cells):
+        """The cells' keys and values, N x heads x P x dim / heads each, from cells N x P x dim."""
+        keys, values = self.key_value(cells).chunk(2, dim=2)
+        return self.split(keys), self.split(values)
+
+    def forward(self, x, keys, values, cache=None, maps=False):
+        """x: B x T x dim, the words so far; keys and values: the cells' of N images, B = N x k rows (k
+        captions per image, image-major). Without a cache the whole caption runs at once under a causal
+        mask; with one (this layer's self-attention keys and values of the t earlier words, B x heads x t x
+        dim / heads each), x is the newest word (T = 1). Returns x, the cross-attention weights averaged
+        over the heads (B x T x P) when `maps` asks for them (else None), and the cache with this word's
+        keys and values added (None without one)."""
+        q, k, v = (self.split(t) for t in self.qkv(self.norm1(x)).chunk(3, dim=2))  # B x H x T x dh each
+        if cache is None:
+            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B x H x T x dh
+        else:
+            cache = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # B x H x t+1 x dh each
+            a, _ = attend_one(q, *cache)
+        x = x + self.dropout(self.self_out(self.merge(a)))
+        q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
+        N, B, weights = keys.size(0), x.size(0), None
+        if cache is not None:  # decoding: one row per image
+            c, weights = attend_one(q, keys, values)  # B x H x 1 x dh, B x H x P
+            weights = weights.mean(1, keepdim=True)  # B x 1 x P
+        elif maps:  # by hand, for the weights: each image's cells serve its k rows without a copy
+            q = q.reshape(N, B // N, *q.shape[1:])  # N x k x H x T x dh
+            weights = torch.softmax((q @ keys.unsqueeze(1).transpose(3, 4)).float() / math.sqrt(q.size(-1)), -1)
+            c = (weights.to(x.dtype) @ values.unsqueeze(1)).flatten(0, 1)  # B x H x T x dh
+            weights = weights.flatten(0, 1).mean(1).to(x.dtype)  # B x T x P
+        else:
+            if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
+                keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
+            c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
+        x = x + self.dropout(self.cross_out(self.merge(c)))
+        x = x + self.dropout(self.ff(self.norm3(x)))
+        return x, weights if maps else None, cache
+
+
+def attend_one(q, keys, values):
+    """Attention of one query per row and head (q: B x H x 1 x dh) over S keys and values (B x H x S x
+    dh): the output B x H x 1 x dh and the weights B x H x S. What a decoding step needs; on a CPU two
+    matmuls cost less than the fused kernel (which also keeps the weights to itself) at one query."""
+    scores = (q @ keys.transpose(2, 3)).float() / math.sqrt(q.size(3))  # B x H x 1 x S
+    weights = torch.softmax(scores, dim=3).to(q.dtype)
+    return weights @ values, weights[:, :, 0]
+
+
+class TransformerDecoder(Decoder):
+    """A Transformer decoder (Vaswani et al. 2017) over the encoder grid: a stack of pre-norm layers of
+    masked self-attention over the words so far, cross-attention over the projected cells and a feed-
+    forward block. Learned word positions, and a learned 2D position per cell (a row's plus a column's
+    embedding), since a pooled grid says little of where a cell is. Teacher forcing runs the whole
+    caption in one pass under a causal mask; stepping keeps every layer's keys and values of the words
+    so far (a cache), and the cells' keys and values, computed once per image, in the image's state.
+    Its maps are the cross-attention averaged over the heads, of the layer `map_layer`, or averaged over
+    the layers too when it is None, the default (scripts/transformer_maps.py measures each choice)."""
+    returns_maps = True
+    dropout_key = "transformer_dropout"  # a Transformer's usual 0.1, not the LSTMs' 0.5
+    training_bounds = {"transformer_dropout": 0.0, "transformer_warmup": 0}
+    adam = {"betas": (0.9, 0.98), "eps": 1e-9}  # Vaswani et al.'s
+
+    def __init__(self, vocab_size, encoder_dim, dim=512, layers=3, heads=8, ff_dim=2048, positions=64, grid=None,
+                 dropout=0.1):
+        super().__init__()
+        self.embedding = nn.Embedding(vocab_size, dim)
+        self.positions = nn.Embedding(positions, dim)
+        self.cells = nn.Linear(encoder_dim, dim)
+        self.rows = nn.Embedding(grid, dim) if grid else None
+        self.columns = nn.Embedding(grid, dim) if grid else None
+        self.layers = nn.ModuleList(TransformerLayer(dim, heads, ff_dim, dropout) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim)
+        self.dropout = nn.Dropout(dropout)
+        self.fc = nn.Linear(dim, vocab_size)
+        # the mean of the layers' maps: on the demo's VAL they point at the named object 91% of the time at
+        # each of 3 seeds, the first layer's 53-93%, the second's 58-62% (scripts/transformer_maps.py)
+        self.heads, self.max_len, self.map_layer = heads, positions - 1, None
+        self.image_state = tuple(f"{kv}{i}" for i in range(layers) for kv in ("cell_keys", "cell_values"))
+
+    @classmethod
+    def build(cls, model, vocab_size, encoder_dim, dropout):
+        return cls(vocab_size, encoder_dim, model.transformer_dim, model.transformer_layers, model.transformer_heads,
+                   model.transformer_ff_dim, model.transformer_positions,
+                   model.encoded_size if model.transformer_cell_positions else None, dropout)
+
+    @classmethod
+    def check_config(cls, cfg):
+        super().check_config(cfg)
+        if cfg["transformer_dim"] % cfg["transformer_heads"]:
+            raise InputError(f"transformer_dim {cfg['transformer_dim']} must be a multiple of transformer_heads "
+                             f"{cfg['transformer_heads']}")
+        for key in ("max_decode_len", "scst_max_len"):
+            if cfg[key] > cls.longest(cfg):
+                raise InputError(f"{key} {cfg[key]} needs {cfg[key] + 1} word positions (the words and <end>), but "
+                                 f"transformer_positions is {cfg['transformer_positions']}: raise it or lower {key}")
+
+    @classmethod
+    def warmup_steps(cls, cfg):
+        return cfg["transformer_warmup"] if cfg["objective"] == "xe" else 0
+
+    @classmethod
+    def longest(cls, cfg):
+        return cfg["transformer_positions"] - 1  # the words, then <end>
+
+    def memory(self, features):
+        """Each layer's (keys, values) of the cells, N x heads x P x dim / heads, from features N x P x D."""
+        cells = self.cells(features)  # N x P x dim
+        if self.rows is not None:
+            if cells.size(1) != self.rows.num_embeddings ** 2:
+                raise InputError(f"the features have {cells.size(1)} cells, the Transformer's cell positions a "
+                                 f"{self.rows.num_embeddings} x {self.rows.num_embeddings} grid")
+            where = self.rows.weight[:, None] + self.columns.weight[None]  # G x G x dim: row-major, as Encoder.head
+            cells = cells + where.flatten(0, 1).to(cells.dtype)
+        cells = self.dropout(cells)
+        return [layer.memory(cells) for layer in self.layers]
+
+    def init_state(self, features):
+        B, dev = features.size(0), features.device
+        state = {"position": torch.zeros(B, dtype=torch.long, device=dev)}  # B: the next word's position
+        for i, (keys, values) in enumerate(self.memory(features)):
+            state[f"cell_keys{i}"], state[f"cell_values{i}"] = keys, values
+            empty = keys.new_zeros(B, self.heads, 0, keys.size(3))  # B x H x 0 x dh: no words yet
+            state[f"keys{i}"], state[f"values{i}"] = empty, empty
+        return state
+
+    def step(self, prev_words, state, features):
+        x = self.dropout(self.embedding(prev_words) + self.positions(state["position"]))[:, None]  # B x 1 x dim
+        new, maps = {"position": state["position"] + 1}, []
+        for i, layer in enumerate(self.layers):
+            x, m, (new[f"keys{i}"], new[f"values{i}"]) = layer(
+                x, state[f"cell_keys{i}"], state[f"cell_values{i}"], (state[f"keys{i}"], state[f"values{i}"]),
+                self.shows(i))
+            new[f"cell_keys{i}"], new[f"cell_values{i}"] = state[f"cell_keys{i}"], state[f"cell_values{i}"]
+            maps.append(m)
+        return self.fc(self.norm(x[:, 0])), new, self.chosen(maps)[:, 0]  # B x V, ..., B x P
+
+    def forward(self, features, captions, lengths):
+        """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major), the
+        cells' keys and values computed once per image. Returns logits B x T x V and the maps
+        B x T x P, T = max(lengths) - 1, every word in one pass."""
+        T = int(lengths.max()) - 1
+        if T > self.positions.num_embeddings:
+            raise InputError(f"a caption of {T + 1} tokens needs {T} word positions, but transformer_positions is "
+                             f"{self.positions.num_embeddings}: raise it")
+        x = self.dropout(self.embedding(captions[:, :T]) + self.positions.weight[:T])  # B x T x dim
+        maps = []
+        for i, (layer, (keys, values)) in enumerate(zip(self.layers, self.memory(features), strict=True)):
+            x, m, _ = layer(x, keys, values, maps=self.shows(i))
+            maps.append(m)
+        return self.fc(self.norm(x)), self.chosen(maps)
+
+    def shows(self, layer):
+        """Whether the maps need this layer's cross-attention weights."""
+        return self.map_layer is None or layer == self.map_layer % len(self.layers)
+
+    def chosen(self, maps):
+        """The maps shown, of the layers' (B x T x P each, None where not asked for): map_layer's, or the
+        mean of all for None."""
+        return torch.stack(maps).mean(0) if self.map_layer is None else maps[self.map_layer]
