@@ -2,7 +2,7 @@
 #   install     .venv with the packages of requirements.txt and this project (pip install -e .)
 #   test        the whole test suite, what CI runs
 #   test-fast   the tests that need no prepared data, trained model or process of their own, for the
-#               edit-and-test loop (about a minute)
+#               edit-and-test loop (under a minute)
 #   coverage    make test with line coverage (pytest-cov), the scripts' subprocesses counted too
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages

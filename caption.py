@@ -22,7 +22,6 @@ from config import add_decoding_arguments
 from datasets import SPECIAL_TOKENS, load_image
 from utils import ArgumentParser, InputError, atomic_path, checkpoint_file, grid_side, run_cli
 from results import attention_bytes
-from visualize import DPI, caption_figure, save
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 
@@ -106,6 +105,7 @@ def main():
         seen[stem] = seen.get(stem, 0) + 1
         names.append(f"{stem}.png" if seen[stem] == 1 else f"{stem}_{seen[stem]}.png")
     captions = captioner.decode(arrays, options)
+    from visualize import DPI, caption_figure, save  # matplotlib, once the arguments and images are good
     targets = [out] if to_file else [os.path.join(out, name) for name in names]
     replaced = sum(os.path.exists(t) for t in targets)
     rows = []

@@ -243,7 +243,7 @@ def caption_stats(run, beam):
     (first three words) of the captions at one beam size."""
     captions = list(run.captions(beam).values())
     words = [c.split() for c in captions]
-    return {"caption length": sum(map(len, words)) / len(words),
+    return {"caption length": statistics.fmean(map(len, words)),
             "vocabulary used": len({w for ws in words for w in ws}),
             "relation statements": sum(c.count(r) for c in captions for r in RELATIONS),
             "openings": Counter(" ".join(ws[:3]) for ws in words)}

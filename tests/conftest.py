@@ -1,6 +1,7 @@
 """The tests' fixtures (prepared shapes data, tiny trained checkpoints, the docs' workspace), each made
 once for all of make test's processes, and the two tiers: a test is slow (marked one by one) when it
-uses one of those fixtures or needs a process of its own (torchrun, a kill, a fresh interpreter, make);
+uses one of those fixtures, needs a process of its own (torchrun, a kill, a fresh interpreter, make) or
+takes over 5 s alone;
 `make test-fast` runs the others, and refuses a subprocess there. Scripts run in the test's own process
 (tests/helpers.run_script) unless a test asks for a process. Shared helpers are in tests/helpers.py."""
 import fcntl
@@ -99,6 +100,8 @@ def make_demo_workspace(ws):
         if os.path.isfile(os.path.join(ROOT, name)):  # not one deleted and not yet committed
             os.makedirs((ws / name).parent, exist_ok=True)
             shutil.copy2(os.path.join(ROOT, name), ws / name)
+    for name in ("requirements.txt", "pyproject.toml"):  # older than any install: no make there reinstalls
+        os.utime(ws / name, (0, 0))  # into the shared .venv, whose editable install would then point here
     with open(ws / "configs" / "shapes.yaml") as f:
         demo = yaml.safe_load(f)
     with open(ws / "configs" / "shapes.yaml", "w") as f:

@@ -101,6 +101,7 @@ def exact_gradient(dec, features, captions, lengths):
 
 
 @pytest.mark.parametrize("baseline", [0.0, -2.0, "expected"])
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_the_reinforce_gradient_is_unbiased_for_any_constant_baseline(baseline):
     """T = 2 words + <end> = 3 steps over 3 cells: the mean of the estimator's gradient over 800,000
     draws (400 batches of 2,000 copies of the caption, each row drawing its own cells) matches the
@@ -133,6 +134,7 @@ def test_the_reinforce_gradient_is_unbiased_for_any_constant_baseline(baseline):
         assert (exact[attention].abs() / error[attention]).max() > 5
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_the_moving_average_baseline_lowers_the_variance():
     features, captions, lengths = toy(1, 2)
     batch = TrainItem(features, captions, lengths, torch.arange(1))

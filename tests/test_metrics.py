@@ -31,6 +31,7 @@ def test_corpus_bleu_equals_nltk(ref_len, hyp_len):
     assert corpus_bleu([[exact], [exact]], [exact, ["a", "dog"]]) == pytest.approx(0.5338, abs=1e-4)
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_empty_captions_and_string_ids_score_as_pycocoevalcap_does():
     """No placeholder for an empty caption: coco-caption scores the empty string itself."""
     from pycocoevalcap.bleu.bleu import Bleu
@@ -44,6 +45,7 @@ def test_empty_captions_and_string_ids_score_as_pycocoevalcap_does():
     assert scores["BLEU-4"] == pytest.approx(Bleu(4).compute_score(gts, res, verbose=0)[0][3], abs=1e-9)
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_hand_checked_values():
     refs = {0: ["the cat sat on the mat"], 1: ["a dog runs in a park"], 2: ["two birds fly over water"]}
     hyps = {0: "the cat sat on mat", 1: "a dog runs in a park", 2: "two birds fly over water"}
@@ -70,6 +72,7 @@ def test_without_java(monkeypatch):
 
 
 @pytest.mark.skipif(not metrics.java_available(), reason="needs java")
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_with_java(capfd):
     assert ptb_tokenize({0: ["A man, riding a horse."]}) == {0: ["a man riding a horse"]}
     assert "PTBTokenizer" not in capfd.readouterr().err  # Java's progress line at every call is dropped
@@ -80,6 +83,7 @@ def test_with_java(capfd):
         assert scores["SPICE"] is None and "CoreNLP" in unavailable["SPICE"]
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_several_systems_at_once_score_as_each_alone():
     refs = {0: ["a cat on a mat", "a cat sits"], 1: ["a dog runs", "the dog is running"]}
     systems = {"a": {0: "a cat", 1: "a dog runs"}, "b": {0: "a cat on the mat", 1: "dog"}}
@@ -90,6 +94,7 @@ def test_several_systems_at_once_score_as_each_alone():
             assert together[name][k] == pytest.approx(v, abs=1e-9), (name, k)
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_per_image_cider_is_each_image_scored_as_pycocoevalcap_does():
     """Each image's own CIDEr, keyed by its id whatever the order of the ids, averages to the corpus CIDEr."""
     from pycocoevalcap.cider.cider import Cider

@@ -69,6 +69,7 @@ def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder,
         assert a["decoder_optimizer"]["param_groups"][0]["betas"] == (0.9, 0.98)
 
 
+@pytest.mark.slow  # over 5 s alone: make test only
 def test_overfits_sixteen_images(tmp_path):
     data = tmp_path / "data"
     r = run_script("create_input_files.py", "--dataset", "shapes", "--output-folder", data,
