@@ -24,7 +24,7 @@ from datasets import Vocabulary, data_path
 from encoder import build_encoder
 from models import ModelConfig, build_decoder
 from objectives import LossSums
-from utils import InputError, atomic_path, checkpoint_file
+from utils import InputError, as_typed, atomic_path, checkpoint_file
 
 # The counters of a run, saved and restored as they are.
 COUNTERS = ("epoch", "samples", "step", "best", "bad_epochs", "skipped")
@@ -84,9 +84,9 @@ def load_trained(path, device, hard_inference=None, hard_inference_name="hard_in
                          "two vocabularies")
     model = ModelConfig.of_checkpoint(ckpt)
     if hard_inference and not model.decoder_class.hard_attention:
-        raise InputError(f"{hard_inference_name}{'' if hard_inference_name.endswith('=') else ' '}{hard_inference} "
-                         f"chooses how hard attention picks its cell; {path} was trained with --decoder "
-                         f"{model.decoder}, which has no cell to pick: leave it out")
+        raise InputError(f"{as_typed(hard_inference_name, hard_inference)} chooses how hard attention picks its "
+                         f"cell; {path} was trained with --decoder {model.decoder}, which has no cell to pick: "
+                         "leave it out")
     encoder = build_encoder(model)
     decoder = build_decoder(model, len(word_map), encoder.dim,
                             hard_inference=hard_inference or ckpt["config"].get("hard_inference", "expected"))

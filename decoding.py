@@ -12,7 +12,7 @@ import torch
 
 from decoders import expand
 from encoder import features_of
-from utils import InputError
+from utils import InputError, as_typed
 
 @dataclass(frozen=True)
 class DecodeOptions:
@@ -49,9 +49,8 @@ def check_length(longest, max_len, name):
     Transformer's position table sets one) is asked for max_len, which the user gave as `name`. Every
     search checks (greedy, beam_search, sample); a script may check earlier, before its work."""
     if longest is not None and max_len > longest:
-        said = f"{name}{max_len}" if name.endswith("=") else f"{name} {max_len}"
-        raise InputError(f"{said} is more words than the decoder has positions for: its transformer_positions allow "
-                         f"{longest} words and <end>; give {name}{'' if name.endswith('=') else ' '}{longest} or "
+        raise InputError(f"{as_typed(name, max_len)} is more words than the decoder has positions for: its "
+                         f"transformer_positions allow {longest} words and <end>; give {as_typed(name, longest)} or "
                          "less")
 
 

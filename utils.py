@@ -107,6 +107,12 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (--help lists the options)\n")
 
 
+def as_typed(name, value):
+    """An option with its value as the user wrote it: "--max-len 100" on a command line, "max_len=100" in
+    Python (a `name` ending in "=")."""
+    return f"{name}{value}" if name.endswith("=") else f"{name} {value}"
+
+
 def one_spelling(argv):
     """A command line with every --dash-name written --underscore_name (a value after = left as it is)."""
     def spelt(arg):
