@@ -12,6 +12,8 @@
 #               compared with them: $(REPORTS)/transformer/
 #   seeds       the demo's decoders (rnn, soft and hard attention, the Transformer) at 3 seeds each, compared as
 #               groups with an interval on every margin: $(REPORTS)/seeds/
+#   length-pool the attention LSTM and the Transformer trained from batches of similar length (length_pool 50) at
+#               the seeds' 3 seeds, against their random-batch runs: $(REPORTS)/length-pool/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into $(REPORTS)/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into $(REPORTS)/scst/
@@ -48,7 +50,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast coverage lint browser demo transformer seeds bench study scst hard hard-estimators reports tutorial gpu-wheels \
+.PHONY: install test test-fast coverage lint browser demo transformer seeds length-pool bench study scst hard hard-estimators reports tutorial gpu-wheels \
 	clean
 
 install: $(STAMP)
@@ -267,10 +269,40 @@ $(REPORTS)/seeds/report.md: $(ALL_EVALS) runs/hard-attention/$(EVALUATED) $(SEED
 
 seeds: install $(REPORTS)/seeds/report.md
 
+# Batches of similar length (docs/training.md): the attention LSTM and the Transformer trained with length_pool
+# 50 at the three seeds of make demo and make seeds, against those runs (random batches), on TEST at beam 3.
+POOL_SEEDS := 42 $(SEEDS)
+POOL_DECODERS := attention transformer
+POOL_RUNS := $(foreach d,$(POOL_DECODERS),$(POOL_SEEDS:%=runs/pool-$(d)-s%))
+POOL_EVALS := $(POOL_RUNS:%=%/$(EVALUATED))
+
+define POOL_RULE
+$(POOL_SEEDS:%=runs/pool-$(1)-s%/.trained): runs/pool-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
+	$$(call STAGE,length pool: train $(1) seed $$*,$$(PY) train.py --decoder $(1) --config configs/shapes.yaml \
+		--length_pool 50 --seed $$* --out runs/pool-$(1)-s$$* --overwrite)
+	touch $$@
+endef
+$(foreach d,$(POOL_DECODERS),$(eval $(call POOL_RULE,$(d))))
+
+$(POOL_EVALS): runs/pool-%/$(EVALUATED): runs/pool-%/.trained
+	$(call STAGE,length pool: evaluate $*,$(PY) eval.py --checkpoint runs/pool-$*/best.pt --beam-size 3)
+	touch $@
+
+$(REPORTS)/length-pool/report.md: runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
+		$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED)) \
+		$(POOL_EVALS) $(COMPARE_CODE)
+	$(call STAGE,length pool: compare,$(PY) compare.py --group soft runs/demo-attention \
+		$(SEEDS:%=runs/seeds-attention-s%) --group soft-pooled $(POOL_SEEDS:%=runs/pool-attention-s%) \
+		--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) \
+		--group transformer-pooled $(POOL_SEEDS:%=runs/pool-transformer-s%) --pair soft soft-pooled \
+		--pair transformer transformer-pooled --out $(REPORTS)/length-pool --beam-size 3)
+
+length-pool: install $(REPORTS)/length-pool/report.md
+
 # The committed reports (README and docs link to them): every report made again into reports/, and the
 # README's picture of the demo's browser where Chromium is installed (make browser).
 reports: install
-	$(MAKE) demo transformer seeds study scst hard hard-estimators REPORTS=reports
+	$(MAKE) demo transformer seeds length-pool study scst hard hard-estimators REPORTS=reports
 	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
 		$(PY) scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
 			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \

@@ -26,8 +26,9 @@ import torch
 
 import train
 from datasets import SPECIAL_TOKENS, TrainItem, Vocabulary
-from hardware import OtherLoad, amp_context, busy_note, peak_memory_mb, sync, timed
+from hardware import OtherLoad, amp_context, busy_note, onednn, peak_memory_mb, sync, timed
 from decoding import DecodeOptions, check_length, decode
+from distributed import EpochSampler
 from models import DECODERS, TINY, decoder_class
 from transformer import TransformerDecoder
 from config import default_config, merge_config, read_yaml
@@ -53,15 +54,21 @@ def parse_args():
     p.add_argument("--image-size", type=int, default=256)
     p.add_argument("--vocab", type=int, default=10000, help="words (about COCO's at min_word_freq 5; the "
                    "tutorial's word map, counted over all splits, has 9490)")
-    p.add_argument("--caption-len", type=int, default=24, help="longest caption in a batch, in tokens")
-    p.add_argument("--steps", type=int, default=3, help="optimiser steps per timed run")
+    p.add_argument("--caption-len", type=int, default=24, help="longest caption in a batch, in tokens (each "
+                   "batch's lengths uniform from half of it; with --data-folder, drawn from its TRAIN captions)")
+    p.add_argument("--length-pool", nargs="+", type=int, default=[0], metavar="P", help="train.py's length_pool: "
+                   "batches drawn from the data's lengths in pools of P batches sorted by length (with --data-folder)")
+    p.add_argument("--steps", type=int, default=3, help="optimiser steps per timed run, each on a batch of its own")
     p.add_argument("--runs", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2, help="untimed steps first (cuDNN autotuning, allocator)")
     p.add_argument("--beam-size", nargs="+", type=int, default=[1, 3, 5])
     p.add_argument("--decode-images", type=int, default=128, help="images decoded in batches")
     p.add_argument("--decode-single", type=int, default=16, help="images decoded one at a time")
     p.add_argument("--decode-len", type=int, default=20)
-    p.add_argument("--data-folder", help="also time the DataLoader over this prepared TRAIN split")
+    p.add_argument("--compile-decoding", action="store_true", help="also time batched decoding with each "
+                   "decoder's step compiled (torch.compile, dynamic shapes), and the compilation")
+    p.add_argument("--data-folder", help="draw the batches' caption lengths from this prepared TRAIN split, as "
+                   "train.py's sampler does, and time the DataLoader over it")
     p.add_argument("--data-name")
     p.add_argument("--profile", action="store_true", help="write torch.profiler tables beside --out: each "
                    "decoder's first training configuration, and one batch of decoding at the largest beam")
@@ -70,6 +77,8 @@ def parse_args():
     args = p.parse_args()
     if min(args.batch_size + args.accumulation + args.beam_size) < 1 or args.runs < 1 or args.steps < 1:
         p.error("batch sizes, accumulation steps, beam sizes, --runs and --steps must be at least 1")
+    if min(args.length_pool) < 0 or args.length_pool != [0] and not args.data_folder:
+        p.error("--length-pool draws lengths from the data: give --data-folder (and pools of 0 or more batches)")
     return args
 
 
@@ -120,23 +129,39 @@ def word_map_of(size):
     return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
 
 
-def micro_batches(run, n, micro, args, cached, feature_shape, k=1):
-    """`n` micro-batches of `micro` captions on the host, as the DataLoader hands them over (pinned on
-    CUDA); with k > 1, micro / k images with k captions each (group_by_image)."""
+def caption_lengths(args, n, micro, k, pool):
+    """The lengths (tokens, <start> and <end> included) of `n` micro-batches of `micro` captions, n x
+    micro: with --data-folder the first batches train.py's sampler draws from its TRAIN captions (k per
+    image, grouped when k > 1; length_pool `pool`), else uniform from half of --caption-len, each batch's
+    first caption the longest."""
+    if args.train_lengths is None:
+        lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (n, micro),
+                             generator=torch.Generator().manual_seed(0))
+        lens[:, 0] = args.caption_len
+        return lens
+    lengths, cpi = args.train_lengths
+    sampler = EpochSampler(len(lengths) // cpi, cpi, 0, k if k > 1 else 0, micro, grouped=k > 1, lengths=lengths,
+                           length_pool=pool)
+    items = list(itertools.islice(sampler, n * micro // k))
+    return lengths[torch.tensor(items)].view(n, micro).long()
+
+
+def micro_batches(run, lengths, args, cached, feature_shape, k=1):
+    """Micro-batches of captions of these lengths (n x micro) on the host, as the DataLoader hands them
+    over (pinned on CUDA); with k > 1, micro / k images with k captions each (group_by_image)."""
     g = torch.Generator().manual_seed(0)
     batches = []
-    for _ in range(n):
+    for lens in lengths:
+        micro, longest = len(lens), int(lengths.max())
         if cached:
             x = torch.randn((micro // k,) + feature_shape, generator=g).half()
         else:
             x = torch.randint(0, 256, (micro // k, 3, args.image_size, args.image_size), dtype=torch.uint8,
                               generator=g)
-        lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (micro,), generator=g)
-        lens[0] = args.caption_len
-        caps = torch.randint(1, len(run.word_map) - 3, (micro, args.caption_len), generator=g)
+        caps = torch.randint(1, len(run.word_map) - 3, (micro, longest), generator=g)
         caps[:, 0] = run.word_map["<start>"]
         caps[torch.arange(micro), lens - 1] = run.word_map["<end>"]
-        caps[torch.arange(args.caption_len)[None] >= lens[:, None]] = 0
+        caps[torch.arange(longest)[None] >= lens[:, None]] = 0
         if k > 1:
             caps, lens = caps.view(micro // k, k, -1), lens.view(micro // k, k)
         batch = TrainItem(x, caps, lens, torch.arange(micro // k))
@@ -146,16 +171,16 @@ def micro_batches(run, n, micro, args, cached, feature_shape, k=1):
     return batches
 
 
-def run_steps(run, group, amp, n):
-    for _ in range(n):
+def run_steps(run, groups, amp):
+    for group in groups:
         train.train_step(run, group, amp)
 
 
 def bench_training(args, base, device, word_map):
     rows, profiled = [], set()
     matrix = itertools.product(args.decoder, args.precision, args.encoder_mode, args.batch_size, args.accumulation,
-                               args.group)
-    for decoder, precision, mode, batch, acc, k in matrix:
+                               args.group, args.length_pool)
+    for decoder, precision, mode, batch, acc, k, pool in matrix:
         if precision == "fp16" and device.type != "cuda" or batch % acc or (batch // acc) % k:
             continue  # CPU autocast in fp16 is slow and train.py does not use it
         cfg = dict(base, decoder=decoder, fine_tune_encoder=mode == "finetune", batch_size=batch // acc,
@@ -165,11 +190,16 @@ def bench_training(args, base, device, word_map):
         shape = feature_shape(run, args, cached=True) if mode == "cached" else None
         run.encoder.train()
         run.decoder.train()
-        group = micro_batches(run, acc, batch // acc, args, mode == "cached", shape, k)
-        steps = functools.partial(run_steps, run, group, amp_context(cfg, device), args.steps)
+        lengths = caption_lengths(args, args.steps * acc, batch // acc, k, pool)  # steps*acc x micro
+        batches = micro_batches(run, lengths, args, mode == "cached", shape, k)
+        groups = [batches[i:i + acc] for i in range(0, len(batches), acc)]  # a timed run: one step on each
+        steps = functools.partial(run_steps, run, groups, amp_context(cfg, device))
         row = {"decoder": decoder, "precision": precision, "encoder": mode, "batch": batch, "accumulation": acc,
-               "micro_batch": batch // acc, "captions_per_image": k}
+               "micro_batch": batch // acc, "captions_per_image": k, "length_pool": pool,
+               # the word positions that hold a word, of those the decoder computes (each batch to its longest)
+               "useful_share": float((lengths - 1).sum() / ((lengths.amax(1) - 1) * lengths.size(1)).sum())}
         try:
+            row["flop"] = step_flops(steps) / args.steps  # a step's, on average
             with PeakMemory(device) as mem, OtherLoad() as load:
                 med, lo, hi = timed(steps, device, args.runs, args.warmup)
         except RuntimeError as e:  # a kernel this machine lacks: say which, and go on with the others
@@ -179,14 +209,37 @@ def bench_training(args, base, device, word_map):
             continue
         images = batch * args.steps
         row.update({"images_per_s": images / med, "images_per_s_min": images / hi, "images_per_s_max": images / lo,
-                    "peak_memory_mb": mem.mb, "others_cores": load.cores})
+                    "gflop_per_s": row["flop"] * args.steps / med / 1e9, "peak_memory_mb": mem.mb,
+                    "others_cores": load.cores})
+        row["peak_share"] = row["gflop_per_s"] / args.peak_gflop_per_s
         rows.append(row)
-        print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k}: {row['images_per_s']:8.1f} img/s, "
+        print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k} pool {pool}: "
+              f"{row['images_per_s']:8.1f} img/s, {row['flop'] / 1e9:.2f} GFLOP a step ({row['useful_share']:.0%} "
+              f"useful), {row['gflop_per_s']:.1f} GFLOP/s = {row['peak_share']:.1%} of the matmul peak, "
               f"{mem.mb:7.0f} MiB{load.note}", flush=True)
         if args.profile and args.out and decoder not in profiled:
             profile(args, steps, device, f"{decoder}_{precision}_{mode}")
             profiled.add(decoder)
     return rows
+
+
+def step_flops(fn):
+    """The floating-point operations of one call, counted by torch (FlopCounterMode: the matrix
+    products, convolutions and attention, forward and backward; element-wise work is not counted).
+    oneDNN is off while counting: its fused LSTM kernel is invisible to the counter, torch's own LSTM
+    does the same products one by one."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with onednn(False), FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def matmul_peak(device, n=2048, runs=10):
+    """GFLOP/s of an n x n fp32 matrix product on this device: the rate the steps are measured against,
+    in the same run (other load and clocks as theirs)."""
+    a, b = (torch.randn(n, n, device=device) for _ in range(2))
+    med, lo, hi = timed(lambda: a @ b, device, runs, 3)
+    return 2 * n**3 / med / 1e9
 
 
 def feature_shape(run, args, cached=False):
@@ -266,12 +319,32 @@ def bench_decoding(args, base, device, word_map):
                 row["recomputed_same_captions"] = recomputed() == batched()
                 print(f"decode {decoder_name:9s} beam {k}: without its cache (the prefix recomputed at every step) "
                       f"{row['recomputed_images_per_s']:8.1f} img/s, same captions: {row['recomputed_same_captions']}")
+            if args.compile_decoding:
+                row.update(compiled_decoding(decoder, batched, runs, device))
             rows.append(row)
             print(f"decode {decoder_name:9s} beam {k}: batched {row['batched_images_per_s']:8.1f} img/s, one at a "
                   f"time {row['single_images_per_s']:6.1f} img/s, {row['speedup']:.1f}x, same captions: {same}"
                   f"{load.note}",
                   flush=True)
     return rows
+
+
+def compiled_decoding(decoder, batched, runs, device):
+    """The same batched search with the decoder's step compiled (dynamic shapes: the batch shrinks and
+    the Transformer's cache grows): images/s after compilation, the first call's seconds (compilation
+    included) and whether the captions are the eager ones."""
+    eager, images = batched(), len(batched.args[1])
+    step = decoder.step
+    decoder.step = torch.compile(step, dynamic=True)
+    try:
+        t0 = time.perf_counter()
+        same = batched() == eager
+        first = time.perf_counter() - t0
+        med = timed(batched, device, runs, 0)[0]
+    finally:
+        del decoder.step  # the class's own again
+    print(f"  compiled: {images / med:.1f} img/s after {first:.0f} s of compilation, same captions: {same}")
+    return {"compiled_images_per_s": images / med, "compile_s": first, "compiled_same_captions": same}
 
 
 def bench_reward(args, word_map, images=9000, refs=5, batch=32, samples=5):
@@ -314,24 +387,34 @@ def bench_data(args, cfg):
 
 
 def markdown(result):
-    lines = [f"{result['card']}, torch {result['torch']}, {result['date']}; model: {result['model']}", "",
-             "| decoder | precision | encoder | batch (micro x acc) | captions/s (min-max) | peak memory MiB |",
-             "|---|---|---|---|---|---|"]
+    peak = result.get("matmul_peak_gflop_per_s")
+    lines = [f"{result['card']}, torch {result['torch']}, {result['date']}; model: {result['model']}"
+             + (f"; an fp32 2048 x 2048 matrix product: {peak:.1f} GFLOP/s" if peak else ""), "",
+             "| decoder | precision | encoder | batch (micro x acc) | captions/s (min-max) | GFLOP a step (useful) | "
+             "GFLOP/s (of the matmul's) | peak memory MiB |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in result["training"]:
         if "error" in r:
             lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
-                         f"{r['accumulation']}) | cannot run here: {r['error']} | |")
+                         f"{r['accumulation']}) | cannot run here: {r['error']} | | | |")
             continue
         per_image = f", {r['captions_per_image']} per image" if r.get("captions_per_image", 1) > 1 else ""
+        pool = f", length_pool {r['length_pool']}" if r.get("length_pool") else ""
+        work = (f"{r['flop'] / 1e9:.2f} ({r['useful_share']:.0%}) | {r['gflop_per_s']:.1f} ({r['peak_share']:.1%})"
+                if "flop" in r else "| ")
         lines.append(f"| {r['decoder']} | {r['precision']} | {r['encoder']} | {r['batch']} ({r['micro_batch']} x "
-                     f"{r['accumulation']}{per_image}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
-                     f"{r['images_per_s_max']:.1f}){busy_note(r.get('others_cores'))} | {r['peak_memory_mb']:.0f} |")
-    lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up | same captions |",
-              "|---|---|---|---|---|---|"]
+                     f"{r['accumulation']}{per_image}{pool}) | {r['images_per_s']:.1f} ({r['images_per_s_min']:.1f}-"
+                     f"{r['images_per_s_max']:.1f}){busy_note(r.get('others_cores'))} | {work} | "
+                     f"{r['peak_memory_mb']:.0f} |")
+    compiled = any("compiled_images_per_s" in r for r in result["decoding"])
+    lines += ["", "| decoder | beam | batched images/s | one at a time images/s | speed-up | same captions |"
+              + (" compiled step images/s (compilation s, same captions) |" if compiled else ""),
+              "|---|---|---|---|---|---|" + ("---|" if compiled else "")]
     for r in result["decoding"]:
         lines.append(f"| {r['decoder']} | {r['beam']} | {r['batched_images_per_s']:.1f} | "
                      f"{r['single_images_per_s']:.1f}{busy_note(r.get('others_cores'))} | {r['speedup']:.1f}x | "
-                     f"{r['same_captions']} |")
+                     f"{r['same_captions']} |" + (f" {r['compiled_images_per_s']:.1f} ({r['compile_s']:.0f} s, "
+                                                  f"{r['compiled_same_captions']}) |" if compiled else ""))
     r = result["reward"]
     lines += ["", f"CIDEr-D reward (self-critical training) for {r['images']} images x {r['samples']} samples "
               f"against {r['corpus_images']} TRAIN images: {r['ms']:.1f} ms ({r['ms_min']:.1f}-{r['ms_max']:.1f})"]
@@ -352,6 +435,14 @@ def main():
     device = pick_device(args.device)
     if args.data_folder and not args.data_name:
         raise InputError("--data-folder needs --data-name (the base name of the prepared files)")
+    args.train_lengths = None
+    if args.data_folder:
+        from datasets import CaptionDataset
+        train_set = CaptionDataset(args.data_folder, args.data_name, "TRAIN")
+        args.train_lengths = train_set.caplens, train_set.cpi
+        args.caption_len = int(train_set.caplens.max())
+    args.peak_gflop_per_s = matmul_peak(device)
+    print(f"fp32 matrix product (2048 x 2048): {args.peak_gflop_per_s:.1f} GFLOP/s", flush=True)
     torch.backends.cudnn.benchmark = True
     word_map = word_map_of(args.vocab)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -361,7 +452,8 @@ def main():
                        f"{cfg['encoded_size']}x{cfg['encoded_size']} grid, emb {cfg['emb_dim']}, "
                        f"decoder {cfg['decoder_dim']}, attention {cfg['attention_dim']}, vocab {args.vocab}, "
                        f"captions up to {args.caption_len} tokens",
-              "args": {k: v for k, v in vars(args).items() if k != "out"}}
+              "args": {k: v for k, v in vars(args).items() if k not in ("out", "train_lengths", "peak_gflop_per_s")},
+              "matmul_peak_gflop_per_s": args.peak_gflop_per_s}
     result["training"] = bench_training(args, cfg, device, word_map)
     result["decoding"] = bench_decoding(args, cfg, device, word_map)
     result["reward"] = bench_reward(args, word_map)

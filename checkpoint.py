@@ -126,6 +126,8 @@ class RunState:
     sums: LossSums = None  # this rank's training sums of the epoch so far (objective.Sums), on the device
     window: LossSums = None  # ... since the last log line
     attention_grads: "AttentionGrads" = None  # the attention's gradients since the last log line
+    # with length_pool: a TRAIN caption's mean tokens, for the loss's normaliser (train.train_step)
+    mean_tokens: float | None = None
 
     def __post_init__(self):
         self.Sums = self.objective_module.Sums  # LossSums, AttentionSums or RewardSums

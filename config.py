@@ -29,7 +29,7 @@ CHOICES = {  # decoder's choices are DECODERS' names when a value is checked (a 
 }
 AT_LEAST = {**{f.name: f.metadata["min"] for f in MODEL_FIELDS if "min" in f.metadata},
             "batch_size": 1, "accumulation_steps": 1, "epochs": 0, "max_steps": 0, "workers": 0,
-            "train_captions_per_image": 0, "val_beam_size": 1, "max_decode_len": 1, "patience": 0,
+            "train_captions_per_image": 0, "length_pool": 0, "val_beam_size": 1, "max_decode_len": 1, "patience": 0,
             "lr_decay_patience": 0, "max_nonfinite_steps": 1, "checkpoint_every": 0, "log_every": 1,
             "val_max_images": 0, "scst_samples": 1, "scst_max_len": 1, "hard_sample_p": 0.0, "hard_lambda_r": 0.0,
             "hard_lambda_e": 0.0, "hard_samples": 1, "hard_tau": 0.0,

@@ -5,17 +5,21 @@ the registry of all three in models.py.
 Every decoder shares one step API, which greedy decoding, beam search, sampling, validation, eval.py
 and caption.py all go through (decoding.py), so search is written once:
 
-    state = decoder.init_state(features)                              # features: B x P x D
-    logits, state, alpha = decoder.step(prev_words, state, features)  # alpha: B x P, or None
+    state = decoder.init_state(features)                              # features: N x P x D
+    logits, state, alpha = decoder.step(prev_words, state, features)  # prev_words: B; alpha: B x P, or None
 
 The state's contract (tests/test_decoders.py holds every decoder to it):
-- it is a dict of tensors, each with the batch on dim 0 (B rows: one per image, or per hypothesis);
-- the entries named in `decoder.image_state` depend on the image alone; beam search reorders every
-  other entry when a hypothesis moves to another beam, and drops rows of finished images from all;
+- it is a dict of tensors, each with the batch on dim 0;
+- the entries named in `decoder.image_state` depend on the image alone and have one row per image
+  (N, like the features); the others one per caption being written (B = N x k, image-major: beam
+  search's k hypotheses of each image). A step takes both, so an image's work is never copied k times.
+  Beam search reorders the caption entries when a hypothesis moves to another beam, and drops the rows
+  of finished images from all;
 - everything a step needs is in the state, the position in the caption included (no extra argument).
 
-`forward(features, captions, lengths)` is the fast teacher-forced path for training; it gives the
-same logits as stepping (tested). The code asks a decoder's class what it has (Decoder's attributes:
+`forward(features, captions, lengths, maps=True)` is the fast teacher-forced path for training; it
+gives the same logits as stepping (tested), and the maps unless a decoder whose maps cost extra work
+(`maps_cost`) is told `maps=False`. The code asks a decoder's class what it has (Decoder's attributes:
 maps, hard attention, ...), never its name.
 """
 from typing import NamedTuple
@@ -32,6 +36,7 @@ class Decoder(nn.Module):
     """What every decoder says of itself. Objectives, validation, eval.py, compare.py and report.py ask
     these, never a decoder's name."""
     returns_maps = False  # step() and forward() give attention maps over the grid cells
+    maps_cost = False  # forward(maps=False) saves work (else its maps come with the words: it ignores maps=)
     hard_attention = False  # it can attend to one drawn cell (attention: hard; hard_inference)
     doubly_stochastic = False  # alpha_c's term (each cell's weight summed over the words near 1) applies
     image_batchnorm = False  # its initial state is normalised over the batch's images (group_by_image's note)
@@ -108,7 +113,7 @@ class RNNDecoder(Decoder):
         out, (h, c) = self._lstm(self.embedding(prev_words).unsqueeze(1), state["h"], state["c"])
         return self.fc(self.dropout(out[:, 0])), {"h": h[0], "c": c[0]}, None
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, maps=True):
         """features: N x P x D; captions: B x L with <start> first, B = N x k for k captions per image
         (image-major: group_by_image), whose initial state is computed once per image; returns logits
         B x T x V for T = max(lengths) - 1."""
@@ -219,7 +224,7 @@ class AttentionDecoder(Decoder):
                                         ARGMAX if self.argmax_attention else None)
         return self.fc(self.dropout(h)), state, alpha
 
-    def forward(self, features, captions, lengths, noise=None):
+    def forward(self, features, captions, lengths, noise=None, maps=True):
         """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major); the
         initial state and the attention projection run once per image. Returns logits B x T x V and
         attention weights B x T x P, T = max(lengths) - 1; with `noise` (a HardNoise) the cells are

@@ -216,10 +216,13 @@ def beam_search(decoder, features, vocab, options):
     best_step = torch.zeros(B, dtype=torch.long, device=dev)
     best_beam = torch.zeros(B, dtype=torch.long, device=dev)
 
-    # The live hypotheses of the n images still searching: n x K of them, flattened to n*K rows.
+    # The live hypotheses of the n images still searching: n x K of them, flattened to n*K rows. What
+    # depends on the image alone (the features, the decoder's image_state) stays one row per image,
+    # serving its K rows: never copied K times, nor reordered.
     ids = torch.arange(B, device=dev)  # n: the images still searching
-    state = {k: v.repeat_interleave(K, 0) for k, v in decoder.init_state(features).items()}  # n*K x ...
-    feats = features.repeat_interleave(K, 0)  # n*K x P x D
+    state = {k: v if k in decoder.image_state else v.repeat_interleave(K, 0)
+             for k, v in decoder.init_state(features).items()}  # n x ... or n*K x ...
+    feats = features  # n x P x D
     words = torch.full((B * K,), vocab.start, dtype=torch.long, device=dev)  # n*K: last word of each
     tokens = torch.zeros(B, K, L, dtype=torch.long, device=dev)  # n x K x L: the words so far
     score = torch.full((B, K), -math.inf, device=dev)  # n x K
@@ -269,8 +272,8 @@ def beam_search(decoder, features, vocab, options):
         if bool(done.any()):  # stopped images leave the batch
             keep, rows = ~done, _rows_of(~done, K)  # n', n'*K
             ids, score, tokens = ids[keep], score[keep], tokens[keep]
-            state = {k: v[rows] for k, v in state.items()}
-            feats, words = feats[rows], words[rows]
+            state = {k: v[keep] if k in decoder.image_state else v[rows] for k, v in state.items()}
+            feats, words = feats[keep], words[rows]
     maps = None if attention is None else _trace_back(attention, parent, best_step, best_beam)
     return _finish(best_seq, best_len, best_score, maps)
 

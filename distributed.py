@@ -58,13 +58,21 @@ class EpochSampler(Sampler):
     their indices (CaptionDataset reads the image once for them), and a batch of batch_size captions
     is batch_size / k images.
 
+    With `lengths` (each caption's, in tokens) and `length_pool` p > 0, batches hold captions of
+    similar length: each run of p global batches of the permutation is sorted by length (an image by
+    its longest caption when grouped), cut into batches, and the epoch's batches shuffled. The decoders
+    run every word step up to a batch's longest caption, so random batches spend about half their
+    recurrent work on padding (docs/benchmarks.md). p = 0 leaves the permutation as it is.
+
     Under torchrun every rank draws the same permutation and takes every world-th item of it, so the
     ranks' batches together are the batch a single process would take at batch_size x world; the
     incomplete last global batch is dropped, so every rank runs the same number of steps. (It does
     what DistributedSampler does, plus the mid-epoch start and the per-image caption draw.)"""
 
-    def __init__(self, num_images, cpi, seed, per_image=0, batch_size=1, rank=0, world=1, grouped=False):
+    def __init__(self, num_images, cpi, seed, per_image=0, batch_size=1, rank=0, world=1, grouped=False,
+                 lengths=None, length_pool=0):
         self.num_images, self.cpi, self.seed = num_images, cpi, seed
+        self.lengths, self.pool = lengths, length_pool if lengths is not None else 0
         self.k = per_image if 0 < per_image < cpi else cpi
         self.batch, self.rank, self.world, self.grouped = batch_size, rank, world, grouped
         self.epoch, self.start = 0, 0
@@ -81,10 +89,23 @@ class EpochSampler(Sampler):
             items = (torch.arange(self.num_images)[:, None] * self.cpi + pick).flatten()
         if self.grouped:  # images in random order, each with its k captions
             groups = items.view(self.num_images, self.k)[torch.randperm(self.num_images, generator=g)]
+            groups = self.by_length(groups, g)
             groups = groups[self.start // self.k:][: len(self) * self.world][self.rank :: self.world]
             return iter([tuple(group) for group in groups.tolist()])
-        items = items[torch.randperm(len(items), generator=g)][self.start:]
+        items = self.by_length(items[torch.randperm(len(items), generator=g)][:, None], g)[:, 0][self.start:]
         return iter(items[: len(self) * self.world][self.rank :: self.world].tolist())
+
+    def by_length(self, rows, g):
+        """rows: n x k caption indices in random order (an image's k captions, or k = 1) -> the epoch's
+        whole global batches, in pools of length_pool batches sorted by length, the batches shuffled."""
+        if not self.pool:
+            return rows
+        whole = self.batch * self.world // (rows.size(1) if self.grouped else 1)  # rows per global batch
+        rows = rows[: len(rows) // whole * whole]  # the incomplete last batch is dropped, as ever
+        pools = rows.split(self.pool * whole)
+        rows = torch.cat([p[self.lengths[p].amax(1).argsort(stable=True)] for p in pools])
+        batches = rows.view(-1, whole, rows.size(1))
+        return batches[torch.randperm(len(batches), generator=g)].flatten(0, 1)
 
     def __len__(self):
         """Items this rank takes in the (rest of the) epoch: captions, or images when grouped."""

@@ -1,10 +1,12 @@
 """What the machine can do: mixed precision per device, the CPU's bf16 kernels, peak memory."""
+import contextlib
 import functools
 import os
 import resource
 import statistics
 import sys
 import time
+import warnings
 from contextlib import nullcontext
 
 import torch
@@ -39,8 +41,19 @@ def _bf16_lstm():
 def cpu_has_bf16_lstm():
     """Whether oneDNN has a bf16 kernel for the fused nn.LSTM on this CPU. CPUs with AVX-512 BF16 (or
     AMX) do; AVX2-only ones (AMD Zen 3, most Intel before Sapphire Rapids) raise "could not create a
-    primitive descriptor for the LSTM forward propagation primitive". Tried once, on a tiny LSTM."""
-    return _runs(_bf16_lstm)
+    primitive descriptor for the LSTM forward propagation primitive". Tried once, on a tiny LSTM, with
+    oneDNN on (bench.py counts FLOPs with it off, and this answer is kept)."""
+    with onednn(True):
+        return _runs(_bf16_lstm)
+
+
+@contextlib.contextmanager
+def onednn(enabled):
+    """oneDNN's CPU kernels on or off inside, quietly (torch warns of a TF32 option for Intel GPUs)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with torch.backends.mkldnn.flags(enabled=enabled):
+            yield
 
 
 @functools.cache

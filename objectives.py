@@ -147,10 +147,11 @@ class Objective(nn.Module):
     def features(self, images):
         return features_of(self.encoder, images)
 
-    def teacher_forced(self, features, captions, lengths, norm_tokens=None, norm_images=None):
+    def teacher_forced(self, features, captions, lengths, norm_tokens=None, norm_images=None, maps=False):
         """The decoder's teacher-forced CaptionLoss (with alpha_c's term where it applies) and its maps
-        (None for a decoder without): training's cross-entropy and validation's loss both come from here."""
-        logits, alphas = self.decoder(features, captions, lengths)
+        (None for a decoder without, or one whose maps cost work when `maps` is false and alpha_c does
+        not use them): training's cross-entropy and validation's loss both come from here."""
+        logits, alphas = self.decoder(features, captions, lengths, maps=maps or bool(self.alpha_c))
         return caption_loss(logits, alphas, captions, lengths, self.alpha_c, norm_tokens, norm_images,
                             self.label_smoothing), alphas
 
@@ -160,13 +161,16 @@ class CrossEntropy(Objective):
 
     def __init__(self, encoder, decoder, cfg):
         super().__init__(encoder, decoder, cfg)
-        self.Sums = AttentionSums if decoder.returns_maps else LossSums  # what forward returns
+        # the maps' entropy is logged where the maps come anyway or the loss uses them (not the Transformer's:
+        # writing its attention out for the weights costs a fifth of its step; eval.py measures its maps)
+        self.Sums = AttentionSums if decoder.returns_maps and (self.alpha_c or not decoder.maps_cost) else LossSums
 
     def forward(self, batch, step):
         """batch.image: N images (or cached grids); batch.caption: N x L, or N x k x L with k captions
         per image (group_by_image), whose image-only work then runs once per image, in the decoder."""
         captions, lengths = batch.caption.flatten(0, -2), batch.length.flatten()  # B x L, B
-        loss, alphas = self.teacher_forced(self.features(batch.image), captions, lengths, step.tokens, step.captions)
+        loss, alphas = self.teacher_forced(self.features(batch.image), captions, lengths, step.tokens, step.captions,
+                                           maps=self.Sums is AttentionSums)
         if alphas is None:
             return loss.loss, LossSums.of(loss, step.tokens)
         with torch.no_grad():

@@ -94,7 +94,10 @@ def main():
     per_image = 1 if scst else cfg["train_captions_per_image"]  # scst: every image once an epoch
     grouped = scst or cfg["group_by_image"]  # each image read (and encoded) once for its captions of the batch
     sampler = distributed.EpochSampler(train_set.num_images, train_set.cpi, cfg["seed"], per_image,
-                                       cfg["batch_size"], rank, world, grouped)
+                                       cfg["batch_size"], rank, world, grouped, train_set.caplens,
+                                       0 if scst else cfg["length_pool"])  # scst: its samples' lengths are its own
+    if sampler.pool:  # a batch of short captions must not weigh its words more than a random batch does
+        run.mean_tokens = float((train_set.caplens - 1).float().mean())
     if grouped and cfg["batch_size"] % sampler.k:
         raise InputError(f"group_by_image needs a batch_size that is a multiple of the {sampler.k} captions per image "
                          f"(train_captions_per_image, 0: all {train_set.cpi}); got batch_size {cfg['batch_size']}")
@@ -303,6 +306,8 @@ def train_step(run, group, amp):
     counts = (sum(int((b.length - 1).sum()) for b in group), sum(b.length.numel() for b in group))
     if dist.is_initialized():  # the whole step's counts, on all ranks
         counts = distributed.all_sum(torch.tensor(counts, dtype=torch.float32, device=device)) / run.world
+    if run.mean_tokens:  # batches of one length (length_pool): each word weighs what it weighs in random
+        counts = (counts[1] * run.mean_tokens, counts[1])  # batches, the tokens a step holds on average
     sums = run.Sums(device=device)
     for i, batch in enumerate(group):
         batch = TrainItem(*(t.to(device, non_blocking=True) for t in batch[:3]), batch.index)

@@ -53,36 +53,31 @@ class TransformerLayer(nn.Module):
         q, k, v = (self.split(t) for t in self.qkv(self.norm1(x)).chunk(3, dim=2))  # B x H x T x dh each
         if cache is None:
             a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B x H x T x dh
-        else:
+        else:  # one word a row, whose weights over the words nobody reads
             cache = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # B x H x t+1 x dh each
-            a, _ = attend_one(q, *cache)
+            a = F.scaled_dot_product_attention(q, *cache)  # B x H x 1 x dh
         x = x + self.dropout(self.self_out(self.merge(a)))
-        q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
         N, B, weights = keys.size(0), x.size(0), None
-        if cache is not None:  # decoding: one row per image
-            c, weights = attend_one(q, keys, values)  # B x H x 1 x dh, B x H x P
-            weights = weights.mean(1, keepdim=True)  # B x 1 x P
-        elif maps:  # by hand, for the weights: each image's cells serve its k rows without a copy
-            q = q.reshape(N, B // N, *q.shape[1:])  # N x k x H x T x dh
-            weights = torch.softmax((q @ keys.unsqueeze(1).transpose(3, 4)).float() / math.sqrt(q.size(-1)), -1)
-            c = (weights.to(x.dtype) @ values.unsqueeze(1)).flatten(0, 1)  # B x H x T x dh
-            weights = weights.flatten(0, 1).mean(1).to(x.dtype)  # B x T x P
+        if cache is not None:  # decoding: each image's cells serve its k rows (beam search's hypotheses)
+            q = self.query(self.norm2(x)).view(N, B // N, self.heads, -1).transpose(1, 2)  # N x H x k x dh
+            weights = torch.softmax((q @ keys.transpose(2, 3)).float() / math.sqrt(q.size(3)), 3).to(x.dtype)
+            c = (weights @ values).transpose(1, 2).reshape(B, 1, -1)  # N x H x k x dh -> B x 1 x dim
+            weights = weights.mean(1).view(B, 1, -1)  # N x k x P -> B x 1 x P
         else:
-            if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
-                keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
-            c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
-        x = x + self.dropout(self.cross_out(self.merge(c)))
+            q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
+            if maps:  # by hand, for the weights: each image's cells serve its k rows without a copy
+                q = q.reshape(N, B // N, *q.shape[1:])  # N x k x H x T x dh
+                weights = torch.softmax((q @ keys.unsqueeze(1).transpose(3, 4)).float() / math.sqrt(q.size(-1)), -1)
+                c = (weights.to(x.dtype) @ values.unsqueeze(1)).flatten(0, 1)  # B x H x T x dh
+                weights = weights.flatten(0, 1).mean(1).to(x.dtype)  # B x T x P
+            else:
+                if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
+                    keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
+                c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
+            c = self.merge(c)  # B x T x dim
+        x = x + self.dropout(self.cross_out(c))
         x = x + self.dropout(self.ff(self.norm3(x)))
         return x, weights if maps else None, cache
-
-
-def attend_one(q, keys, values):
-    """Attention of one query per row and head (q: B x H x 1 x dh) over S keys and values (B x H x S x
-    dh): the output B x H x 1 x dh and the weights B x H x S. What a decoding step needs; on a CPU two
-    matmuls cost less than the fused kernel (which also keeps the weights to itself) at one query."""
-    scores = (q @ keys.transpose(2, 3)).float() / math.sqrt(q.size(3))  # B x H x 1 x S
-    weights = torch.softmax(scores, dim=3).to(q.dtype)
-    return weights @ values, weights[:, :, 0]
 
 
 class TransformerDecoder(Decoder):
@@ -94,7 +89,7 @@ class TransformerDecoder(Decoder):
     so far (a cache), and the cells' keys and values, computed once per image, in the image's state.
     Its maps are the cross-attention averaged over the heads, of the layer `map_layer`, or averaged over
     the layers too when it is None, the default (scripts/transformer_maps.py measures each choice)."""
-    returns_maps = True
+    returns_maps = maps_cost = True
     dropout_key = "transformer_dropout"  # a Transformer's usual 0.1, not the LSTMs' 0.5
     training_bounds = {"transformer_dropout": 0.0, "transformer_warmup": 0}
     adam = {"betas": (0.9, 0.98), "eps": 1e-9}  # Vaswani et al.'s
@@ -173,20 +168,21 @@ class TransformerDecoder(Decoder):
             maps.append(m)
         return self.fc(self.norm(x[:, 0])), new, self.chosen(maps)[:, 0]  # B x V, ..., B x P
 
-    def forward(self, features, captions, lengths):
+    def forward(self, features, captions, lengths, maps=True):
         """features: N x P x D; captions: B x L, B = N x k for k captions per image (image-major), the
         cells' keys and values computed once per image. Returns logits B x T x V and the maps
-        B x T x P, T = max(lengths) - 1, every word in one pass."""
+        B x T x P (None when `maps` is false: then every attention runs in the fused kernel), T =
+        max(lengths) - 1, every word in one pass."""
         T = int(lengths.max()) - 1
         if T > self.positions.num_embeddings:
             raise InputError(f"a caption of {T + 1} tokens needs {T} word positions, but transformer_positions is "
                              f"{self.positions.num_embeddings}: raise it")
         x = self.dropout(self.embedding(captions[:, :T]) + self.positions.weight[:T])  # B x T x dim
-        maps = []
+        shown = []
         for i, (layer, (keys, values)) in enumerate(zip(self.layers, self.memory(features), strict=True)):
-            x, m, _ = layer(x, keys, values, maps=self.shows(i))
-            maps.append(m)
-        return self.fc(self.norm(x)), self.chosen(maps)
+            x, m, _ = layer(x, keys, values, maps=maps and self.shows(i))
+            shown.append(m)
+        return self.fc(self.norm(x)), self.chosen(shown) if maps else None
 
     def shows(self, layer):
         """Whether the maps need this layer's cross-attention weights."""

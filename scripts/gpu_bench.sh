@@ -26,10 +26,16 @@ DATA="$OUT/data"
     --image-size "$SIZE" --min-word-freq 0 --overwrite > "$OUT/prepare.log"
 NAME=shapes_5_cap_per_img_0_min_word_freq
 
-# The matrix: every decoder x fp32/fp16/bf16 x frozen/fine-tuned/cached x accumulation 1/2, the
+# The matrix: every decoder x fp32/fp16/bf16 x frozen/fine-tuned/cached x accumulation 1/2, on
 # the reference model (ResNet-101, 256 px, 14x14, 512-d), batch 32; decoding at beam 1/3/5; the loader.
 "$PY" bench.py --device "$DEVICE" "${BENCH[@]}" --data-folder "$DATA" --data-name "$NAME" --profile \
     --out "$OUT/bench.json" 2>&1 | tee "$OUT/bench.log"
+
+# Batches of similar length (length_pool 50) against random ones, the shapes captions' lengths, and each
+# decoder's decoding step compiled (torch.compile, dynamic shapes) beside eager: fp32, cached features.
+"$PY" bench.py --device "$DEVICE" "${BENCH[@]}" --data-folder "$DATA" --data-name "$NAME" --precision fp32 \
+    --encoder-mode cached --accumulation 1 --length-pool 0 50 --beam-size 3 --compile-decoding \
+    --out "$OUT/bench_pool.json" 2>&1 | tee "$OUT/bench_pool.log"
 
 # The NCCL code path under torchrun with world size 1 (fp16 autocast, fine-tuned encoder, 30 steps).
 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 train.py --config configs/shapes.yaml \

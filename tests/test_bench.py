@@ -72,10 +72,23 @@ def test_timed_is_the_median_and_spread_of_the_timed_runs(monkeypatch):
 
 
 @pytest.mark.slow
-def test_bench_times_the_loader_over_prepared_images(shapes_data):
+def test_bench_times_the_loader_over_prepared_images(shapes_data, tmp_path):
+    """With prepared data: the loader's rate, the batches' lengths drawn from its captions (less padding
+    with length_pool), every step's FLOPs counted, the plain decoder's fused LSTM included, and set
+    against the machine's matrix product."""
+    out = tmp_path / "bench.json"
     r = run_script("bench.py", "--tiny", "--device", "cpu", "--decoder", "rnn", "--precision", "fp32", "--encoder-mode",
                    "cached", "--accumulation", 1, "--group", 1, 2, "--beam-size", 1, "--data-folder", shapes_data,
-                   "--data-name", SHAPES_NAME)
+                   "--data-name", SHAPES_NAME, "--length-pool", 0, 20, "--out", out)
     assert r.returncode == 0, r.stderr
     assert "data: " in r.stdout and "DataLoader over prepared 64 px images" in r.stdout
     assert "| rnn | fp32 | cached | 4 (4 x 1, 2 per image) |" in r.stdout  # grouped: 2 images x 2 captions
+    assert "| rnn | fp32 | cached | 4 (4 x 1, length_pool 20) |" in r.stdout
+    result = json.loads(out.read_text())
+    rows = {(x["captions_per_image"], x["length_pool"]): x for x in result["training"]}
+    assert rows[1, 20]["useful_share"] > rows[1, 0]["useful_share"]
+    lstm = 2 * 4 * (16 + 32) * 4 * 32  # a word step of the tiny LSTM's products (emb 16, hidden 32), 4 captions
+    assert all(x["flop"] > lstm * 3 and 0 < x["peak_share"] for x in rows.values())
+    assert result["matmul_peak_gflop_per_s"] > 0
+    r = run_script("bench.py", "--tiny", "--length-pool", 10)
+    assert r.returncode == 2 and "--length-pool draws lengths from the data: give --data-folder" in r.stderr

@@ -23,6 +23,8 @@ def test_every_model_key_is_a_config_key_with_its_bounds():
     with pytest.raises(InputError, match=f"decoder must be one of {', '.join(DECODERS)}"):
         merge_config(defaults, {"decoder": "lstm"}, "test")
     assert ModelConfig() == ModelConfig.of(defaults)  # each field's default is default.yaml's
+    with pytest.raises(InputError, match="test: length_pool must be >= 0, got -1"):  # a training key's bound
+        merge_config(defaults, {"length_pool": "-1"}, "test")
 
 
 def test_model_differences_name_the_key():

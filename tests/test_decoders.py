@@ -46,7 +46,8 @@ def features(n, seed=2):
 def test_the_state_contract(name):
     """Every entry a tensor with the batch on dim 0; image entries untouched by a step; and all a step
     needs is in the state: permuting the rows of everything but the image's entries within an image
-    (what beam search does) permutes the next step's output, with no position passed besides."""
+    (what beam search does) permutes the next step's output, with no position passed besides; and the
+    image entries once per image serve the image's rows."""
     dec, K = make(name), 3
     feats = features(2).repeat_interleave(K, 0)  # 2 images x 3 hypotheses, image-major
     state = dec.init_state(feats)
@@ -65,6 +66,12 @@ def test_the_state_contract(name):
     torch.testing.assert_close(logits, expected[rows])
     if dec.returns_maps:
         torch.testing.assert_close(alpha, expected_alpha[rows])
+    # the image entries and the features once per image (beam search's layout) step as the copies do
+    once = {k: v[::K] if k in dec.image_state else v for k, v in state.items()}
+    logits, _, alpha = dec.step(words, once, feats[::K])
+    torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
+    if dec.returns_maps:
+        torch.testing.assert_close(alpha, expected_alpha, atol=1e-6, rtol=1e-5)
 
 
 @pytest.mark.parametrize("name", DECODERS)
@@ -88,6 +95,10 @@ def test_forward_equals_stepping_with_padding(name):
         torch.testing.assert_close(maps.sum(2), torch.ones(5, logits.size(1)))
     else:
         assert maps is None
+    with torch.no_grad():  # training without the maps (where they cost work): the same logits
+        unmapped, none = dec(feats, captions, lengths, maps=False)
+    torch.testing.assert_close(unmapped, logits, atol=1e-5, rtol=1e-5)
+    assert (none is None) == (dec.maps_cost or not dec.returns_maps)
 
 
 @pytest.mark.parametrize("name", DECODERS)

@@ -1,5 +1,6 @@
 """train.py end to end on tiny shapes data: every decoder, exact resume, overfitting, bf16, early stop,
 the config, and every bad setting (exit status 2, one `error:` line, nothing written)."""
+import contextlib
 import glob
 import json
 import math
@@ -16,6 +17,7 @@ from PIL import Image
 
 from tests.helpers import ROOT, copy_data, files, load, log_records, refused, run_script, train, train_args
 from checkpoint import load_checkpoint
+import models
 from models import DECODERS
 from utils import InputError
 
@@ -41,12 +43,13 @@ def test_shapes_config_runs_every_decoder(tmp_path, shapes_data, decoder):
 GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches of 4 images x 2 captions
 
 
-@pytest.mark.parametrize("decoder,stop,grouping", [("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {}),
-                                                   ("attention", {"max_steps": 5}, GROUPED),
-                                                   ("transformer", {"max_steps": 3}, GROUPED)])
+@pytest.mark.parametrize("decoder,stop,grouping", [
+    ("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {"length_pool": 3}),
+    ("attention", {"max_steps": 5}, {**GROUPED, "length_pool": 2}), ("transformer", {"max_steps": 3}, GROUPED)])
 def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop, grouping):
     """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume; also with
-    grouped batches, and for the Transformer inside its warm-up (its rates follow the step counter)."""
+    grouped batches, batches of similar lengths (length_pool), and for the Transformer inside its
+    warm-up (its rates follow the step counter)."""
     # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
     common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2,
                   encoder_weights="none", **grouping)
@@ -352,10 +355,11 @@ def test_a_fourth_decoder_is_one_class_and_a_registry_line(shapes_data, tmp_path
         def init_state(self, features):
             return {"image": self.image(features.mean(1))}  # B x dim
 
-        def step(self, prev_words, state, features):
-            return self.fc(torch.tanh(state["image"] + self.embedding(prev_words))), state, None
+        def step(self, prev_words, state, features):  # state["image"]: one row per image, for its k words
+            image = state["image"].repeat_interleave(len(prev_words) // len(state["image"]), 0)
+            return self.fc(torch.tanh(image + self.embedding(prev_words))), state, None
 
-        def forward(self, features, captions, lengths):
+        def forward(self, features, captions, lengths, maps=True):
             k = captions.size(0) // features.size(0)  # captions per image
             image = self.image(features.mean(1)).repeat_interleave(k, 0)[:, None]  # B x 1 x dim
             return self.fc(torch.tanh(image + self.embedding(captions[:, : int(lengths.max()) - 1]))), None
@@ -377,3 +381,25 @@ def test_a_fourth_decoder_is_one_class_and_a_registry_line(shapes_data, tmp_path
     assert "pointing" not in scored["results"]["beam3"]  # no maps: nothing to point with
     (caption,) = Captioner(out, "cpu").caption([np.zeros((32, 32, 3), np.uint8)], beam_size=2)
     assert caption.alphas is None and len(caption.words) <= 20
+
+
+def test_batches_of_one_length_weigh_each_word_as_random_batches_do(monkeypatch):
+    """length_pool: a batch's loss is divided by its captions x TRAIN's mean tokens a caption (what a
+    random batch holds on average), not by its own tokens, which would weigh a batch of short captions'
+    words more; without it, by its own tokens as ever."""
+    import bench
+    import train as train_module
+    from config import default_config, merge_config
+    from datasets import TrainItem
+    cfg = merge_config(default_config(), {**models.TINY, "encoder_weights": "none", "device": "cpu"}, "test")
+    word_map = bench.word_map_of(20)
+    run = train_module.build_run(cfg, word_map, 32, torch.device("cpu"))
+    seen, objective = [], run.objective
+    monkeypatch.setattr(run, "objective", lambda batch, step: (seen.append(step), objective(batch, step))[1])
+    lengths = torch.tensor([5, 4, 5, 3])  # 13 words after <start>
+    captions = torch.randint(1, 15, (4, 7))
+    batch = TrainItem(torch.randint(0, 256, (4, 3, 32, 32), dtype=torch.uint8), captions, lengths, torch.arange(4))
+    train_module.train_step(run, [batch], contextlib.nullcontext())
+    run.mean_tokens = 9.5
+    train_module.train_step(run, [batch], contextlib.nullcontext())
+    assert [(float(s.tokens), float(s.captions)) for s in seen] == [(13.0, 4.0), (38.0, 4.0)]
