@@ -129,30 +129,28 @@ def word_map_of(size):
     return {w: i for i, w in enumerate(["<pad>"] + words + ["<unk>", "<start>", "<end>"])}
 
 
-def caption_lengths(args, n, micro, k, pool):
+def caption_lengths(args, data, n, micro, k, pool):
     """The lengths (tokens, <start> and <end> included) of `n` micro-batches of `micro` captions, n x
-    micro: with --data-folder the first batches train.py's sampler draws from its TRAIN captions (k per
-    image, grouped when k > 1; length_pool `pool`), else uniform from half of --caption-len, each batch's
-    first caption the longest."""
-    if args.train_lengths is None:
+    micro: with `data` (--data-folder's TRAIN split) the first batches train.py's sampler draws from its
+    captions (k per image, grouped when k > 1; length_pool `pool`), else uniform from half of
+    --caption-len, each batch's first caption the longest."""
+    if data is None:
         lens = torch.randint(args.caption_len // 2, args.caption_len + 1, (n, micro),
                              generator=torch.Generator().manual_seed(0))
         lens[:, 0] = args.caption_len
         return lens
-    lengths, cpi = args.train_lengths
-    sampler = EpochSampler(len(lengths) // cpi, cpi, 0, k if k > 1 else 0, micro, grouped=k > 1, lengths=lengths,
-                           length_pool=pool)
+    sampler = EpochSampler(data.num_images, data.cpi, 0, k if k > 1 else 0, micro, grouped=k > 1,
+                           lengths=data.caplens, length_pool=pool)
     items = list(itertools.islice(sampler, n * micro // k))
-    return lengths[torch.tensor(items)].view(n, micro).long()
+    return data.caplens[torch.tensor(items)].view(n, micro).long()
 
 
 def micro_batches(run, lengths, args, cached, feature_shape, k=1):
     """Micro-batches of captions of these lengths (n x micro) on the host, as the DataLoader hands them
     over (pinned on CUDA); with k > 1, micro / k images with k captions each (group_by_image)."""
     g = torch.Generator().manual_seed(0)
-    batches = []
+    batches, micro, longest = [], lengths.size(1), int(lengths.max())
     for lens in lengths:
-        micro, longest = len(lens), int(lengths.max())
         if cached:
             x = torch.randn((micro // k,) + feature_shape, generator=g).half()
         else:
@@ -176,7 +174,7 @@ def run_steps(run, groups, amp):
         train.train_step(run, group, amp)
 
 
-def bench_training(args, base, device, word_map):
+def bench_training(args, base, device, word_map, data, peak):
     rows, profiled = [], set()
     matrix = itertools.product(args.decoder, args.precision, args.encoder_mode, args.batch_size, args.accumulation,
                                args.group, args.length_pool)
@@ -190,7 +188,7 @@ def bench_training(args, base, device, word_map):
         shape = feature_shape(run, args, cached=True) if mode == "cached" else None
         run.encoder.train()
         run.decoder.train()
-        lengths = caption_lengths(args, args.steps * acc, batch // acc, k, pool)  # steps*acc x micro
+        lengths = caption_lengths(args, data, args.steps * acc, batch // acc, k, pool)  # steps*acc x micro
         batches = micro_batches(run, lengths, args, mode == "cached", shape, k)
         groups = [batches[i:i + acc] for i in range(0, len(batches), acc)]  # a timed run: one step on each
         steps = functools.partial(run_steps, run, groups, amp_context(cfg, device))
@@ -211,7 +209,7 @@ def bench_training(args, base, device, word_map):
         row.update({"images_per_s": images / med, "images_per_s_min": images / hi, "images_per_s_max": images / lo,
                     "gflop_per_s": row["flop"] * args.steps / med / 1e9, "peak_memory_mb": mem.mb,
                     "others_cores": load.cores})
-        row["peak_share"] = row["gflop_per_s"] / args.peak_gflop_per_s
+        row["peak_share"] = row["gflop_per_s"] / peak
         rows.append(row)
         print(f"train {decoder:9s} {precision} {mode:8s} batch {batch} x{acc} k{k} pool {pool}: "
               f"{row['images_per_s']:8.1f} img/s, {row['flop'] / 1e9:.2f} GFLOP a step ({row['useful_share']:.0%} "
@@ -368,12 +366,10 @@ def bench_reward(args, word_map, images=9000, refs=5, batch=32, samples=5):
             "ms_max": hi * 1000}
 
 
-def bench_data(args, cfg):
+def bench_data(args, cfg, dataset):
     """The training DataLoader over real prepared images (uint8, workers as configured)."""
     from torch.utils.data import DataLoader
 
-    from datasets import CaptionDataset
-    dataset = CaptionDataset(args.data_folder, args.data_name, "TRAIN")
     loader = DataLoader(dataset, batch_size=max(args.batch_size), shuffle=True, num_workers=cfg["workers"],
                         pin_memory=torch.cuda.is_available(), persistent_workers=False)
     n, t0 = 0, time.perf_counter()
@@ -435,14 +431,13 @@ def main():
     device = pick_device(args.device)
     if args.data_folder and not args.data_name:
         raise InputError("--data-folder needs --data-name (the base name of the prepared files)")
-    args.train_lengths = None
+    data = None
     if args.data_folder:
         from datasets import CaptionDataset
-        train_set = CaptionDataset(args.data_folder, args.data_name, "TRAIN")
-        args.train_lengths = train_set.caplens, train_set.cpi
-        args.caption_len = int(train_set.caplens.max())
-    args.peak_gflop_per_s = matmul_peak(device)
-    print(f"fp32 matrix product (2048 x 2048): {args.peak_gflop_per_s:.1f} GFLOP/s", flush=True)
+        data = CaptionDataset(args.data_folder, args.data_name, "TRAIN")
+        args.caption_len = int(data.caplens.max())
+    peak = matmul_peak(device)
+    print(f"fp32 matrix product (2048 x 2048): {peak:.1f} GFLOP/s", flush=True)
     torch.backends.cudnn.benchmark = True
     word_map = word_map_of(args.vocab)
     card = torch.cuda.get_device_name(device) if device.type == "cuda" else \
@@ -452,13 +447,12 @@ def main():
                        f"{cfg['encoded_size']}x{cfg['encoded_size']} grid, emb {cfg['emb_dim']}, "
                        f"decoder {cfg['decoder_dim']}, attention {cfg['attention_dim']}, vocab {args.vocab}, "
                        f"captions up to {args.caption_len} tokens",
-              "args": {k: v for k, v in vars(args).items() if k not in ("out", "train_lengths", "peak_gflop_per_s")},
-              "matmul_peak_gflop_per_s": args.peak_gflop_per_s}
-    result["training"] = bench_training(args, cfg, device, word_map)
+              "args": {k: v for k, v in vars(args).items() if k != "out"}, "matmul_peak_gflop_per_s": peak}
+    result["training"] = bench_training(args, cfg, device, word_map, data, peak)
     result["decoding"] = bench_decoding(args, cfg, device, word_map)
     result["reward"] = bench_reward(args, word_map)
     if args.data_folder:
-        result["data"] = bench_data(args, cfg)
+        result["data"] = bench_data(args, cfg, data)
     print()
     print(markdown(result))
     if args.out:

@@ -57,27 +57,31 @@ class TransformerLayer(nn.Module):
             cache = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # B x H x t+1 x dh each
             a = F.scaled_dot_product_attention(q, *cache)  # B x H x 1 x dh
         x = x + self.dropout(self.self_out(self.merge(a)))
+        q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
         N, B, weights = keys.size(0), x.size(0), None
-        if cache is not None:  # decoding: each image's cells serve its k rows (beam search's hypotheses)
-            q = self.query(self.norm2(x)).view(N, B // N, self.heads, -1).transpose(1, 2)  # N x H x k x dh
-            weights = torch.softmax((q @ keys.transpose(2, 3)).float() / math.sqrt(q.size(3)), 3).to(x.dtype)
-            c = (weights @ values).transpose(1, 2).reshape(B, 1, -1)  # N x H x k x dh -> B x 1 x dim
-            weights = weights.mean(1).view(B, 1, -1)  # N x k x P -> B x 1 x P
+        if cache is not None or maps:  # by hand, for the weights (and a decoding step's k rows per image)
+            c, weights = attend_cells(q, keys, values)  # B x H x T x dh, B x T x P
+            weights = weights.to(x.dtype)
         else:
-            q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
-            if maps:  # by hand, for the weights: each image's cells serve its k rows without a copy
-                q = q.reshape(N, B // N, *q.shape[1:])  # N x k x H x T x dh
-                weights = torch.softmax((q @ keys.unsqueeze(1).transpose(3, 4)).float() / math.sqrt(q.size(-1)), -1)
-                c = (weights.to(x.dtype) @ values.unsqueeze(1)).flatten(0, 1)  # B x H x T x dh
-                weights = weights.flatten(0, 1).mean(1).to(x.dtype)  # B x T x P
-            else:
-                if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
-                    keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
-                c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
-            c = self.merge(c)  # B x T x dim
-        x = x + self.dropout(self.cross_out(c))
+            if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
+                keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
+            c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
+        x = x + self.dropout(self.cross_out(self.merge(c)))
         x = x + self.dropout(self.ff(self.norm3(x)))
         return x, weights if maps else None, cache
+
+
+def attend_cells(q, keys, values):
+    """Cross-attention written out, for its weights: queries q (B x H x T x dh, B = N x k rows, k per
+    image, image-major) over each image's cells (keys and values N x H x P x dh), which serve its k rows
+    in one product, without a copy per row. Returns the output B x H x T x dh and the weights averaged
+    over the heads, B x T x P in float32 (the softmax's precision)."""
+    B, H, T, dh = q.shape
+    N, k = keys.size(0), B // keys.size(0)
+    q = q.reshape(N, k, H, T, dh).transpose(1, 2).reshape(N, H, k * T, dh)
+    weights = torch.softmax((q @ keys.transpose(2, 3)).float() / math.sqrt(dh), -1)  # N x H x k*T x P
+    c = (weights.to(values.dtype) @ values).view(N, H, k, T, dh).transpose(1, 2).reshape(B, H, T, dh)
+    return c, weights.view(N, H, k, T, -1).mean(1).reshape(B, T, -1)
 
 
 class TransformerDecoder(Decoder):
