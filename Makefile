@@ -14,6 +14,8 @@
 #               groups with an interval on every margin: $(REPORTS)/seeds/
 #   length-pool the attention LSTM and the Transformer trained from batches of similar length (length_pool 50) at
 #               the seeds' 3 seeds, against their random-batch runs: $(REPORTS)/length-pool/
+#   pointing    what makes attention point (docs/attention-maps.md): the attention LSTM and the Transformer with one
+#               design choice changed each, against the seeds' soft, hard and Transformer groups: $(REPORTS)/pointing/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into $(REPORTS)/study/
 #   scst        self-critical training from the two demo checkpoints, evaluated, into $(REPORTS)/scst/
@@ -38,7 +40,7 @@ PRETRAIN_ARGS ?=
 REPORTS ?= runs/reports
 # results.FORMAT: an evaluation is made again when its stamp of this format is missing (eval.py files of an
 # older format lack the per-image statistics compare.py's intervals need).
-EVAL_FORMAT := 2
+EVAL_FORMAT := 3
 EVALUATED := .evaluated-$(EVAL_FORMAT)
 COMPARE_CODE := compare.py report.py significance.py results.py
 # Test processes (pytest-xdist; auto: one per core), each with one thread so that they share the
@@ -50,7 +52,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast coverage lint browser demo transformer seeds length-pool bench study scst hard hard-estimators reports tutorial gpu-wheels \
+.PHONY: install test test-fast coverage lint browser demo transformer seeds length-pool pointing bench study scst hard hard-estimators reports tutorial gpu-wheels \
 	clean
 
 install: $(STAMP)
@@ -299,10 +301,64 @@ $(REPORTS)/length-pool/report.md: runs/demo-attention/$(EVALUATED) runs/demo-tra
 
 length-pool: install $(REPORTS)/length-pool/report.md
 
+# What makes attention point (docs/attention-maps.md): one design choice changed per variant, on the demo's data
+# and schedule, against the seeds' soft, hard and Transformer groups. POINTING_SEEDS_<variant> are its seeds: three
+# for the variants that moved pointing or attention mass by more than 10 points at seed 42, and the best LSTM's.
+POINTING_VARIANTS := after-word soft-no-ds hard-no-ds positions no-gate after-word-no-ds hard-after-word-no-ds \
+	tf-1-layer tf-1-head tf-no-positions
+POINTING_ARGS_after-word := --decoder attention --attend_after_word true
+POINTING_ARGS_soft-no-ds := --decoder attention --alpha_c 0
+POINTING_ARGS_hard-no-ds := --decoder attention $(HARD_ARGS) --alpha_c 0
+POINTING_ARGS_positions := --decoder attention --attention_cell_positions true
+POINTING_ARGS_no-gate := --decoder attention --attention_gate false
+POINTING_ARGS_after-word-no-ds := --decoder attention --attend_after_word true --alpha_c 0
+POINTING_ARGS_hard-after-word-no-ds := --decoder attention $(HARD_ARGS) --attend_after_word true --alpha_c 0
+POINTING_ARGS_tf-1-layer := --decoder transformer --transformer_layers 1
+POINTING_ARGS_tf-1-head := --decoder transformer --transformer_heads 1
+POINTING_ARGS_tf-no-positions := --decoder transformer --transformer_cell_positions false
+POINTING_SEEDS_after-word := 42 $(SEEDS)
+POINTING_SEEDS_soft-no-ds := 42 $(SEEDS)
+POINTING_SEEDS_hard-no-ds := 42 $(SEEDS)
+POINTING_SEEDS_after-word-no-ds := 42 $(SEEDS)
+POINTING_SEEDS_hard-after-word-no-ds := 42 $(SEEDS)
+POINTING_SEEDS_tf-1-head := 42 $(SEEDS)
+$(foreach v,$(POINTING_VARIANTS),$(eval POINTING_SEEDS_$(v) ?= 42))
+POINTING_RUNS := $(foreach v,$(POINTING_VARIANTS),$(POINTING_SEEDS_$(v):%=runs/pointing-$(v)-s%))
+POINTING_EVALS := $(POINTING_RUNS:%=%/$(EVALUATED))
+
+define POINTING_RULE
+$(POINTING_SEEDS_$(1):%=runs/pointing-$(1)-s%/.trained): runs/pointing-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
+	$$(call STAGE,pointing: train $(1) seed $$*,$$(PY) train.py $(POINTING_ARGS_$(1)) --config configs/shapes.yaml \
+		--seed $$* --out runs/pointing-$(1)-s$$* --overwrite)
+	touch $$@
+endef
+$(foreach v,$(POINTING_VARIANTS),$(eval $(call POINTING_RULE,$(v))))
+
+$(POINTING_EVALS): runs/pointing-%/$(EVALUATED): runs/pointing-%/.trained
+	$(call STAGE,pointing: evaluate $*,$(PY) eval.py --checkpoint runs/pointing-$*/best.pt --beam-size 3)
+	touch $@
+
+POINTING_BASELINES := soft:demo-attention:attention hard:hard-attention:hard transformer:demo-transformer:transformer
+$(REPORTS)/pointing/report.md: runs/demo-attention/$(EVALUATED) runs/hard-attention/$(EVALUATED) \
+		runs/demo-transformer/$(EVALUATED) $(foreach d,attention hard transformer,$(SEEDS:%=runs/seeds-$(d)-s%/$(EVALUATED))) \
+		$(POINTING_EVALS) $(COMPARE_CODE)
+	$(call STAGE,pointing: compare,$(PY) compare.py \
+		$(foreach b,$(POINTING_BASELINES),--group $(word 1,$(subst :, ,$(b))) runs/$(word 2,$(subst :, ,$(b))) \
+			$(SEEDS:%=runs/seeds-$(word 3,$(subst :, ,$(b)))-s%)) \
+		$(foreach v,$(POINTING_VARIANTS),--group $(v) $(POINTING_SEEDS_$(v):%=runs/pointing-$(v)-s%)) \
+		$(foreach v,$(filter-out hard-% tf-%,$(POINTING_VARIANTS)),--pair soft $(v)) \
+		$(foreach v,$(filter hard-%,$(POINTING_VARIANTS)),--pair hard $(v)) \
+		$(foreach v,$(filter tf-%,$(POINTING_VARIANTS)),--pair transformer $(v)) \
+		--pair soft transformer --pair soft-no-ds hard-no-ds --pair after-word-no-ds hard-after-word-no-ds \
+		--pair soft hard-no-ds --pair soft hard-after-word-no-ds --pair transformer after-word-no-ds \
+		--pair transformer hard-after-word-no-ds --out $(REPORTS)/pointing --beam-size 3)
+
+pointing: install $(REPORTS)/pointing/report.md
+
 # The committed reports (README and docs link to them): every report made again into reports/, and the
 # README's picture of the demo's browser where Chromium is installed (make browser).
 reports: install
-	$(MAKE) demo transformer seeds length-pool study scst hard hard-estimators REPORTS=reports
+	$(MAKE) demo transformer seeds length-pool pointing study scst hard hard-estimators REPORTS=reports
 	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
 		$(PY) scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
 			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \

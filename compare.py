@@ -29,7 +29,7 @@ import significance
 from config import RUN_KEYS, default_config
 from datasets import CaptionDataset, Vocabulary, load_references, load_word_map
 from models import decoder_class
-from report import QUALITY, UNRESAMPLED
+from report import CHANCE, QUALITY, UNRESAMPLED
 from results import Interval, Margin, comparison_json, mean_sd, read_results, read_table
 from utils import ArgumentParser, InputError, atomic_path, run_cli, write_json
 
@@ -97,7 +97,7 @@ class Run:
         """Metrics at one beam size (None where not measured), plus validation loss / top-5 at the best epoch."""
         res = self.results.beams[beam].metrics if self.results and beam in self.results.beams else {}
         out = {k: res.get(k) for k in QUALITY}
-        out["pointing_chance"] = res.get("pointing_chance")
+        out.update({f"{k}_chance": res.get(f"{k}_chance") for k in CHANCE})
         out["val_loss"] = self.best["val_loss"] if self.best else None
         out["val_top5"] = self.best["val_top5"] if self.best else None
         return out
@@ -385,8 +385,9 @@ class Comparison:
 
 # The report, top to bottom: each section reads the Comparison and returns its Markdown lines. The header
 # is rendered last, so that it carries every note the other sections made.
-SECTIONS = (report.summary, report.quality, report.margins, report.cost, report.curves, report.metrics,
-            report.self_critical, report.attention_maps, report.attention, report.errors, report.every_image)
+SECTIONS = (report.summary, report.quality, report.margins, report.across_pairs, report.cost, report.curves,
+            report.metrics, report.self_critical, report.attention_maps, report.attention, report.maps_across,
+            report.errors, report.every_image)
 
 
 def parse_groups(p, args):

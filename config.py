@@ -94,7 +94,7 @@ def _coerce(key, value, default, source):
     elif default is None:
         ok = value is None or isinstance(value, str)
     if not ok:
-        expected = "a string or null" if default is None else kind.__name__
+        expected = "a string or null" if default is None else "true or false" if kind is bool else kind.__name__
         raise InputError(f"{source}: {key} must be {expected}, got {value!r}")
     if allowed and value not in allowed:
         raise InputError(f"{source}: {key} must be one of {', '.join(map(str, allowed))}, got {value!r}")

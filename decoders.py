@@ -45,6 +45,8 @@ class Decoder(nn.Module):
     training_bounds = {}  # its own training keys' least values (config.py checks them), as ModelConfig's fields have
     adam = {}  # Adam's settings besides the learning rate (torch's defaults when empty)
     max_len = None  # the most words it can decode (None: no limit)
+    map_layers = 0  # layers whose maps its maps average (map_layer picks one of them instead); 0: one attention
+    map_layer = None
 
     @classmethod
     def build(cls, model, vocab_size, encoder_dim, dropout):
@@ -182,26 +184,37 @@ def choose(scores, alpha, pick):
 class AttentionDecoder(Decoder):
     """Show, Attend and Tell: LSTMCell input is [word embedding; sigmoid(f_beta(h)) * context]. Soft
     attention by default; `argmax_attention` makes decoding attend to the most likely cell alone
-    (hard attention's argmax inference), and forward() with a HardNoise draws cells (its training)."""
+    (hard attention's argmax inference), and forward() with a HardNoise draws cells (its training).
+    Three design choices of the paper can be changed (docs/attention-maps.md measures each):
+    `after_word` (attend_after_word) attends after the LSTM has read the word, `gate` (attention_gate)
+    drops f_beta when false, and `grid` (attention_cell_positions) adds a learned position per cell to the
+    attention's projection of the cells, as the Transformer adds one to its cells."""
 
     returns_maps = hard_attention = doubly_stochastic = True
     image_state = ("proj",)  # the projected grid
 
-    def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, attention_dim=512, dropout=0.5):
+    def __init__(self, vocab_size, encoder_dim, emb_dim=512, decoder_dim=512, attention_dim=512, dropout=0.5,
+                 after_word=False, gate=True, grid=None):
         super().__init__()
         self.attention = Attention(encoder_dim, decoder_dim, attention_dim)
         self.embedding = nn.Embedding(vocab_size, emb_dim)
         self.init_h = nn.Linear(encoder_dim, decoder_dim)
         self.init_c = nn.Linear(encoder_dim, decoder_dim)
-        self.f_beta = nn.Linear(decoder_dim, encoder_dim)
+        self.f_beta = nn.Linear(decoder_dim, encoder_dim) if gate else None
         self.cell = nn.LSTMCell(emb_dim + encoder_dim, decoder_dim)
+        # attend_after_word: Luong et al. 2015's order, the output from h and the context it found
+        self.combine = nn.Linear(decoder_dim + encoder_dim, decoder_dim) if after_word else None
+        self.rows = nn.Embedding(grid, attention_dim) if grid else None  # attention_cell_positions
+        self.columns = nn.Embedding(grid, attention_dim) if grid else None
         self.dropout = nn.Dropout(dropout)
         self.fc = nn.Linear(decoder_dim, vocab_size)
         self.argmax_attention = False
 
     @classmethod
     def build(cls, model, vocab_size, encoder_dim, dropout):
-        return cls(vocab_size, encoder_dim, model.emb_dim, model.decoder_dim, model.attention_dim, dropout)
+        return cls(vocab_size, encoder_dim, model.emb_dim, model.decoder_dim, model.attention_dim, dropout,
+                   model.attend_after_word, model.attention_gate,
+                   model.encoded_size if model.attention_cell_positions else None)
 
     def set_inference(self, hard_inference):
         self.argmax_attention = hard_inference == "argmax"
@@ -211,13 +224,30 @@ class AttentionDecoder(Decoder):
 
     def init_state(self, features):
         mean = features.mean(1)
-        return {"h": self.init_h(mean), "c": self.init_c(mean), "proj": self.attention.project(features)}
+        state = {"h": self.init_h(mean), "c": self.init_c(mean),
+                 "proj": add_cell_positions(self.attention.project(features), self.rows, self.columns)}
+        if self.combine is not None:  # the context the LSTM reads with the next word: none before the first
+            state["context"] = features.new_zeros(features.size(0), features.size(2))  # N x D
+        return state
+
+    def _gated(self, h, context):
+        """The context as the LSTM reads it: scaled by the gate sigmoid(f_beta(h)) unless attention_gate is off."""
+        return context if self.f_beta is None else torch.sigmoid(self.f_beta(h)) * context
 
     def _cell(self, emb, state, features, pick=None):
-        context, alpha, cells = self.attention(features, state["proj"], state["h"], pick)
-        gated = torch.sigmoid(self.f_beta(state["h"])) * context
-        h, c = self.cell(torch.cat([emb, gated], dim=1), (state["h"], state["c"]))
-        return h, {"h": h, "c": c, "proj": state["proj"]}, alpha, cells
+        """One word: the output B x H for fc, the new state, alpha B x P and the cells picked. The paper's
+        order attends with the h of the previous word, then reads the word and the context; with
+        attend_after_word the LSTM reads the word (and the previous context) first and attends with its
+        new h, as Luong et al. 2015 do."""
+        if self.combine is None:
+            context, alpha, cells = self.attention(features, state["proj"], state["h"], pick)
+            h, c = self.cell(torch.cat([emb, self._gated(state["h"], context)], dim=1), (state["h"], state["c"]))
+            return h, {"h": h, "c": c, "proj": state["proj"]}, alpha, cells
+        h, c = self.cell(torch.cat([emb, state["context"]], dim=1), (state["h"], state["c"]))
+        context, alpha, cells = self.attention(features, state["proj"], h, pick)
+        gated = self._gated(h, context)
+        out = torch.tanh(self.combine(torch.cat([h, gated], dim=1)))  # B x H
+        return out, {"h": h, "c": c, "proj": state["proj"], "context": gated}, alpha, cells
 
     def step(self, prev_words, state, features):
         h, state, alpha, _ = self._cell(self.embedding(prev_words), state, features,
@@ -243,6 +273,18 @@ class AttentionDecoder(Decoder):
             picked.append(cells)
         out = self.fc(self.dropout(torch.stack(hs, 1))), torch.stack(alphas, 1)
         return out if noise is None else (*out, torch.stack(picked, 1))
+
+
+def add_cell_positions(cells, rows, columns):
+    """cells N x P x dim plus a learned position per grid cell (a row's plus a column's embedding, G x dim
+    each, row-major as Encoder.head flattens the grid); cells as they are when rows is None."""
+    if rows is None:
+        return cells
+    if cells.size(1) != rows.num_embeddings ** 2:
+        raise InputError(f"the features have {cells.size(1)} cells, the decoder's cell positions a "
+                         f"{rows.num_embeddings} x {rows.num_embeddings} grid")
+    where = rows.weight[:, None] + columns.weight[None]  # G x G x dim
+    return cells + where.flatten(0, 1).to(cells.dtype)
 
 
 def expand(state, k, keep=()):

@@ -28,8 +28,8 @@ from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from decoding import beam_search, caption_images, check_length
 from hardware import OtherLoad, busy_note, timed
-from metrics import (coco_metrics, java_available, nltk_bleu4, nltk_counts, pointing, pointing_accuracy, scene_counts,
-                     scene_errors, scene_measures_of)
+from metrics import (coco_metrics, java_available, mass_sums, nltk_bleu4, nltk_counts, pointing, pointing_accuracy,
+                     scene_counts, scene_errors, scene_measures_of)
 from checkpoint import check_word_map, load_trained, weights_id
 from utils import (ArgumentParser, at_least, checkpoint_file, grid_side, pick_device,
                    run_cli)
@@ -63,11 +63,12 @@ def parse_args():
     return args
 
 
-def image_rows(ids, image_ids, caps, coco, references, boxes, points):
+def image_rows(ids, image_ids, caps, coco, references, boxes, points, layer_mass):
     """An ImageRow per image, in the split's order, with every per-image statistic a corpus metric is
     made of (significance.py resamples them). coco: each image's coco_metrics per-image scores and BLEU
-    counts; points: each image's metrics.pointing() (attention decoder on shapes), or None. The attention
-    decoder's maps are always kept: the results browser and compare.py's attention figure draw them."""
+    counts; points: each image's metrics.pointing() (a decoder with maps on shapes), or None; layer_mass:
+    each image's mass_sums of each layer's maps ({} but for a Transformer). The maps are always kept:
+    the results browser and compare.py's attention figure draw them."""
     rows = []
     for i in ids:
         c, scored = caps[i], coco[i]
@@ -79,7 +80,8 @@ def image_rows(ids, image_ids, caps, coco, references, boxes, points):
             row.describes_scene = not any(row.scene_errors.values())  # metrics.describes_scene, without parsing again
             row.scene = scene_counts(c.words, boxes[i])
         if points is not None:
-            row.pointing = [None if p is None else int(p[0]) for p in points[i]]
+            row.pointing = [None if p is None else int(p.hit) for p in points[i]]
+            row.attention_mass = {**mass_sums(points[i]), **layer_mass.get(i, {})}
         if c.alphas is not None:
             row.attention = results.attention_bytes(c.alphas)
         rows.append(row)
@@ -94,6 +96,40 @@ def attention_spread(maps):
     entropy = -(alphas * alphas.clamp_min(1e-12).log()).sum(1)
     peaked = (alphas.max(1).values > 0.5).float().mean()
     return {"attention_entropy": float(entropy.mean()), "attention_peaked": float(peaked)}
+
+
+def mass_scores(rows):
+    """The attention mass measures of the split (their summed mass over their words) and, for the maps
+    shown, their chance levels (the summed chance, over the same words), from each row's mass_sums."""
+    total = {}
+    for r in rows:
+        for name, sums in r.attention_mass.items():
+            total[name] = [a + b for a, b in zip(total.get(name, (0, 0, 0)), sums, strict=True)]
+    out = {}
+    for name, (mass, chance, words) in total.items():
+        out[name] = mass / words if words else None
+        if "layer" not in name:
+            out[f"{name}_chance"] = chance / words if words else None
+    return out
+
+
+def layer_pointing(loader, encoder, decoder, device, vocab, options, caps, boxes, image_size):
+    """Each layer's maps of a decoder whose maps average several (the Transformer) scored as mass_sums:
+    {image: {attention_mass_layer{n}: sums}}, {} for the others. The search runs again for each layer's
+    maps; the captions are the same (the maps are read off the attention, never fed back: checked)."""
+    found, shown = {}, decoder.map_layer
+    try:
+        for layer in range(decoder.map_layers):
+            decoder.map_layer = layer
+            again = caption_split(loader, encoder, decoder, device, vocab, options)
+            for i, c in again.items():
+                if c.words != caps[i].words:
+                    raise RuntimeError(f"image {i}: layer {layer + 1}'s maps came with another caption")
+                found.setdefault(i, {}).update(mass_sums(
+                    pointing(c.words, c.alphas, boxes[i], image_size, shapes.POINTING_WORDS), layer=layer + 1))
+    finally:
+        decoder.map_layer = shown
+    return found
 
 
 def setup(args):
@@ -212,18 +248,20 @@ def main():
         scores = scores_by_beam[k]
         words = [caps[i].words for i in ids]
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
-        points = None
+        points, layer_mass, options = None, {}, decoding_options(args, cfg, k)
         if boxes is not None and decoder.returns_maps:
             points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, shapes.POINTING_WORDS)
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
-        rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points)
+            layer_mass = layer_pointing(loader, encoder, decoder, device, vocab, options, caps, boxes, base.image_size)
+        rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points, layer_mass)
+        if points is not None:
+            scores.update(mass_scores(rows))
         if boxes is not None:
             scores.update(scene_measures_of([r.exact_match for r in rows], [r.scene for r in rows]))
         if decoder.returns_maps:
             scores.update(attention_spread([caps[i].alphas for i in ids]))
-        options = decoding_options(args, cfg, k)
         captions_file, images_file = results.file_names(out, k)
         new.beams[k] = results.BeamResult(k, scores, len(ids) / timings[k], timings[k], options.max_len,
                                           options.length_penalty, options.block_ngram_repeat, captions_file,
@@ -250,14 +288,17 @@ def print_table(args, cfg, res, scene, maps):
     count = f"{lo} per image" if lo == hi else f"{lo} to {hi} per image, {mean:.2f} on average"
     print(f"coco-caption metrics against the {used['kind']} references ({count}); nltk BLEU-4 against the "
           "encoded references (the tutorial's protocol)")
-    print(f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS) + (f" {'pointing':>16s}" if pointed else "")
-          + f" {'img/s':>8s}")
+    print(f"{'beam':>4s} " + " ".join(f"{c:>11s}" for c in COLUMNS)
+          + (f" {'pointing':>16s} {'attention mass':>16s}" if pointed else "") + f" {'img/s':>8s}")
     for k, beam in res.beams.items():
         m = beam.metrics
         row = f"{k:4d} " + " ".join(f"{m[c]:11.4f}" if m[c] is not None else f"{'n/a':>11s}" for c in COLUMNS)
         if pointed:
-            row += f" {m['pointing']:7.1%} (ch {m['pointing_chance']:4.1%})" if m["pointing"] is not None else " n/a"
+            row += "".join(f" {m[c]:7.1%} (ch {m[c + '_chance']:4.1%})" if m.get(c) is not None else f" {'n/a':>16s}"
+                           for c in ("pointing", "attention_mass"))
         print(row + f" {beam.images_per_s:8.1f}{busy_note(beam.others_cores)}")
+    if pointed:
+        print_mass(res)
     if scene:
         first = next(iter(res.beams.values())).metrics
         keys = [c for c in first if c.startswith(("exact", "phrase", "relation_a"))]
@@ -267,6 +308,19 @@ def print_table(args, cfg, res, scene, maps):
             print(f"{k:4d} " + " ".join(f"{m[c]:22.1%}" if m[c] is not None else f"{'n/a':>22s}" for c in keys))
     for metric, reason in res.unavailable.items():
         print(f"{metric} unavailable: {reason}")
+
+
+def print_mass(res):
+    """The attention mass of colour and shape words apart, and of each layer's maps where there are layers."""
+    first = next(iter(res.beams.values())).metrics
+    keys = [k for k in first if k.startswith("attention_mass_") and not k.endswith("_chance")]
+    if not keys:
+        return
+    print("\nattention mass: the share of a colour or shape word's map on the objects it names (chance: their share "
+          "of the grid)\n" + f"{'beam':>4s} " + " ".join(f"{results.label(c):>30s}" for c in keys))
+    for k, beam in res.beams.items():
+        m = beam.metrics
+        print(f"{k:4d} " + " ".join(f"{m[c]:30.1%}" if m.get(c) is not None else f"{'n/a':>30s}" for c in keys))
 
 
 if __name__ == "__main__":

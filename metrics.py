@@ -16,9 +16,11 @@ import sys
 import tempfile
 import time
 from collections import Counter
+from typing import NamedTuple
 
 import torch
 
+from results import MASS_KINDS
 from utils import grid_side
 
 
@@ -363,13 +365,21 @@ def nltk_bleu4(references, hypotheses):
 
 # ----------------------------------------------------------------------------- attention
 
+class Pointed(NamedTuple):
+    """Where one colour or shape word's map lies against the objects it names."""
+    hit: bool  # the most attended cell's centre is on an object of that colour or shape (pointing)
+    mass: float  # the share of the map on those cells (attention mass, Liu et al. 2017's attention correctness)
+    chance: float  # the share of the grid's cells on them: either measure's level for a uniform map
+    kind: str  # the attribute the word names: "colour" or "shape"
+
+
 def pointing(words, maps, objects, image_size, vocab):
-    """For every word of one caption that names a colour or a shape (in `vocab`: {word: attribute}), is
-    the most attended grid cell's centre inside the box of an object with that colour or shape?
+    """For every word of one caption that names a colour or a shape (in `vocab`: {word: attribute}), where
+    its map lies against the cells whose centre is inside the box of an object with that colour or shape.
 
     words: the caption; maps: len(words) x P attention maps (P = G * G); objects: the image's
     {"colour", "shape", "box": [x0, y0, x1, y1]}. Returns per word None (it names no colour or shape)
-    or (hit, chance), chance being the share of grid cells inside a matching box."""
+    or a Pointed."""
     grid = grid_side(maps.shape[1])
     centres = (torch.arange(grid, dtype=torch.float64) + 0.5) * image_size / grid
     out = []
@@ -382,7 +392,9 @@ def pointing(words, maps, objects, image_size, vocab):
             if obj[vocab[word]] == word:
                 x0, y0, x1, y1 = obj["box"]
                 inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
-        out.append((bool(inside.flatten()[int(amap.argmax())]), float(inside.float().mean())))
+        inside = inside.flatten()
+        out.append(Pointed(bool(inside[int(amap.argmax())]), float(amap.double()[inside].sum() / amap.double().sum()),
+                           float(inside.double().mean()), vocab[word]))
     return out
 
 
@@ -393,7 +405,16 @@ def pointing_accuracy(per_caption):
     counted = len(checked)
     if not counted:
         return None, None, 0
-    return sum(hit for hit, _ in checked) / counted, sum(chance for _, chance in checked) / counted, counted
+    return sum(p.hit for p in checked) / counted, sum(p.chance for p in checked) / counted, counted
+
+
+def mass_sums(pointed, layer=None):
+    """One caption's pointing() as sums that add up over images, {measure: [summed mass, summed chance,
+    words]}: of the colour and shape words together and apart (MASS_KINDS), or with `layer` (a Transformer
+    layer's maps, from 1) together, as attention_mass_layer{layer}. A measure is its mass over its words."""
+    kinds = {f"attention_mass_layer{layer}": ("colour", "shape")} if layer else MASS_KINDS
+    words = {name: [p for p in pointed if p is not None and p.kind in named] for name, named in kinds.items()}
+    return {name: [sum(p.mass for p in w), sum(p.chance for p in w), len(w)] for name, w in words.items()}
 
 
 # ----------------------------------------------------------------------------- shapes scenes

@@ -26,6 +26,9 @@ class ModelConfig:
     emb_dim: int = field(default=512, metadata={"min": 1})
     decoder_dim: int = field(default=512, metadata={"min": 1})
     attention_dim: int = field(default=512, metadata={"min": 1})
+    attend_after_word: bool = False
+    attention_gate: bool = True
+    attention_cell_positions: bool = False
     transformer_layers: int = field(default=3, metadata={"min": 1})
     transformer_heads: int = field(default=8, metadata={"min": 1})
     transformer_dim: int = field(default=512, metadata={"min": 1})

@@ -16,14 +16,14 @@ import significance
 import visualize
 from hardware import BUSY_CORES, busy_note
 from models import DECODERS
-from results import fmt, fmt_interval, fmt_p, fmt_values, label, mean_sd, table
+from results import MASS_KINDS, fmt, fmt_interval, fmt_p, fmt_values, label, mean_sd, table
 
 QUALITY = tuple(significance.MEASURES)  # every quality measure, in the order the report shows them
+CHANCE = ("pointing", *MASS_KINDS)  # the measures of maps with a chance level (eval.py's {measure}_chance)
 UNRESAMPLED = ("val_loss", "val_top5")  # quality measures with no per-image data: margins without an interval
 RELATIONS = ("left of", "right of", "above", "below")
+ACROSS = ("pointing", "attention_mass", "CIDEr", "relation_accuracy")  # across_pairs' measures
 
-
-# ----------------------------------------------------------------------------- sections
 
 def header(c):
     """Rendered after the other sections, so that every note they made is here."""
@@ -92,6 +92,10 @@ def summary(c):
         if pointing is not None and chance:
             lines.append(f"  Its attention points at the named object for {fmt_values('pointing', pointing)} of colour "
                          f"and shape words, {mean_sd(pointing)[0] / chance:.1f}x the chance level ({chance:.1%}).")
+        mass, chance = b.values(beam, "attention_mass"), b.first.quality(beam)["attention_mass_chance"]
+        if mass is not None and chance:
+            lines.append(f"  It puts {fmt_values('attention_mass', mass)} of such a word's attention on the object, "
+                         f"{mean_sd(mass)[0] / chance:.1f}x the chance level ({chance:.1%}).")
     methods = c.methods()
     if methods:
         lines += ["", "How sure: " + "; ".join(methods.values()) + f". Each interval and p-value is per measure "
@@ -129,8 +133,8 @@ def quality(c):
         rows = []
         for g in c.groups:
             rows.append([g.label] + [fmt_values(k, g.values(b, k)) + (
-                f" (chance {g.first.quality(b)['pointing_chance']:.1%})" if k == "pointing" and
-                g.values(b, k) is not None else "") for k in keys])
+                f" (chance {g.first.quality(b)[k + '_chance']:.1%})" if k in CHANCE and
+                g.values(b, k) is not None and g.first.quality(b)[k + "_chance"] is not None else "") for k in keys])
             if len(g.runs) > 1:
                 rows += [[f"· {r.name} (seed {r.cfg['seed']})"] + [fmt(k, r.quality(b)[k]) for k in keys]
                          for r in g.runs]
@@ -138,8 +142,10 @@ def quality(c):
     return md + ["val loss and val top-5 are teacher-forced, at the best epoch. exact match: the caption equals one "
                  "of the references; phrase precision: share of \"size colour shape\" phrases that name a real object; "
                  "relation accuracy: share of \"X left of / right of / above / below Y\" statements true of the boxes; "
-                 "pointing: share of colour and shape words whose most attended cell lies on such an object. The "
-                 "margins between runs, with their intervals, are in the next section.", ""]
+                 "pointing: share of colour and shape words whose most attended cell lies on such an object; attention "
+                 "mass: the share of such a word's map on those cells (of all, colour or shape words, or of one "
+                 "Transformer layer's maps); chance: the share of the grid's cells they cover. The margins between "
+                 "runs, with their intervals, are in the next section.", ""]
 
 
 def margins(c):
@@ -166,6 +172,26 @@ def margins(c):
             md += [f"### {b.name} - {a.name}", ""] + ([borrowed(a, b), ""] if borrowed(a, b) else []) + [
                 table(head, rows), ""]
     return md
+
+
+def across_pairs(c):
+    """With three pairs or more (an ablation study), the maps' two measures, CIDEr and relation accuracy
+    pair by pair, each margin in **bold** where it stays significant after Holm's correction across the
+    pairs (each measure its own family): a pair's own correction counts its measures, not its siblings."""
+    if len(c.pairs) < 3:
+        return []
+    found = {(a.name, b.name): {m.measure: m for m in c.margins(a, b, c.beam)} for a, b in c.pairs}
+    keys = [k for k in ACROSS if any(k in ms for ms in found.values())]
+    held = set()
+    for k in keys:
+        tested = [(pair, ms[k].p) for pair, ms in found.items() if k in ms and ms[k].p is not None]
+        held |= {(pair, k) for (pair, _), p in zip(tested, significance.holm([p for _, p in tested]), strict=True)
+                 if p < 1 - significance.CONFIDENCE}
+    rows = [[f"{b} - {a}"] + [("n/a" if k not in ms else f"**{fmt_interval(ms[k])}**" if ((a, b), k) in held
+                               else fmt_interval(ms[k])) for k in keys] for (a, b), ms in found.items()]
+    return [f"## Across the pairs at beam {c.beam}", "", f"Each pair's margin with its 95% interval; **bold**: "
+            f"significant after Holm's correction across the {len(found)} pairs, measure by measure.", "",
+            table(["pair"] + [label(k) for k in keys], rows), ""]
 
 
 def borrowed(a, b):
@@ -347,7 +373,8 @@ def attention_maps(c):
         m = r.results.beams[c.beam].metrics if c.beam in r.results.beams else {}
         if "attention_entropy" in m:
             rows.append([r.label, f"{m['attention_entropy']:.2f}", f"{m['attention_peaked']:.1%}",
-                         fmt("pointing", m.get("pointing")), fmt("train_time_s", r.cost["train_time_s"])])
+                         fmt("pointing", m.get("pointing")), fmt("attention_mass", m.get("attention_mass")),
+                         fmt("train_time_s", r.cost["train_time_s"])])
     if not rows:
         return []
     trained = {r.folder: r for r in c.runs if r.maps}.values()  # one curve per training run
@@ -361,8 +388,9 @@ def attention_maps(c):
         os.path.join(c.out, "attention_curves.png"))
     return ["## Attention maps", "", f"At beam {c.beam}: the mean entropy of a generated word's map (nats; a uniform "
             "map over the grid has the most), the share of words whose map puts more than half its weight on one "
-            "cell, pointing accuracy, and the training time.", "",
-            table(["run", "map entropy (nats)", "words with one cell > 50%", "pointing", "train time (s)"], rows), "",
+            "cell, pointing accuracy, attention mass, and the training time.", "",
+            table(["run", "map entropy (nats)", "words with one cell > 50%", "pointing", "attention mass",
+                   "train time (s)"], rows), "",
             "How training went: validation CIDEr-D against training time, the variance of the attention parameters' "
             "gradient over the steps between two log lines (what hard attention's estimators differ in), and the "
             "entropy of alpha.", "", "![attention training curves](attention_curves.png)", ""]
@@ -391,6 +419,29 @@ def attention(c):
             table(["image"] + list(captions), [[f"{c.split} {row.index}"] + [caps.get(row.index, "n/a")
                                                                              for caps in captions.values()]
                                                for row in rows]), ""]
+
+
+def maps_across(c):
+    """maps_across.png, where three groups or more have maps: the first TEST image with two objects or more,
+    and each group's maps (its first run's) of the colour and shape words of its caption, a row per group."""
+    import shapes
+    runs = [(g.name, g.first, g.first.table(c.beam)) for g in c.groups if g.first.results and g.first.maps]
+    runs = [(name, r, t) for name, r, t in runs if t is not None and t.has_maps]
+    if len(runs) < 3 or c.data is None:
+        return []
+    pick = next((row.index for row in runs[0][2].rows if row.scene and row.scene["objects"] >= 2),
+                runs[0][2].rows[0].index)
+    rows = []
+    for name, _, stored in runs:
+        row = next(x for x in stored.rows if x.index == pick)
+        words = row.caption.split()
+        maps = visualize.attention_from_bytes(row.attention, stored.attention_grid)
+        named = [k for k, w in enumerate(words) if w in shapes.POINTING_WORDS] or list(range(len(words)))
+        rows.append((c.picture(pick), name, [words[k] for k in named], maps[named]))
+    visualize.attention_grid(rows, os.path.join(c.out, "maps_across.png"))
+    return ["## The same image across the groups", "", f"{c.split} {pick}: each group's attention (its first run's) "
+            f"for the colour and shape words of its caption (beam {c.beam}), a row per group; light means attended.",
+            "", "![each group's maps of one image](maps_across.png)", ""]
 
 
 def errors(c):

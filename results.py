@@ -28,8 +28,15 @@ import numpy as np
 from utils import InputError, atomic_path, write_json
 
 # 2: the per-image files keep every statistic the corpus metrics are made of (BLEU counts, ROUGE-L,
-# METEOR, the scene counts), so compare.py can resample the images. The Makefile's EVAL_FORMAT follows it.
-FORMAT = 2
+# METEOR, the scene counts), so compare.py can resample the images; 3: and the attention mass on shapes. The
+# Makefile's EVAL_FORMAT follows it.
+FORMAT = 3
+# The attention mass measures (metrics.mass_sums): colour and shape words together and apart, and the maps of each of
+# a Transformer's first MAX_LAYERS layers (a deeper one's others are in the results files only)
+MASS_KINDS = {"attention_mass": ("colour", "shape"), "attention_mass_colour": ("colour",),
+              "attention_mass_shape": ("shape",)}
+MAX_LAYERS = 6
+MASS_MEASURES = (*MASS_KINDS, *(f"attention_mass_layer{n}" for n in range(1, MAX_LAYERS + 1)))
 
 # What a BeamResult holds besides its metrics, as keys of the same JSON object.
 BOOKKEEPING = ("images_per_s", "seconds", "max_len", "length_penalty", "block_ngram_repeat", "captions_file",
@@ -120,6 +127,7 @@ class ImageRow:
     describes_scene: bool | None = None  # shapes: names every object, nothing else, only true relations
     scene_errors: dict | None = None  # shapes: {"missing", "invented", "false"} phrases
     pointing: list | None = None  # attention on shapes, per word: 1 on a matching object, 0 not, None names none
+    attention_mass: dict | None = None  # attention on shapes: metrics.mass_sums, its maps' and each layer's
     attention: str | None = None  # a decoder with maps: the per-word maps, attention_bytes
     bleu: dict | None = None  # coco-caption's BLEU counts (metrics.BLEU_KEYS): the corpus BLEU-1..4 from their sums
     nltk_bleu: dict | None = None  # the same counts as nltk makes them, against the encoded references
@@ -292,11 +300,14 @@ def attention_bytes(alphas):
 
 # ----------------------------------------------------------------------------- how the numbers are written
 
-PERCENT = {"pointing", "exact_match", "exact_match_1_objects", "exact_match_2_objects", "exact_match_3_objects",
-           "phrase_precision", "relation_accuracy", "val_top5"}
+PERCENT = {"pointing", *MASS_MEASURES, "exact_match", "exact_match_1_objects", "exact_match_2_objects",
+           "exact_match_3_objects", "phrase_precision", "relation_accuracy", "val_top5"}
 
 def label(key):
-    """exact_match_2_objects -> "exact match, 2 objects"."""
+    """exact_match_2_objects -> "exact match, 2 objects"; attention_mass_layer2 -> "attention mass, layer 2"."""
+    if key.startswith("attention_mass_"):
+        part = key.split("_")[2]
+        return f"attention mass, {'layer ' + part[5:] if part.startswith('layer') else part + ' words'}"
     if key.startswith("exact_match_"):
         n = key.split("_")[2]
         return f"exact match, {n} object{'s' if n != '1' else ''}"

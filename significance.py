@@ -7,7 +7,7 @@ and a p-value that count the two sources of noise a captioning result has.
   images (eval.py keeps them per image, results.ImageRow): BLEU of its summed clipped matches, n-gram
   counts and lengths, as coco-caption and nltk sum them; METEOR of its summed alignment statistics, as
   its Java scorer sums them; ROUGE-L, CIDEr-D and exact match as means of per-image scores; the shapes
-  measures and pointing as ratios of summed counts. On all the images each gives the reported score
+  measures, pointing and attention mass as ratios of summed counts. On all the images each gives the reported score
   (tested). CIDEr-D keeps each image's own score, whose document frequencies come from the whole split's
   references: the usual approximation, as a resample does not recount them. The draws are a count matrix
   (resamples x images) multiplied by each run's per-image statistics (images x columns): one matrix
@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from metrics import bleu_vector, coco_bleu_from_sums, meteor_from_sums, meteor_vector, nltk_bleu_from_sums
-from results import Interval
+from results import MASS_MEASURES, Interval
 
 RESAMPLES, SEED, CONFIDENCE = 1000, 0, 0.95
 
@@ -62,6 +62,12 @@ def _mean(value):
     return Measure(lambda r: None if value(r) is None else [value(r), 1], _ratio)
 
 
+def _mass(name):
+    """An attention mass measure: the summed mass of its words over their number (metrics.mass_sums)."""
+    return Measure(lambda r: None if r.attention_mass is None or name not in r.attention_mass
+                   else [r.attention_mass[name][0], r.attention_mass[name][2]], _ratio)
+
+
 def _counts(key, true):
     return Measure(lambda r: None if r.scene is None else [r.scene[true], r.scene[key]], _ratio)
 
@@ -77,6 +83,7 @@ MEASURES = {
                            _each(nltk_bleu_from_sums)),
     "pointing": Measure(lambda r: None if r.pointing is None else [sum(p for p in r.pointing if p is not None),
                                                                     sum(p is not None for p in r.pointing)], _ratio),
+    **{name: _mass(name) for name in MASS_MEASURES},
     "exact_match": _mean(lambda r: float(r.exact_match)),
     **{f"exact_match_{n}_objects": _exact_k(n) for n in (1, 2, 3)},
     "phrase_precision": _counts("phrases", "phrases_true"),

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from decoders import Decoder
+from decoders import Decoder, add_cell_positions
 from utils import InputError
 
 
@@ -142,13 +142,7 @@ class TransformerDecoder(Decoder):
 
     def memory(self, features):
         """Each layer's (keys, values) of the cells, N x heads x P x dim / heads, from features N x P x D."""
-        cells = self.cells(features)  # N x P x dim
-        if self.rows is not None:
-            if cells.size(1) != self.rows.num_embeddings ** 2:
-                raise InputError(f"the features have {cells.size(1)} cells, the Transformer's cell positions a "
-                                 f"{self.rows.num_embeddings} x {self.rows.num_embeddings} grid")
-            where = self.rows.weight[:, None] + self.columns.weight[None]  # G x G x dim: row-major, as Encoder.head
-            cells = cells + where.flatten(0, 1).to(cells.dtype)
+        cells = add_cell_positions(self.cells(features), self.rows, self.columns)  # N x P x dim
         cells = self.dropout(cells)
         return [layer.memory(cells) for layer in self.layers]
 
@@ -187,6 +181,10 @@ class TransformerDecoder(Decoder):
             x, m, _ = layer(x, keys, values, maps=maps and self.shows(i))
             shown.append(m)
         return self.fc(self.norm(x)), self.chosen(shown) if maps else None
+
+    @property
+    def map_layers(self):
+        return len(self.layers)
 
     def shows(self, layer):
         """Whether the maps need this layer's cross-attention weights."""

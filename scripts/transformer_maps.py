@@ -31,7 +31,7 @@ def main():
     args = p.parse_args()
     ckpt, encoder, decoder, vocab = load_trained(args.checkpoint, torch.device("cpu"))
     cfg = ckpt["config"]
-    if not hasattr(decoder, "map_layer"):
+    if not decoder.map_layers:
         raise InputError(f"{args.checkpoint} was trained with --decoder {cfg['decoder']}: this script is for --decoder "
                          "transformer")
     boxes = load_boxes(cfg["data_folder"], cfg["data_name"], args.split)

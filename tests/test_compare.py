@@ -163,9 +163,29 @@ def test_three_decoders_side_by_side(evaluated, trained, tmp_path):
     report = (out / "report.md").read_text()
     (margins,) = tables_under(report, "### transformer - attention")
     assert "transformer - attention [95% interval]" in margins["CIDEr"]
+    # the attention mass beside pointing, with its chance level; the Transformer's per layer, compared with nothing
+    assert "attention mass, layer 1" not in margins
+    assert margins["attention mass"] and margins["attention mass, colour words"]
+    beam3 = {row.split()[0]: cells for row, cells in tables_under(report, "### beam 3")[0].items()}
+    assert "(chance" in beam3["transformer"]["attention mass"] and beam3["rnn"]["attention mass"] == "n/a"
+    assert beam3["transformer"]["attention mass, layer 2"] != "n/a" and "It puts" in report
     data = page_data((out / "report.html").read_text())
     assert [(r["name"], r["grid"]) for r in data["runs"]] == [("rnn", None), ("attention", 4), ("transformer", 4)]
     assert (out / "attention.png").stat().st_size > 1000
+    assert not (out / "maps_across.png").exists()  # two runs with maps: attention.png says it
+    again = tmp_path / "again"  # a third run with maps: each run's maps of one image, one row per run
+    shutil.copytree(evaluated[1], again)
+    r = run_script("compare.py", *evaluated, run, again, "--out", tmp_path / "three", "--beam-size", 3,
+                   "--pair", "attention", "transformer", "--pair", "attention", "again", "--pair", "rnn", "again")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "three" / "maps_across.png").stat().st_size > 1000
+    report = (tmp_path / "three" / "report.md").read_text()
+    assert "## The same image across the groups" in report
+    # three pairs: an ablation's table, each margin corrected across the pairs
+    (across,) = tables_under(report, "## Across the pairs at beam 3")
+    assert list(across) == ["transformer - attention", "again - attention", "again - rnn"]
+    assert across["again - attention"]["pointing"] == "+0.0 pts [+0.0, +0.0]"  # the same run twice
+    assert across["again - rnn"]["pointing"] == "n/a" and across["again - rnn"]["CIDEr"].startswith(("+", "-", "**"))
 
 
 def test_groups_say_what_is_wrong_and_name_one_thing_one_way(evaluated, trained, tmp_path, monkeypatch, capsys):

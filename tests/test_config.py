@@ -25,6 +25,11 @@ def test_every_model_key_is_a_config_key_with_its_bounds():
     assert ModelConfig() == ModelConfig.of(defaults)  # each field's default is default.yaml's
     with pytest.raises(InputError, match="test: length_pool must be >= 0, got -1"):  # a training key's bound
         merge_config(defaults, {"length_pool": "-1"}, "test")
+    for key in ("attend_after_word", "attention_gate", "attention_cell_positions"):  # attention-maps.md's options
+        assert merge_config(defaults, {key: "yes"}, "test")[key] is True
+        with pytest.raises(InputError, match=f"^test: {key} must be true or false") as refused:
+            merge_config(defaults, {key: "maybe"}, "test")
+        assert "\n" not in str(refused.value)
 
 
 def test_model_differences_name_the_key():

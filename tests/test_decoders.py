@@ -16,12 +16,16 @@ V, D, P = 16, 24, 9  # words, feature width, cells (a 3 x 3 grid)
 VOCAB = Vocabulary({**{f"w{i}": i for i in range(1, V - 3)}, "<pad>": 0, "<unk>": V - 3, "<start>": V - 2,
                     "<end>": V - 1})
 SMALL = ModelConfig(**{**TINY, "encoded_size": 3, "transformer_positions": 24})  # a 3 x 3 grid
+# Every decoder of the registry, and the attention LSTM's options (attention-maps.md) all on: every path of each
+VARIANTS = {**{name: {"decoder": name} for name in DECODERS},
+            "attention-variants": {"decoder": "attention", "attend_after_word": True, "attention_gate": False,
+                                   "attention_cell_positions": True}}
 
 
 def make(name, seed=0, dropout=0.0, end_bias=1.0):
     """An untrained decoder of the registry that ends its captions within a few words."""
     torch.manual_seed(seed)
-    decoder = build_decoder(ModelConfig(**{**SMALL.__dict__, "decoder": name}), V, D, dropout)
+    decoder = build_decoder(ModelConfig(**{**SMALL.__dict__, **VARIANTS[name]}), V, D, dropout)
     with torch.no_grad():
         decoder.fc.bias[VOCAB.end] += end_bias
     return decoder.eval()
@@ -42,7 +46,7 @@ def features(n, seed=2):
     return torch.randn(n, P, D, generator=torch.Generator().manual_seed(seed))
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_the_state_contract(name):
     """Every entry a tensor with the batch on dim 0; image entries untouched by a step; and all a step
     needs is in the state: permuting the rows of everything but the image's entries within an image
@@ -74,7 +78,7 @@ def test_the_state_contract(name):
         torch.testing.assert_close(alpha, expected_alpha, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_forward_equals_stepping_with_padding(name):
     """The teacher-forced logits and maps are the stepped ones, for captions of different lengths
     (one of length 2: <start> and <end>) padded in one batch; maps are distributions."""
@@ -101,7 +105,7 @@ def test_forward_equals_stepping_with_padding(name):
     assert (none is None) == (dec.maps_cost or not dec.returns_maps)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_grouped_forward_equals_repeated_images(name):
     """k captions per image (group_by_image): the image's work once gives the logits of repeating it
     (in eval mode; the plain decoder's training-mode BatchNorm is tested in test_models.py)."""
@@ -114,7 +118,7 @@ def test_grouped_forward_equals_repeated_images(name):
         torch.testing.assert_close(gm, rm, atol=1e-6, rtol=1e-5)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("beam_size", [3, 5])
 def test_batched_beam_equals_one_image_at_a_time(name, beam_size):
     dec, feats = make(name, end_bias=0.5), features(6)
@@ -132,7 +136,7 @@ def test_batched_beam_equals_one_image_at_a_time(name, beam_size):
             assert batched.alphas is None
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 def test_beam_one_is_greedy(name):
     dec, feats = make(name, end_bias=0.5), features(6)
     g = greedy(dec, feats, VOCAB, max_len=12)
@@ -144,7 +148,7 @@ def test_beam_one_is_greedy(name):
             torch.testing.assert_close(x, y)
 
 
-@pytest.mark.parametrize("name", DECODERS)
+@pytest.mark.parametrize("name", VARIANTS)
 @pytest.mark.parametrize("beam_size", [1, 4])
 def test_score_is_the_teacher_forced_log_probability(name, beam_size):
     dec, feats = make(name, end_bias=0.5), features(6)

@@ -17,14 +17,14 @@ from tests.helpers import ROOT
 
 
 PAGES = ("README.md", "docs/tutorial.md", "docs/data.md", "docs/shapes.md", "docs/training.md", "docs/transformer.md",
-         "docs/scst.md",
-         "docs/hard-attention.md", "docs/evaluation.md", "docs/benchmarks.md", "docs/troubleshooting.md",
-         "docs/differences-from-the-tutorial.md")
+         "docs/scst.md", "docs/hard-attention.md", "docs/attention-maps.md", "docs/evaluation.md", "docs/benchmarks.md",
+         "docs/troubleshooting.md", "docs/differences-from-the-tutorial.md")
 
 
 # The pages that build on each other (the tutorial's Transformer section on make transformer, the
 # evaluation page on scst.md's run), in the README's order; test_docs_standalone.py runs the others.
-STANDALONE = ("docs/data.md", "docs/shapes.md", "docs/training.md", "docs/hard-attention.md", "docs/benchmarks.md")
+STANDALONE = ("docs/data.md", "docs/shapes.md", "docs/training.md", "docs/hard-attention.md", "docs/attention-maps.md",
+              "docs/benchmarks.md")
 CHAINED = tuple(p for p in PAGES if p not in STANDALONE)
 
 

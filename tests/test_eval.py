@@ -62,6 +62,16 @@ def check_per_image(table, captions, res, decoder):
     assert grid == 4  # the TINY encoder's grid
     counted = [p for r in rows for p in r["pointing"] if p is not None]
     assert len(counted) == res["pointing_words"] and sum(counted) / len(counted) == pytest.approx(res["pointing"])
+    # attention mass: over the same words as pointing, with the same chance level; colour and shape words apart
+    assert sum(r["attention_mass"]["attention_mass"][2] for r in rows) == len(counted)
+    assert res["attention_mass_chance"] == pytest.approx(res["pointing_chance"])
+    assert all(r["attention_mass"]["attention_mass_colour"][2] + r["attention_mass"]["attention_mass_shape"][2]
+               == r["attention_mass"]["attention_mass"][2] for r in rows)
+    layers = [res.get(f"attention_mass_layer{n}") for n in (1, 2, 3)]
+    if decoder == "transformer":  # 2 layers (TINY): the mass is linear in the map, so the mean's is the layers' mean
+        assert layers[2] is None and res["attention_mass"] == pytest.approx((layers[0] + layers[1]) / 2)
+    else:
+        assert layers == [None] * 3
     for r in rows:
         maps = base64.b64decode(r["attention"])
         assert len(maps) == len(r["caption"].split()) * grid * grid == len(r["pointing"]) * grid * grid

@@ -110,19 +110,29 @@ def test_per_image_cider_is_each_image_scored_as_pycocoevalcap_does():
     assert cider["c"] == 0.0 and cider["b"] > cider["a"] > 0
 
 
-def test_pointing_accuracy_by_hand():
+def test_pointing_and_attention_mass_by_hand():
     vocab = {"red": "colour", "circle": "shape", "blue": "colour"}
     objects = [{"colour": "red", "shape": "circle", "box": [0, 0, 32, 32]},      # top-left quadrant
                {"colour": "blue", "shape": "square", "box": [32, 32, 64, 64]}]  # bottom-right
     words = ["a", "red", "circle", "and", "a", "blue", "square"]
-    maps = torch.zeros(len(words), 4)
-    maps[1, 0] = 1  # "red": top-left cell, inside the red object: hit
-    maps[2, 3] = 1  # "circle": bottom-right cell: miss
-    maps[5, 3] = 1  # "blue": bottom-right: hit ("square" is not in vocab: not counted)
+    maps = torch.zeros(len(words), 4)  # a 2 x 2 grid, row-major: top-left, top-right, bottom-left, bottom-right
+    maps[1] = torch.tensor([0.7, 0.1, 0.1, 0.1])  # "red": most on the top-left cell, the red object's: hit, mass 0.7
+    maps[2] = torch.tensor([0.3, 0.0, 0.0, 0.7])  # "circle": most on the bottom-right: miss, mass 0.3
+    maps[5] = torch.tensor([0.0, 0.0, 0.4, 0.6])  # "blue": hit, mass 0.6 ("square" is not in vocab: not counted)
     by_word = metrics.pointing(words, maps, objects, 64, vocab)
-    assert by_word == [None, (True, 0.25), (False, 0.25), None, None, (True, 0.25), None]
+    assert [None if p is None else (p.hit, p.chance, p.kind) for p in by_word] == [
+        None, (True, 0.25, "colour"), (False, 0.25, "shape"), None, None, (True, 0.25, "colour"), None]
+    assert [p.mass for p in by_word if p] == pytest.approx([0.7, 0.3, 0.6])
     acc, chance, counted = pointing_accuracy([by_word])
     assert counted == 3 and acc == pytest.approx(2 / 3) and chance == pytest.approx(0.25)
+    sums = metrics.mass_sums(by_word)  # [summed mass, summed chance, words]
+    assert sums["attention_mass"] == pytest.approx([1.6, 0.75, 3])
+    assert sums["attention_mass_colour"] == pytest.approx([1.3, 0.5, 2])
+    assert sums["attention_mass_shape"] == pytest.approx([0.3, 0.25, 1])
+    assert metrics.mass_sums(by_word, layer=2) == {"attention_mass_layer2": pytest.approx([1.6, 0.75, 3])}
+    two = [{"colour": "red", "shape": "circle", "box": [0, 0, 64, 32]}]  # the top half: two cells, chance 0.5
+    [_, red, *_] = metrics.pointing(words[:2], maps[:2], two, 64, vocab)
+    assert red.mass == pytest.approx(0.8) and red.chance == 0.5 and red.hit
 
 
 def test_scene_errors_name_what_is_wrong():

@@ -17,6 +17,7 @@ OLD = os.path.join(ROOT, "tests", "fixtures", "checkpoint-8453d0a.pt")
 def test_it_predates_the_new_fields():
     ckpt = load(OLD)
     assert "transformer_layers" not in ckpt["model"] and "transformer_layers" not in ckpt["config"]
+    assert "attend_after_word" not in ckpt["model"]  # nor attention-maps.md's options: they load as the paper's
     assert all("base_lr" not in g for g in ckpt["decoder_optimizer"]["param_groups"])
 
 
