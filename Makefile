@@ -249,17 +249,15 @@ SEED_ARGS_transformer := --decoder transformer
 SEED_RUNS := $(foreach d,$(SEED_DECODERS),$(SEEDS:%=runs/seeds-$(d)-s%))
 SEED_EVALS := $(SEED_RUNS:%=%/$(EVALUATED))
 
-define SEED_RULE
-$(SEEDS:%=runs/seeds-$(1)-s%/.trained): runs/seeds-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
-	$$(call STAGE,seeds: train $(1) seed $$*,$$(PY) train.py $(SEED_ARGS_$(1)) --config configs/shapes.yaml \
-		--seed $$* --out runs/seeds-$(1)-s$$* --overwrite)
+# The runs of a study at several seeds, runs/$(1)-$(2)-s<seed>: train.py with the demo's config and the arguments $(3),
+# at each seed of $(4), its stages named "$(5): ..." (make seeds, length-pool and pointing share it).
+define SEEDED_RUNS
+$(4:%=runs/$(1)-$(2)-s%/.trained): runs/$(1)-$(2)-s%/.trained: $(ENCODER) configs/shapes.yaml
+	$$(call STAGE,$(5): train $(2) seed $$*,$$(PY) train.py $(3) --config configs/shapes.yaml \
+		--seed $$* --out runs/$(1)-$(2)-s$$* --overwrite)
 	touch $$@
 endef
-$(foreach d,$(SEED_DECODERS),$(eval $(call SEED_RULE,$(d))))
-
-$(SEED_EVALS): runs/seeds-%/$(EVALUATED): runs/seeds-%/.trained
-	$(call STAGE,seeds: evaluate $*,$(PY) eval.py --checkpoint runs/seeds-$*/best.pt --beam-size 3)
-	touch $@
+$(foreach d,$(SEED_DECODERS),$(eval $(call SEEDED_RUNS,seeds,$(d),$(SEED_ARGS_$(d)),$(SEEDS),seeds)))
 
 $(REPORTS)/seeds/report.md: $(ALL_EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
 	$(call STAGE,seeds: compare,$(PY) compare.py --group rnn runs/demo-rnn $(SEEDS:%=runs/seeds-rnn-s%) \
@@ -278,17 +276,7 @@ POOL_DECODERS := attention transformer
 POOL_RUNS := $(foreach d,$(POOL_DECODERS),$(POOL_SEEDS:%=runs/pool-$(d)-s%))
 POOL_EVALS := $(POOL_RUNS:%=%/$(EVALUATED))
 
-define POOL_RULE
-$(POOL_SEEDS:%=runs/pool-$(1)-s%/.trained): runs/pool-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
-	$$(call STAGE,length pool: train $(1) seed $$*,$$(PY) train.py --decoder $(1) --config configs/shapes.yaml \
-		--length_pool 50 --seed $$* --out runs/pool-$(1)-s$$* --overwrite)
-	touch $$@
-endef
-$(foreach d,$(POOL_DECODERS),$(eval $(call POOL_RULE,$(d))))
-
-$(POOL_EVALS): runs/pool-%/$(EVALUATED): runs/pool-%/.trained
-	$(call STAGE,length pool: evaluate $*,$(PY) eval.py --checkpoint runs/pool-$*/best.pt --beam-size 3)
-	touch $@
+$(foreach d,$(POOL_DECODERS),$(eval $(call SEEDED_RUNS,pool,$(d),--decoder $(d) --length_pool 50,$(POOL_SEEDS),length pool)))
 
 $(REPORTS)/length-pool/report.md: runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
 		$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED)) \
@@ -326,16 +314,11 @@ $(foreach v,$(POINTING_VARIANTS),$(eval POINTING_SEEDS_$(v) ?= 42))
 POINTING_RUNS := $(foreach v,$(POINTING_VARIANTS),$(POINTING_SEEDS_$(v):%=runs/pointing-$(v)-s%))
 POINTING_EVALS := $(POINTING_RUNS:%=%/$(EVALUATED))
 
-define POINTING_RULE
-$(POINTING_SEEDS_$(1):%=runs/pointing-$(1)-s%/.trained): runs/pointing-$(1)-s%/.trained: $(ENCODER) configs/shapes.yaml
-	$$(call STAGE,pointing: train $(1) seed $$*,$$(PY) train.py $(POINTING_ARGS_$(1)) --config configs/shapes.yaml \
-		--seed $$* --out runs/pointing-$(1)-s$$* --overwrite)
-	touch $$@
-endef
-$(foreach v,$(POINTING_VARIANTS),$(eval $(call POINTING_RULE,$(v))))
+$(foreach v,$(POINTING_VARIANTS),$(eval $(call SEEDED_RUNS,pointing,$(v),$(POINTING_ARGS_$(v)),$(POINTING_SEEDS_$(v)),pointing)))
 
-$(POINTING_EVALS): runs/pointing-%/$(EVALUATED): runs/pointing-%/.trained
-	$(call STAGE,pointing: evaluate $*,$(PY) eval.py --checkpoint runs/pointing-$*/best.pt --beam-size 3)
+# Every seeded run of the studies above, on TEST at beam 3.
+$(SEED_EVALS) $(POOL_EVALS) $(POINTING_EVALS): runs/%/$(EVALUATED): runs/%/.trained
+	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/$*/best.pt --beam-size 3)
 	touch $@
 
 POINTING_BASELINES := soft:demo-attention:attention hard:hard-attention:hard transformer:demo-transformer:transformer

@@ -108,7 +108,7 @@ def mass_scores(rows):
     out = {}
     for name, (mass, chance, words) in total.items():
         out[name] = mass / words if words else None
-        if "layer" not in name:
+        if name in results.MASS_KINDS:  # a layer's words and chance are the maps' own
             out[f"{name}_chance"] = chance / words if words else None
     return out
 

@@ -392,8 +392,8 @@ def pointing(words, maps, objects, image_size, vocab):
             if obj[vocab[word]] == word:
                 x0, y0, x1, y1 = obj["box"]
                 inside |= ((centres >= y0) & (centres < y1))[:, None] & ((centres >= x0) & (centres < x1))[None]
-        inside = inside.flatten()
-        out.append(Pointed(bool(inside[int(amap.argmax())]), float(amap.double()[inside].sum() / amap.double().sum()),
+        inside, amap = inside.flatten(), amap.double()
+        out.append(Pointed(bool(inside[int(amap.argmax())]), float(amap[inside].sum() / amap.sum()),
                            float(inside.double().mean()), vocab[word]))
     return out
 

@@ -88,14 +88,12 @@ def summary(c):
         if cb["decoding"] and ca["decoding"]:
             busy = busy_note(max(ca["decoding_others"], cb["decoding_others"]))
             lines.append(f"  Decoding at beam {beam}: {cb['decoding']:.0f} vs {ca['decoding']:.0f} images/s{busy}.")
-        pointing, chance = b.values(beam, "pointing"), b.first.quality(beam)["pointing_chance"]
-        if pointing is not None and chance:
-            lines.append(f"  Its attention points at the named object for {fmt_values('pointing', pointing)} of colour "
-                         f"and shape words, {mean_sd(pointing)[0] / chance:.1f}x the chance level ({chance:.1%}).")
-        mass, chance = b.values(beam, "attention_mass"), b.first.quality(beam)["attention_mass_chance"]
-        if mass is not None and chance:
-            lines.append(f"  It puts {fmt_values('attention_mass', mass)} of such a word's attention on the object, "
-                         f"{mean_sd(mass)[0] / chance:.1f}x the chance level ({chance:.1%}).")
+        for key, said in (("pointing", "Its attention points at the named object for {} of colour and shape words"),
+                          ("attention_mass", "It puts {} of such a word's attention on the object")):
+            values, chance = b.values(beam, key), b.first.quality(beam)[f"{key}_chance"]
+            if values is not None and chance:
+                lines.append(f"  {said.format(fmt_values(key, values))}, {mean_sd(values)[0] / chance:.1f}x the "
+                             f"chance level ({chance:.1%}).")
     methods = c.methods()
     if methods:
         lines += ["", "How sure: " + "; ".join(methods.values()) + f". Each interval and p-value is per measure "
@@ -425,14 +423,14 @@ def maps_across(c):
     """maps_across.png, where three groups or more have maps: the first TEST image with two objects or more,
     and each group's maps (its first run's) of the colour and shape words of its caption, a row per group."""
     import shapes
-    runs = [(g.name, g.first, g.first.table(c.beam)) for g in c.groups if g.first.results and g.first.maps]
-    runs = [(name, r, t) for name, r, t in runs if t is not None and t.has_maps]
+    runs = [(g.name, g.first.table(c.beam)) for g in c.groups if g.first.results and g.first.maps]
+    runs = [(name, t) for name, t in runs if t is not None and t.has_maps]
     if len(runs) < 3 or c.data is None:
         return []
-    pick = next((row.index for row in runs[0][2].rows if row.scene and row.scene["objects"] >= 2),
-                runs[0][2].rows[0].index)
+    first = runs[0][1].rows
+    pick = next((row.index for row in first if row.scene and row.scene["objects"] >= 2), first[0].index)
     rows = []
-    for name, _, stored in runs:
+    for name, stored in runs:
         row = next(x for x in stored.rows if x.index == pick)
         words = row.caption.split()
         maps = visualize.attention_from_bytes(row.attention, stored.attention_grid)
