@@ -260,7 +260,7 @@ def beam_search(decoder, features, vocab, options):
         from_beam, word = top_beam.gather(1, pick), top_word.gather(1, pick)  # n x K
         parent[t, ids] = from_beam
         rows = (torch.arange(n, device=dev)[:, None] * K + from_beam).view(-1)  # n*K: moves within an image
-        state = {k: v if k in decoder.image_state else v[rows] for k, v in state.items()}
+        _take_rows(state, rows, decoder.image_state)
         tokens = tokens.view(n * K, L)[rows].view(n, K, L)
         tokens[:, :, t] = word
         words = word.view(-1)
@@ -272,7 +272,8 @@ def beam_search(decoder, features, vocab, options):
         if bool(done.any()):  # stopped images leave the batch
             keep, rows = ~done, _rows_of(~done, K)  # n', n'*K
             ids, score, tokens = ids[keep], score[keep], tokens[keep]
-            state = {k: v[keep] if k in decoder.image_state else v[rows] for k, v in state.items()}
+            images = torch.nonzero(keep).squeeze(1)
+            state = {k: v.index_select(0, images if k in decoder.image_state else rows) for k, v in state.items()}
             feats, words = feats[keep], words[rows]
     maps = None if attention is None else _trace_back(attention, parent, best_step, best_beam)
     return _finish(best_seq, best_len, best_score, maps)
@@ -288,6 +289,19 @@ def _best_ended(top_score, top_word, end, K, norm):
 def _best_live(top_score, top_word, end, K):
     """Per image, the K best ranked candidates that do not end: (their scores, their ranks), n x K."""
     return top_score.masked_fill(top_word == end, -math.inf).topk(K, dim=1)
+
+
+def _take_rows(state, rows, image_state):
+    """Each hypothesis row of the state takes row rows[i]'s entries (n*K rows), in place and only where
+    the row changes: most hypotheses extend themselves, and copying whole entries cost the Transformer,
+    whose cache grows with every word, as much as its attention over the cells. The state is beam
+    search's own: each step returns new tensors."""
+    moved = torch.nonzero(rows != torch.arange(rows.numel(), device=rows.device)).squeeze(1)
+    if moved.numel():
+        source = rows[moved]
+        for k, v in state.items():
+            if k not in image_state:
+                v.index_copy_(0, moved, v.index_select(0, source))
 
 
 def _rows_of(images, K):

@@ -45,7 +45,8 @@ def parse_args():
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--split", default="TEST", choices=["TEST", "VAL"])
     add_decoding_arguments(p, beam_size=[1, 3, 5])
-    p.add_argument("--batch-size", type=at_least(1), default=64)
+    p.add_argument("--batch-size", type=at_least(1), default=256, help="images decoded together (default 256: "
+                   "on the demo's data every decoder searched faster at 256 than at 64; docs/benchmarks.md)")
     p.add_argument("--out", help="results JSON (default: eval_{SPLIT}.json beside the checkpoint)")
     p.add_argument("--data-folder", help="where the prepared data is now (default: the checkpoint's)")
     p.add_argument("--data-name", help="the prepared data's base name (default: the checkpoint's)")

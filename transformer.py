@@ -43,44 +43,55 @@ class TransformerLayer(nn.Module):
         keys, values = self.key_value(cells).chunk(2, dim=2)
         return self.split(keys), self.split(values)
 
-    def forward(self, x, keys, values, cache=None, maps=False):
-        """x: B x T x dim, the words so far; keys and values: the cells' of N images, B = N x k rows (k
-        captions per image, image-major). Without a cache the whole caption runs at once under a causal
-        mask; with one (this layer's self-attention keys and values of the t earlier words, B x heads x t x
-        dim / heads each), x is the newest word (T = 1). Returns x, the cross-attention weights averaged
-        over the heads (B x T x P) when `maps` asks for them (else None), and the cache with this word's
-        keys and values added (None without one)."""
+    def forward(self, x, keys, values, maps=False):
+        """Teacher forcing, every word at once under a causal mask. x: B x T x dim; keys and values:
+        the cells' of N images, N x heads x P x dim / heads each, B = N x k rows (k captions per image,
+        image-major). Returns x and the cross-attention weights averaged over the heads (B x T x P) when
+        `maps` asks for them (else None)."""
         q, k, v = (self.split(t) for t in self.qkv(self.norm1(x)).chunk(3, dim=2))  # B x H x T x dh each
-        if cache is None:
-            a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B x H x T x dh
-        else:  # one word a row, whose weights over the words nobody reads
-            cache = torch.cat([cache[0], k], 2), torch.cat([cache[1], v], 2)  # B x H x t+1 x dh each
-            a = F.scaled_dot_product_attention(q, *cache)  # B x H x 1 x dh
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # B x H x T x dh
         x = x + self.dropout(self.self_out(self.merge(a)))
         q = self.split(self.query(self.norm2(x)))  # B x H x T x dh
         N, B, weights = keys.size(0), x.size(0), None
-        if cache is not None or maps:  # by hand, for the weights (and a decoding step's k rows per image)
-            c, weights = attend_cells(q, keys, values)  # B x H x T x dh, B x T x P
+        if maps:  # by hand, for the weights
+            c, weights = attend_cells(q, keys.transpose(2, 3), values)  # B x T x dim, B x T x P
             weights = weights.to(x.dtype)
         else:
             if B != N:  # k captions per image: the fused kernel wants a row of keys per caption
                 keys, values = (t.repeat_interleave(B // N, 0) for t in (keys, values))
-            c = F.scaled_dot_product_attention(q, keys, values)  # B x H x T x dh
-        x = x + self.dropout(self.cross_out(self.merge(c)))
-        x = x + self.dropout(self.ff(self.norm3(x)))
-        return x, weights if maps else None, cache
+            c = self.merge(F.scaled_dot_product_attention(q, keys, values))  # B x T x dim
+        x = x + self.dropout(self.cross_out(c))
+        return x + self.dropout(self.ff(self.norm3(x))), weights
+
+    def step(self, x, keys_t, values, cache):
+        """One decoding step: x, the newest word of each row, B x 1 x dim; keys_t the cells' keys
+        transposed, N x heads x dim / heads x P (contiguous, made once per image: a product with a
+        transposed view is slower at every step), values N x heads x P x dim / heads; cache this
+        layer's self-attention keys and values of the t earlier words, B x 2 heads x t x dim / heads
+        (the keys' heads, then the values': one tensor, so that growing and reordering it is one copy).
+        Returns x, the cross-attention weights averaged over the heads (B x 1 x P) and the cache with
+        this word's keys and values added."""
+        B, H = x.size(0), self.heads
+        qkv = self.qkv(self.norm1(x)).view(B, 3 * H, 1, -1)  # B x 3H x 1 x dh: one word, so a view
+        cache = torch.cat([cache, qkv[:, H:]], 2)  # B x 2H x t+1 x dh
+        a = F.scaled_dot_product_attention(qkv[:, :H], cache[:, :H], cache[:, H:])  # B x H x 1 x dh
+        x = x + self.dropout(self.self_out(self.merge(a)))
+        q = self.query(self.norm2(x)).view(B, H, 1, -1)  # B x H x 1 x dh
+        c, weights = attend_cells(q, keys_t, values)  # B x 1 x dim, B x 1 x P
+        x = x + self.dropout(self.cross_out(c))
+        return x + self.dropout(self.ff(self.norm3(x))), weights.to(x.dtype), cache
 
 
-def attend_cells(q, keys, values):
+def attend_cells(q, keys_t, values):
     """Cross-attention written out, for its weights: queries q (B x H x T x dh, B = N x k rows, k per
-    image, image-major) over each image's cells (keys and values N x H x P x dh), which serve its k rows
-    in one product, without a copy per row. Returns the output B x H x T x dh and the weights averaged
-    over the heads, B x T x P in float32 (the softmax's precision)."""
+    image, image-major) over each image's cells (keys_t N x H x dh x P, values N x H x P x dh), which
+    serve its k rows in one product, without a copy per row. Returns the output B x T x H dh (the heads
+    merged) and the weights averaged over the heads, B x T x P in float32 (the softmax's precision)."""
     B, H, T, dh = q.shape
-    N, k = keys.size(0), B // keys.size(0)
+    N, k = keys_t.size(0), B // keys_t.size(0)
     q = q.reshape(N, k, H, T, dh).transpose(1, 2).reshape(N, H, k * T, dh)
-    weights = torch.softmax((q @ keys.transpose(2, 3)).float() / math.sqrt(dh), -1)  # N x H x k*T x P
-    c = (weights.to(values.dtype) @ values).view(N, H, k, T, dh).transpose(1, 2).reshape(B, H, T, dh)
+    weights = torch.softmax((q @ keys_t).float() / math.sqrt(dh), -1)  # N x H x k*T x P
+    c = (weights.to(values.dtype) @ values).view(N, H, k, T, dh).permute(0, 2, 3, 1, 4).reshape(B, T, H * dh)
     return c, weights.view(N, H, k, T, -1).mean(1).reshape(B, T, -1)
 
 
@@ -113,7 +124,7 @@ class TransformerDecoder(Decoder):
         # the mean of the layers' maps: on the demo's VAL they point at the named object 91% of the time at
         # each of 3 seeds, the first layer's 53-93%, the second's 58-62% (scripts/transformer_maps.py)
         self.heads, self.max_len, self.map_layer = heads, positions - 1, None
-        self.image_state = tuple(f"{kv}{i}" for i in range(layers) for kv in ("cell_keys", "cell_values"))
+        self.image_state = tuple(f"cell_{kv}{i}" for i in range(layers) for kv in ("keys", "values"))
 
     @classmethod
     def build(cls, model, vocab_size, encoder_dim, dropout):
@@ -150,20 +161,17 @@ class TransformerDecoder(Decoder):
         B, dev = features.size(0), features.device
         state = {"position": torch.zeros(B, dtype=torch.long, device=dev)}  # B: the next word's position
         for i, (keys, values) in enumerate(self.memory(features)):
-            state[f"cell_keys{i}"], state[f"cell_values{i}"] = keys, values
-            empty = keys.new_zeros(B, self.heads, 0, keys.size(3))  # B x H x 0 x dh: no words yet
-            state[f"keys{i}"], state[f"values{i}"] = empty, empty
+            state[f"cell_keys{i}"], state[f"cell_values{i}"] = keys.transpose(2, 3).contiguous(), values.contiguous()
+            state[f"cache{i}"] = keys.new_zeros(B, 2 * self.heads, 0, keys.size(3))  # B x 2H x 0 x dh: no words
         return state
 
     def step(self, prev_words, state, features):
         x = self.dropout(self.embedding(prev_words) + self.positions(state["position"]))[:, None]  # B x 1 x dim
         new, maps = {"position": state["position"] + 1}, []
         for i, layer in enumerate(self.layers):
-            x, m, (new[f"keys{i}"], new[f"values{i}"]) = layer(
-                x, state[f"cell_keys{i}"], state[f"cell_values{i}"], (state[f"keys{i}"], state[f"values{i}"]),
-                self.shows(i))
-            new[f"cell_keys{i}"], new[f"cell_values{i}"] = state[f"cell_keys{i}"], state[f"cell_values{i}"]
-            maps.append(m)
+            cells = new[f"cell_keys{i}"], new[f"cell_values{i}"] = state[f"cell_keys{i}"], state[f"cell_values{i}"]
+            x, m, new[f"cache{i}"] = layer.step(x, *cells, state[f"cache{i}"])
+            maps.append(m if self.shows(i) else None)
         return self.fc(self.norm(x[:, 0])), new, self.chosen(maps)[:, 0]  # B x V, ..., B x P
 
     def forward(self, features, captions, lengths, maps=True):
@@ -178,7 +186,7 @@ class TransformerDecoder(Decoder):
         x = self.dropout(self.embedding(captions[:, :T]) + self.positions.weight[:T])  # B x T x dim
         shown = []
         for i, (layer, (keys, values)) in enumerate(zip(self.layers, self.memory(features), strict=True)):
-            x, m, _ = layer(x, keys, values, maps=maps and self.shows(i))
+            x, m = layer(x, keys, values, maps=maps and self.shows(i))
             shown.append(m)
         return self.fc(self.norm(x)), self.chosen(shown) if maps else None
 

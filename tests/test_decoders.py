@@ -7,7 +7,8 @@ import torch
 
 from config import merge_config
 from datasets import Vocabulary
-from decoding import DecodeOptions, beam_search, decode, greedy, sample
+from decoders import expand
+from decoding import DecodeOptions, _take_rows, beam_search, decode, greedy, sample
 from models import DECODERS, TINY, ModelConfig, build_decoder, decoder_class
 from objectives import caption_loss
 from utils import InputError
@@ -76,6 +77,21 @@ def test_the_state_contract(name):
     torch.testing.assert_close(logits, expected, atol=1e-6, rtol=1e-5)
     if dec.returns_maps:
         torch.testing.assert_close(alpha, expected_alpha, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("name", VARIANTS)
+def test_beam_reorders_in_place_as_copying_would(name):
+    """Beam search moves only the rows whose parent is another row, in place: the state it leaves is
+    the copy by index of every row, and the image entries are untouched."""
+    dec, K = make(name), 3
+    with torch.no_grad():
+        state = expand(dec.init_state(features(2)), K, keep=dec.image_state)
+        for words in torch.randint(1, V - 3, (4, 2 * K), generator=torch.Generator().manual_seed(5)):
+            _, state, _ = dec.step(words, state, features(2))
+    rows = torch.tensor([0, 0, 1, 5, 3, 3])  # image 0: two from beam 0; image 1: a cycle and a copy
+    copied = {k: v if k in dec.image_state else v[rows] for k, v in state.items()}
+    _take_rows(state, rows, dec.image_state)
+    assert state.keys() == copied.keys() and all(torch.equal(state[k], copied[k]) for k in state)
 
 
 @pytest.mark.parametrize("name", VARIANTS)
@@ -175,7 +191,7 @@ def test_transformer_cache_equals_recomputing_the_prefix():
             whole, maps = dec(feats, captions[:, : t + 2], torch.full((4,), t + 2))
             torch.testing.assert_close(cached, whole[:, t], atol=1e-5, rtol=1e-5)
             torch.testing.assert_close(alpha, maps[:, t], atol=1e-6, rtol=1e-5)
-            assert state["keys0"].shape[2] == t + 1  # one more word in the cache per step
+            assert state["cache0"].shape[2] == t + 1  # one more word in the cache per step
 
 
 def test_transformer_trains_without_nan_on_short_captions():
