@@ -270,9 +270,10 @@ def beam_search(decoder, features, vocab, options):
         if t == max_len or bool(done.all()):
             break
         if bool(done.any()):  # stopped images leave the batch
-            keep, rows = ~done, _rows_of(~done, K)  # n', n'*K
+            keep = ~done
+            images = torch.nonzero(keep).squeeze(1)  # n'
+            rows = _rows_of(images, K)  # n'*K
             ids, score, tokens = ids[keep], score[keep], tokens[keep]
-            images = torch.nonzero(keep).squeeze(1)
             state = {k: v.index_select(0, images if k in decoder.image_state else rows) for k, v in state.items()}
             feats, words = feats[keep], words[rows]
     maps = None if attention is None else _trace_back(attention, parent, best_step, best_beam)
@@ -305,8 +306,8 @@ def _take_rows(state, rows, image_state):
 
 
 def _rows_of(images, K):
-    """The hypothesis rows (n*K layout) of the images marked in the boolean mask `images` (n)."""
-    return (torch.nonzero(images).squeeze(1)[:, None] * K + torch.arange(K, device=images.device)).view(-1)
+    """The hypothesis rows (n*K layout) of the images at the indices `images`."""
+    return (images[:, None] * K + torch.arange(K, device=images.device)).view(-1)
 
 
 def _trace_back(attention, parent, step, beam):
