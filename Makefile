@@ -6,10 +6,10 @@
 #   coverage    make test with line coverage (pytest-cov), the scripts' subprocesses counted too
 #   lint        ruff
 #   browser     the system's Chromium (apt), for the tests of the HTML pages
-#   demo        shapes data, pretrained encoder, both decoders trained and evaluated, compared into
-#               $(REPORTS)/demo/ (report.md, comparison.json, and report.html with a browser of every TEST image)
-#   transformer the Transformer decoder on the demo's data and encoder, evaluated like the demo's decoders and
-#               compared with them: $(REPORTS)/transformer/
+#   demo        shapes data, pretrained encoder, the three decoders (plain, soft attention, Transformer) trained and
+#               evaluated, compared into $(REPORTS)/demo/ (report.md, comparison.json, and report.html with a browser
+#               of every TEST image)
+#   transformer after the demo: how well each choice of the Transformer's maps (a layer's, their mean) points on VAL
 #   seeds       the demo's decoders (rnn, soft and hard attention, the Transformer) at 3 seeds each, compared as
 #               groups with an interval on every margin: $(REPORTS)/seeds/
 #   length-pool the attention LSTM and the Transformer trained from batches of similar length (length_pool 50) at
@@ -18,7 +18,7 @@
 #               design choice changed each, against the seeds' soft, hard and Transformer groups: $(REPORTS)/pointing/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
 #   study       the optimisation study (fp32, bf16, accumulation, early stopping) into $(REPORTS)/study/
-#   scst        self-critical training from the two demo checkpoints, evaluated, into $(REPORTS)/scst/
+#   scst        self-critical training from the demo's two LSTM checkpoints, evaluated, into $(REPORTS)/scst/
 #   hard        hard attention on the demo's data, evaluated both ways, compared with the demo: $(REPORTS)/hard/
 #   hard-estimators  the paper's REINFORCE estimator, with and without its REINFORCE term, against make hard's
 #               Gumbel-softmax and soft attention: $(REPORTS)/hard-estimators/
@@ -98,43 +98,37 @@ $(ENCODER): $(SHAPES) pretrain_encoder.py
 
 # Static pattern rules: their targets are ordinary files, so a missing one is always made (implicit
 # rules would treat them as intermediate and skip them when a report looks up to date).
-# make demo trains the first two; make transformer the third (with it the demo would take over 10 minutes).
-DECODERS := rnn attention
-ALL_DECODERS := $(DECODERS) transformer
-TRAINED := $(ALL_DECODERS:%=runs/demo-%/.trained)
+DECODERS := rnn attention transformer
+TRAINED := $(DECODERS:%=runs/demo-%/.trained)
 EVALS := $(DECODERS:%=runs/demo-%/$(EVALUATED))
-ALL_EVALS := $(ALL_DECODERS:%=runs/demo-%/$(EVALUATED))
 CAPTIONS := $(DECODERS:%=runs/demo-%/captions/.done)
-ALL_CAPTIONS := $(ALL_DECODERS:%=runs/demo-%/captions/.done)
+# The two LSTMs' evaluations, which make scst and make hard compare with.
+LSTM_EVALS := runs/demo-rnn/$(EVALUATED) runs/demo-attention/$(EVALUATED)
 
 # .trained marks a training run that finished (an interrupted one leaves a best.pt behind too).
 $(TRAINED): runs/demo-%/.trained: $(ENCODER) configs/shapes.yaml
 	$(call STAGE,train $*,$(PY) train.py --decoder $* --config configs/shapes.yaml --out runs/demo-$* --overwrite)
 	touch $@
 
-$(ALL_EVALS): runs/demo-%/$(EVALUATED): runs/demo-%/.trained
+$(EVALS): runs/demo-%/$(EVALUATED): runs/demo-%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/demo-$*/best.pt --split TEST --beam-size 1 3 5)
 	touch $@
 
-$(ALL_CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
+$(CAPTIONS): runs/demo-%/captions/.done: runs/demo-%/.trained
 	$(call STAGE,caption samples with $*,$(PY) caption.py --checkpoint runs/demo-$*/best.pt \
 		--folder $(DATA)/samples --beam-size 3 --out runs/demo-$*/captions)
 	touch $@
 
 $(REPORTS)/demo/report.md: $(EVALS) $(COMPARE_CODE)
-	$(call STAGE,compare,$(PY) compare.py runs/demo-rnn runs/demo-attention --out $(REPORTS)/demo)
+	$(call STAGE,compare,$(PY) compare.py $(DECODERS:%=runs/demo-%) --out $(REPORTS)/demo)
 
 demo: install $(REPORTS)/demo/report.md $(CAPTIONS)
 	@echo "demo done: report in $(REPORTS)/demo/report.md and report.html, results in runs/demo-*/eval_TEST.json," \
 		"overlays in runs/demo-*/captions/"
 
-# The Transformer against the demo's two decoders (docs/transformer.md), then which of its maps point best on VAL.
-$(REPORTS)/transformer/report.md: $(EVALS) runs/demo-transformer/$(EVALUATED) $(COMPARE_CODE)
-	$(call STAGE,transformer: compare,$(PY) compare.py runs/demo-rnn runs/demo-attention runs/demo-transformer \
-		--out $(REPORTS)/transformer --beam-size 3 --pair demo-attention demo-transformer \
-		--pair demo-rnn demo-transformer)
-
-transformer: install $(REPORTS)/transformer/report.md runs/demo-transformer/captions/.done
+# Which of the Transformer's maps point best on VAL (docs/transformer.md): a question about its maps, not part of
+# the demo's comparison.
+transformer: install runs/demo-transformer/.trained
 	$(call STAGE,transformer: pointing of its maps on VAL,$(PY) scripts/transformer_maps.py \
 		--checkpoint runs/demo-transformer/best.pt)
 
@@ -174,8 +168,9 @@ study: install $(REPORTS)/study/report.md
 SCST_ARGS := --objective scst --epochs 2 --scst_max_len 30 --overwrite
 SCST_rnn :=
 SCST_attention := --scst_lr 2e-5
-SCST_TRAINED := $(DECODERS:%=runs/scst-%/.trained)
-SCST_EVALS := $(DECODERS:%=runs/scst-%/$(EVALUATED))
+SCST_DECODERS := rnn attention
+SCST_TRAINED := $(SCST_DECODERS:%=runs/scst-%/.trained)
+SCST_EVALS := $(SCST_DECODERS:%=runs/scst-%/$(EVALUATED))
 
 $(SCST_TRAINED): runs/scst-%/.trained: runs/demo-%/.trained
 	$(call STAGE,scst: train $*,$(PY) train.py --init_from runs/demo-$*/best.pt --out runs/scst-$* $(SCST_ARGS) $(SCST_$*))
@@ -185,7 +180,7 @@ $(SCST_EVALS): runs/scst-%/$(EVALUATED): runs/scst-%/.trained
 	$(call STAGE,scst: evaluate $*,$(PY) eval.py --checkpoint runs/scst-$*/best.pt --beam-size 1 3)
 	touch $@
 
-$(REPORTS)/scst/report.md: $(EVALS) $(SCST_EVALS) $(COMPARE_CODE)
+$(REPORTS)/scst/report.md: $(LSTM_EVALS) $(SCST_EVALS) $(COMPARE_CODE)
 	$(call STAGE,scst: compare,$(PY) compare.py runs/demo-rnn runs/scst-rnn runs/demo-attention runs/scst-attention \
 		--out $(REPORTS)/scst --beam-size 3 --pair demo-rnn scst-rnn --pair demo-attention scst-attention \
 		--pair demo-rnn demo-attention --pair scst-rnn scst-attention)
@@ -193,7 +188,7 @@ $(REPORTS)/scst/report.md: $(EVALS) $(SCST_EVALS) $(COMPARE_CODE)
 scst: install $(REPORTS)/scst/report.md
 
 # Hard attention (Xu et al. 2015, section 4.1) on the demo's data, encoder and settings, evaluated with both
-# inferences (the expected context, and the argmax cell), then compared with the two demo runs.
+# inferences (the expected context, and the argmax cell), then compared with the demo's two LSTMs.
 HARD_ARGS := --attention hard --hard_estimator gumbel
 
 runs/hard-attention/.trained: $(ENCODER) configs/shapes.yaml
@@ -207,7 +202,7 @@ runs/hard-attention/$(EVALUATED): runs/hard-attention/.trained
 		--hard-inference argmax --out runs/hard-attention/eval_TEST_argmax.json)
 	touch $@
 
-$(REPORTS)/hard/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(COMPARE_CODE)
+$(REPORTS)/hard/report.md: $(LSTM_EVALS) runs/hard-attention/$(EVALUATED) $(COMPARE_CODE)
 	$(call STAGE,hard: compare,$(PY) compare.py runs/demo-rnn runs/demo-attention runs/hard-attention \
 		runs/hard-attention/eval_TEST_argmax.json --out $(REPORTS)/hard --beam-size 3 \
 		--pair demo-attention hard-attention --pair hard-attention hard-attention-argmax --pair demo-rnn hard-attention)
@@ -231,7 +226,7 @@ $(ESTIMATOR_EVALS): runs/hx-%/$(EVALUATED): runs/hx-%/.trained
 	$(call STAGE,hard estimators: evaluate $*,$(PY) eval.py --checkpoint runs/hx-$*/best.pt --beam-size 3)
 	touch $@
 
-$(REPORTS)/hard-estimators/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(ESTIMATOR_EVALS) $(COMPARE_CODE)
+$(REPORTS)/hard-estimators/report.md: runs/demo-attention/$(EVALUATED) runs/hard-attention/$(EVALUATED) $(ESTIMATOR_EVALS) $(COMPARE_CODE)
 	$(call STAGE,hard estimators: compare,$(PY) compare.py runs/demo-attention $(ESTIMATORS:%=runs/hx-%) \
 		runs/hard-attention --out $(REPORTS)/hard-estimators --beam-size 3)
 
@@ -259,7 +254,7 @@ $(4:%=runs/$(1)-$(2)-s%/.trained): runs/$(1)-$(2)-s%/.trained: $(ENCODER) config
 endef
 $(foreach d,$(SEED_DECODERS),$(eval $(call SEEDED_RUNS,seeds,$(d),$(SEED_ARGS_$(d)),$(SEEDS),seeds)))
 
-$(REPORTS)/seeds/report.md: $(ALL_EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
+$(REPORTS)/seeds/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVALS) $(COMPARE_CODE)
 	$(call STAGE,seeds: compare,$(PY) compare.py --group rnn runs/demo-rnn $(SEEDS:%=runs/seeds-rnn-s%) \
 		--group soft runs/demo-attention $(SEEDS:%=runs/seeds-attention-s%) \
 		--group hard runs/hard-attention $(SEEDS:%=runs/seeds-hard-s%) \

@@ -27,6 +27,7 @@ import shapes
 from config import add_decoding_arguments, decoding_options
 from datasets import CaptionDataset, Vocabulary, load_boxes, load_references, load_word_map
 from decoding import beam_search, caption_images, check_length
+from encoder import features_of
 from hardware import OtherLoad, busy_note, timed
 from metrics import (coco_metrics, java_available, mass_sums, nltk_bleu4, nltk_counts, pointing, pointing_accuracy,
                      scene_counts, scene_errors, scene_measures_of)
@@ -114,20 +115,29 @@ def mass_scores(rows):
     return out
 
 
-def layer_pointing(loader, encoder, decoder, device, vocab, options, caps, boxes, image_size):
+@torch.no_grad()
+def layer_pointing(loader, encoder, decoder, device, vocab, caps, boxes, image_size):
     """Each layer's maps of a decoder whose maps average several (the Transformer) scored as mass_sums:
-    {image: {attention_mass_layer{n}: sums}}, {} for the others. The search runs again for each layer's
-    maps; the captions are the same (the maps are read off the attention, never fed back: checked)."""
+    {image: {attention_mass_layer{n}: sums}}, {} for the others. The maps are a teacher-forced pass's
+    over the captions found, which are stepping's (forward == stepping, tests/test_decoders.py): one
+    pass per layer instead of a beam search per layer."""
     found, shown = {}, decoder.map_layer
+    if not decoder.map_layers:
+        return found
     try:
-        for layer in range(decoder.map_layers):
-            decoder.map_layer = layer
-            again = caption_split(loader, encoder, decoder, device, vocab, options)
-            for i, c in again.items():
-                if c.words != caps[i].words:
-                    raise RuntimeError(f"image {i}: layer {layer + 1}'s maps came with another caption")
-                found.setdefault(i, {}).update(mass_sums(
-                    pointing(c.words, c.alphas, boxes[i], image_size, shapes.POINTING_WORDS), layer=layer + 1))
+        for batch in loader:
+            feats = features_of(encoder, batch.image.to(device))  # B x P x D
+            ids = batch.index.tolist()
+            longest = max(len(caps[i].words) for i in ids)
+            captions = torch.tensor([vocab.encode(caps[i].words, longest) for i in ids], device=device)  # B x L
+            lengths = torch.tensor([len(caps[i].words) + 2 for i in ids], device=device)
+            for layer in range(decoder.map_layers):
+                decoder.map_layer = layer
+                maps = decoder(feats, captions, lengths)[1].float().cpu()  # B x T x P, T = longest + 1
+                for i, m in zip(ids, maps, strict=True):
+                    words = caps[i].words
+                    found.setdefault(i, {}).update(mass_sums(
+                        pointing(words, m[:len(words)], boxes[i], image_size, shapes.POINTING_WORDS), layer=layer + 1))
     finally:
         decoder.map_layer = shown
     return found
@@ -255,7 +265,7 @@ def main():
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
-            layer_mass = layer_pointing(loader, encoder, decoder, device, vocab, options, caps, boxes, base.image_size)
+            layer_mass = layer_pointing(loader, encoder, decoder, device, vocab, caps, boxes, base.image_size)
         rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points, layer_mass)
         if points is not None:
             scores.update(mass_scores(rows))

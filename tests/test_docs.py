@@ -21,7 +21,7 @@ PAGES = ("README.md", "docs/tutorial.md", "docs/data.md", "docs/shapes.md", "doc
          "docs/troubleshooting.md", "docs/differences-from-the-tutorial.md")
 
 
-# The pages that build on each other (the tutorial's Transformer section on make transformer, the
+# The pages that build on each other (transformer.md's make transformer on the demo's runs, the
 # evaluation page on scst.md's run), in the README's order; test_docs_standalone.py runs the others.
 STANDALONE = ("docs/data.md", "docs/shapes.md", "docs/training.md", "docs/hard-attention.md", "docs/attention-maps.md",
               "docs/benchmarks.md")

@@ -89,11 +89,12 @@ def browser():
 
 @pytest.fixture(scope="module")
 def demo_page(demo_workspace):
-    """The report.html `make demo` wrote in the test workspace: its TEST images, both decoders at
-    beam 3, the attention decoder's maps (conftest.demo_workspace)."""
+    """The report.html `make demo` wrote in the test workspace: its TEST images, the three decoders at
+    beam 3 (rnn, attention, transformer: the page's runs in that order), the maps of the last two
+    (conftest.demo_workspace)."""
     runs = demo_workspace / "runs"
     tables = {d: json.loads((runs / f"demo-{d}" / "eval_TEST_images_beam3.json").read_text())["images"]
-              for d in ("rnn", "attention")}
+              for d in ("rnn", "attention", "transformer")}
     return demo_workspace / "runs" / "reports" / "demo" / "report.html", tables
 
 
@@ -125,11 +126,12 @@ def test_report_opens_without_errors_and_fits_the_window(browser, demo_page):
 def test_filters_and_sort_agree_with_eval_results(browser, demo_page):
     path, tables = demo_page
     rnn, att = tables["rnn"], tables["attention"]
-    disagree = sum(a["caption"] != b["caption"] for a, b in zip(rnn, att, strict=True))
+    disagree = sum(len({t[i]["caption"] for t in tables.values()}) > 1 for i in range(TEST_IMAGES))  # any two
     att_wrong = sum(not a["describes_scene"] and b["describes_scene"] for a, b in zip(att, rnn, strict=True))
-    missed = sum(0 in a["pointing"] for a in att)
+    missed = sum(any(0 in (t[i].get("pointing") or []) for t in tables.values()) for i in range(TEST_IMAGES))
     gain = [a["CIDEr"] - b["CIDEr"] for a, b in zip(att, rnn, strict=True)]
-    assert 0 < disagree < TEST_IMAGES and 0 < missed < TEST_IMAGES
+    # at test size the three runs disagree, and one of them misses an object, on nearly every image (all 100 here)
+    assert 0 < disagree <= TEST_IMAGES and 0 < missed <= TEST_IMAGES
     with open_page(str(path) + "#browse") as (page, errors):
         page.select_option("#filter", "disagree")
         assert shown(page) == ((disagree, TEST_IMAGES), min(disagree, 40))
@@ -159,7 +161,7 @@ def test_hovering_and_stepping_through_words_shows_their_attention(browser, demo
         page.wait_for_function("document.querySelector('#rows canvas').getContext('2d')"
                                ".getImageData(112, 112, 1, 1).data[3] > 0")  # the picture is drawn
         plain = canvas.evaluate("c => c.toDataURL()")
-        words = row.locator(".w.att")
+        words = row.locator(".cap").nth(1).locator(".w.att")  # the attention decoder's caption
         assert words.count() == len(tables["attention"][0]["caption"].split())
         assert row.locator(".cap").first.locator(".w.att").count() == 0  # the plain decoder has no maps
         words.nth(0).hover()
