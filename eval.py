@@ -16,6 +16,7 @@ file holds). An earlier eval of the same checkpoint on the same images keeps the
 not recompute; what is replaced is said in one line.
 """
 import functools
+import itertools
 import os
 
 import torch
@@ -116,31 +117,37 @@ def mass_scores(rows):
 
 
 @torch.no_grad()
-def layer_pointing(loader, encoder, decoder, device, vocab, caps, boxes, image_size):
-    """Each layer's maps of a decoder whose maps average several (the Transformer) scored as mass_sums:
-    {image: {attention_mass_layer{n}: sums}}, {} for the others. The maps are a teacher-forced pass's
-    over the captions found, which are stepping's (forward == stepping, tests/test_decoders.py): one
-    pass per layer instead of a beam search per layer."""
-    found, shown = {}, decoder.map_layer
+def layer_pointing(loader, encoder, decoder, device, vocab, captions, boxes, image_size):
+    """Each layer's maps of a decoder whose maps average several (the Transformer) scored as mass_sums,
+    for the captions of every beam size ({beam: {image: Caption}}): {beam: {image: {attention_mass_layer{n}:
+    sums}}}, {} for the others. The maps are a teacher-forced pass's over the captions found, which are
+    stepping's (forward == stepping, tests/test_decoders.py): one pass per layer instead of a beam search
+    per layer, the images encoded once for every beam size."""
+    found, shown = {k: {} for k in captions}, decoder.map_layer
     if not decoder.map_layers:
-        return found
+        return {}
     try:
         for batch in loader:
-            feats = features_of(encoder, batch.image.to(device))  # B x P x D
-            ids = batch.index.tolist()
-            longest = max(len(caps[i].words) for i in ids)
-            captions = torch.tensor([vocab.encode(caps[i].words, longest) for i in ids], device=device)  # B x L
-            lengths = torch.tensor([len(caps[i].words) + 2 for i in ids], device=device)
-            for layer in range(decoder.map_layers):
+            feats, ids = features_of(encoder, batch.image.to(device)), batch.index.tolist()  # B x P x D
+            for (k, caps), layer in itertools.product(captions.items(), range(decoder.map_layers)):
                 decoder.map_layer = layer
-                maps = decoder(feats, captions, lengths)[1].float().cpu()  # B x T x P, T = longest + 1
-                for i, m in zip(ids, maps, strict=True):
-                    words = caps[i].words
-                    found.setdefault(i, {}).update(mass_sums(
-                        pointing(words, m[:len(words)], boxes[i], image_size, shapes.POINTING_WORDS), layer=layer + 1))
+                words = [caps[i].words for i in ids]
+                for i, w, m in zip(ids, words, teacher_forced_maps(decoder, vocab, feats, words), strict=True):
+                    found[k].setdefault(i, {}).update(
+                        mass_sums(pointing(w, m, boxes[i], image_size, shapes.POINTING_WORDS), layer=layer + 1))
     finally:
         decoder.map_layer = shown
     return found
+
+
+def teacher_forced_maps(decoder, vocab, features, words):
+    """The decoder's maps over its features (B x P x D) while reading the captions `words` (B word lists),
+    each a len(words) x P tensor on the CPU."""
+    longest = max(map(len, words))
+    captions = torch.tensor([vocab.encode(w, longest) for w in words], device=features.device)  # B x L
+    lengths = torch.tensor([len(w) + 2 for w in words], device=features.device)
+    maps = decoder(features, captions, lengths)[1].float().cpu()  # B x T x P, T = longest + 1
+    return [m[:len(w)] for m, w in zip(maps, words, strict=True)]
 
 
 def setup(args):
@@ -254,19 +261,20 @@ def main():
         decoder_parameters=sum(v.numel() for v in ckpt["decoder"].values()), references=used, config=cfg,
         unavailable=unavailable, attention_inference=("argmax" if decoder.argmax_attention else "expected")
         if decoder.hard_attention else None, format=results.FORMAT)
-    coco_captions, tables = {}, {}
+    coco_captions, tables, layer_mass = {}, {}, {}
+    if boxes is not None and decoder.returns_maps:
+        layer_mass = layer_pointing(loader, encoder, decoder, device, vocab, captions, boxes, base.image_size)
     for k, caps in captions.items():
         scores = scores_by_beam[k]
         words = [caps[i].words for i in ids]
         scores["nltk BLEU-4"] = nltk_bleu4([references[i] for i in ids], words)
-        points, layer_mass, options = None, {}, decoding_options(args, cfg, k)
+        points, options = None, decoding_options(args, cfg, k)
         if boxes is not None and decoder.returns_maps:
             points = {i: pointing(caps[i].words, caps[i].alphas, boxes[i], base.image_size, shapes.POINTING_WORDS)
                       for i in ids}
             acc, chance, counted = pointing_accuracy(points.values())
             scores.update({"pointing": acc, "pointing_chance": chance, "pointing_words": counted})
-            layer_mass = layer_pointing(loader, encoder, decoder, device, vocab, caps, boxes, base.image_size)
-        rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points, layer_mass)
+        rows = image_rows(ids, image_ids, caps, coco_by_beam[k], references, boxes, points, layer_mass.get(k, {}))
         if points is not None:
             scores.update(mass_scores(rows))
         if boxes is not None:
