@@ -14,6 +14,8 @@
 #               groups with an interval on every margin: $(REPORTS)/seeds/
 #   length-pool the attention LSTM and the Transformer trained from batches of similar length (length_pool 50) at
 #               the seeds' 3 seeds, against their random-batch runs: $(REPORTS)/length-pool/
+#   short-training  the attention LSTM and the Transformer at half the demo's training (4 epochs, cosine schedule),
+#               what a 10-minute demo could afford on a 2-core Zen 3, at 3 seeds against the seeds': $(REPORTS)/short-training/
 #   pointing    what makes attention point (docs/attention-maps.md): the attention LSTM and the Transformer with one
 #               design choice changed each, against the seeds' soft, hard and Transformer groups: $(REPORTS)/pointing/
 #   bench       the CPU benchmark matrix into docs/bench_cpu.json
@@ -52,7 +54,7 @@ PYTEST = OMP_NUM_THREADS=1 $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --
 # Runs a stage and prints one line with its wall time.
 STAGE = @start=$$(date +%s); echo "== $(1)"; $(2) && echo "== $(1): done in $$(( $$(date +%s) - start )) s"
 
-.PHONY: install test test-fast coverage lint browser demo transformer seeds length-pool pointing bench study scst hard hard-estimators reports tutorial gpu-wheels \
+.PHONY: install test test-fast coverage lint browser demo transformer seeds length-pool short-training pointing bench study scst hard hard-estimators reports tutorial gpu-wheels \
 	clean
 
 install: $(STAMP)
@@ -284,6 +286,26 @@ $(REPORTS)/length-pool/report.md: runs/demo-attention/$(EVALUATED) runs/demo-tra
 
 length-pool: install $(REPORTS)/length-pool/report.md
 
+# Half the demo's training (docs/benchmarks.md#the-three-decoder-demo-2026-12-07): 4 epochs with the rates falling
+# along a half cosine, the attention LSTM and the Transformer at the seeds' 3 seeds, against their 8-epoch runs.
+SHORT_ARGS := --epochs 4 --lr_schedule cosine
+SHORT_RUNS := $(foreach d,$(POOL_DECODERS),$(POOL_SEEDS:%=runs/short-$(d)-s%))
+
+$(foreach d,$(POOL_DECODERS),$(eval $(call SEEDED_RUNS,short,$(d),--decoder $(d) $(SHORT_ARGS),$(POOL_SEEDS),short training)))
+
+$(REPORTS)/short-training/report.md: runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
+		$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED)) \
+		$(SHORT_RUNS:%=%/$(EVALUATED)) $(COMPARE_CODE)
+	$(call STAGE,short training: compare,$(PY) compare.py --group soft runs/demo-attention \
+		$(SEEDS:%=runs/seeds-attention-s%) --group soft-short $(POOL_SEEDS:%=runs/short-attention-s%) \
+		--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) \
+		--group transformer-short $(POOL_SEEDS:%=runs/short-transformer-s%) --pair soft soft-short \
+		--pair transformer transformer-short --pair soft transformer --pair soft-short transformer-short \
+		--out $(REPORTS)/short-training \
+		--beam-size 3)
+
+short-training: install $(REPORTS)/short-training/report.md
+
 # What makes attention point (docs/attention-maps.md): one design choice changed per variant, on the demo's data
 # and schedule, against the seeds' soft, hard and Transformer groups. POINTING_SEEDS_<variant> are its seeds: three
 # for the variants that moved pointing or attention mass by more than 10 points at seed 42, and the best LSTM's.
@@ -312,7 +334,7 @@ POINTING_EVALS := $(POINTING_RUNS:%=%/$(EVALUATED))
 $(foreach v,$(POINTING_VARIANTS),$(eval $(call SEEDED_RUNS,pointing,$(v),$(POINTING_ARGS_$(v)),$(POINTING_SEEDS_$(v)),pointing)))
 
 # Every seeded run of the studies above, on TEST at beam 3.
-$(SEED_EVALS) $(POOL_EVALS) $(POINTING_EVALS): runs/%/$(EVALUATED): runs/%/.trained
+$(SEED_EVALS) $(POOL_EVALS) $(SHORT_RUNS:%=%/$(EVALUATED)) $(POINTING_EVALS): runs/%/$(EVALUATED): runs/%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/$*/best.pt --beam-size 3)
 	touch $@
 
@@ -336,7 +358,7 @@ pointing: install $(REPORTS)/pointing/report.md
 # The committed reports (README and docs link to them): every report made again into reports/, and the
 # README's picture of the demo's browser where Chromium is installed (make browser).
 reports: install
-	$(MAKE) demo transformer seeds length-pool pointing study scst hard hard-estimators REPORTS=reports
+	$(MAKE) demo transformer seeds length-pool short-training pointing study scst hard hard-estimators REPORTS=reports
 	@if command -v chromium >/dev/null || command -v chromium-browser >/dev/null; then \
 		$(PY) scripts/browser.py reports/demo/report.html --screenshot reports/demo/browser.png \
 			--filter x-wrong --x 0 --y 1 --sort diff-desc --word 8; \
@@ -355,4 +377,4 @@ gpu-wheels: install
 
 clean:
 	rm -rf $(DATA) runs/demo-rnn runs/demo-attention runs/demo-transformer runs/scst-rnn runs/scst-attention runs/hard-attention \
-		runs/seeds-* runs/study-* runs/hx-* runs/reports .pytest_cache .ruff_cache
+		runs/seeds-* runs/pool-* runs/short-* runs/pointing-* runs/study-* runs/hx-* runs/reports .pytest_cache .ruff_cache

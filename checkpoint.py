@@ -128,6 +128,7 @@ class RunState:
     attention_grads: "AttentionGrads" = None  # the attention's gradients since the last log line
     # with length_pool: a TRAIN caption's mean tokens, for the loss's normaliser (train.train_step)
     mean_tokens: float | None = None
+    steps_per_epoch: int = 0  # optimiser steps an epoch (lr_schedule: cosine spans epochs x these)
 
     def __post_init__(self):
         self.Sums = self.objective_module.Sums  # LossSums, AttentionSums or RewardSums

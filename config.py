@@ -20,6 +20,7 @@ CHOICES = {  # decoder's choices are DECODERS' names when a value is checked (a 
     "device": ("auto", "cpu", "cuda"),
     "amp_dtype": ("float16", "bfloat16"),
     "early_stop_metric": ("bleu4", "loss"),
+    "lr_schedule": ("constant", "cosine"),
     "cache_features": ("auto", True, False),
     "objective": ("xe", "scst"),
     "scst_baseline": ("mean", "greedy"),

@@ -73,8 +73,6 @@ def main():
     run = build_run(cfg, word_map, train_set.image_size, device, rank, world, bool(ckpt or init), train_set)
     if ckpt:
         run.restore(ckpt)
-        for line in resume_changes(run, ckpt["config"]):
-            say(line)
     elif init:
         run.encoder.load_state_dict(init["encoder"])
         run.decoder.load_state_dict(init["decoder"])
@@ -115,6 +113,9 @@ def main():
                             num_workers=cfg["workers"], pin_memory=pin, worker_init_fn=distributed.ignore_stop_signals)
     if len(sampler) == 0:
         raise InputError(f"an epoch has fewer TRAIN captions than one batch ({cfg['batch_size']} x {world} processes)")
+    run.steps_per_epoch = math.ceil(len(train_loader) / cfg["accumulation_steps"])
+    for line in resume_changes(run, ckpt["config"]) if ckpt else ():
+        say(line)
     log = run.log = RunLog(os.path.join(cfg["out"], "log.jsonl"), run.log_lines if ckpt else 0, cfg["tensorboard"],
                            rank == 0)
     last, best = os.path.join(cfg["out"], "last.pt"), os.path.join(cfg["out"], "best.pt")
@@ -236,11 +237,10 @@ def resume_changes(run, trained):
     if ignored:
         lines.append(f"  {ignored[0]} does not change a resumed run: the optimiser keeps the checkpoint's base rate "
                      f"{base:.3g} (start a new run with --init_from for another rate)")
-    before = base * lr_factor(run.step, run.decoder.warmup_steps(trained))
-    after = base * lr_factor(run.step, run.decoder.warmup_steps(cfg))
+    before, after = (base * lr_factor(run.step, *schedule(run, c)) for c in (trained, cfg))
     if not math.isclose(before, after):
         lines.append(f"  the learning-rate schedule changes with them: at step {run.step} the rate goes from "
-                     f"{before:.3g} to {after:.3g} at once (the warm-up is a function of the step)")
+                     f"{before:.3g} to {after:.3g} at once (the schedule is a function of the step)")
     return lines
 
 
@@ -349,22 +349,29 @@ def train_step(run, group, amp):
     return run.Sums(device=device)
 
 
-def lr_factor(step, warmup):
-    """The warm-up schedule at optimiser step `step` (0-based): a linear rise over `warmup` steps, then a
-    decay with the inverse square root of the step (Vaswani et al. 2017's shape), 1 at its peak; 1 at
-    every step when warmup is 0. A Transformer's attention is unstable under Adam's first, poorly
-    estimated steps at the full rate; the decay then follows how Transformers are usually trained."""
-    if not warmup:
-        return 1.0
-    return min((step + 1) / warmup, math.sqrt(warmup / (step + 1)))
+def lr_factor(step, warmup, total=0):
+    """The schedule at optimiser step `step` (0-based). The warm-up: a linear rise over `warmup` steps,
+    then a decay with the inverse square root of the step (Vaswani et al. 2017's shape), 1 at its peak; 1
+    at every step when warmup is 0. A Transformer's attention is unstable under Adam's first, poorly
+    estimated steps at the full rate; the decay then follows how Transformers are usually trained.
+    Times, when `total` is not 0 (lr_schedule: cosine), a half cosine from 1 at step 0 to 0 at `total`."""
+    factor = min((step + 1) / warmup, math.sqrt(warmup / (step + 1))) if warmup else 1.0
+    if total:
+        factor *= 0.5 * (1 + math.cos(math.pi * min(step, total) / total))
+    return factor
+
+
+def schedule(run, cfg):
+    """lr_factor's warmup and total for a run under the config cfg."""
+    return run.decoder.warmup_steps(cfg), cfg["epochs"] * run.steps_per_epoch if cfg["lr_schedule"] == "cosine" else 0
 
 
 def set_learning_rates(run):
     """Each parameter group's rate for this step: its base rate (decoder_lr, encoder_lr or scst_lr, as
-    lowered on plateaus by lr_decay_factor) x the decoder's warm-up schedule. Both follow from what a
+    lowered on plateaus by lr_decay_factor) x the schedule (the decoder's warm-up, lr_schedule). Both follow from what a
     checkpoint already holds (the base rate is a key of the optimiser's group, the schedule a function
     of the step counter), so a resumed run has the uninterrupted run's rates."""
-    factor = lr_factor(run.step, run.decoder.warmup_steps(run.cfg))
+    factor = lr_factor(run.step, *schedule(run, run.cfg))
     for opt in run.optimizers:
         for group in opt.param_groups:
             group["lr"] = group.setdefault("base_lr", group["lr"]) * factor  # checkpoints before base_lr: lr

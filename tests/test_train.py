@@ -44,12 +44,12 @@ GROUPED = {"group_by_image": "true", "train_captions_per_image": 2}  # batches o
 
 
 @pytest.mark.parametrize("decoder,stop,grouping", [
-    ("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {"length_pool": 3}),
+    ("rnn", {"epochs": 1}, {}), ("attention", {"max_steps": 5}, {"length_pool": 3, "lr_schedule": "cosine"}),
     ("attention", {"max_steps": 5}, {**GROUPED, "length_pool": 2}), ("transformer", {"max_steps": 3}, GROUPED)])
 def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder, stop, grouping):
     """2 epochs straight == stopped (at an epoch end, or mid-epoch at max_steps) + --resume; also with
-    grouped batches, batches of similar lengths (length_pool), and for the Transformer inside its
-    warm-up (its rates follow the step counter)."""
+    grouped batches, batches of similar lengths (length_pool), the cosine schedule over both epochs,
+    and for the Transformer inside its warm-up (their rates follow the step counter)."""
     # fine-tuning on, so optimiser state of both encoder and decoder must survive the resume
     common = dict(decoder=decoder, fine_tune_encoder="true", encoder_stages=2, accumulation_steps=2,
                   encoder_weights="none", **grouping)
@@ -65,6 +65,10 @@ def test_resume_gives_identical_weights_and_logs(tmp_path, shapes_data, decoder,
             assert torch.equal(a[part][k], b[part][k]), (part, k)
     assert a["step"] == b["step"] and a["best"] == b["best"]
     assert log_records(straight) == log_records(split)
+    if "lr_schedule" in grouping:  # a half cosine over the two epochs' steps, set before each step
+        total, base = a["step"], a["config"]["decoder_lr"]
+        assert [r["lr"] for r in log_records(straight, "step")] == pytest.approx(
+            [base * (1 + math.cos(math.pi * (r["step"] - 1) / total)) / 2 for r in log_records(straight, "step")])
     if decoder == "transformer":  # the rate rose over 4 steps, then fell as 1 / sqrt(step)
         rates = [r["lr"] for r in log_records(straight, "step")]
         base = a["config"]["decoder_lr"]
