@@ -266,43 +266,39 @@ $(REPORTS)/seeds/report.md: $(EVALS) runs/hard-attention/$(EVALUATED) $(SEED_EVA
 
 seeds: install $(REPORTS)/seeds/report.md
 
-# Batches of similar length (docs/training.md): the attention LSTM and the Transformer trained with length_pool
-# 50 at the three seeds of make demo and make seeds, against those runs (random batches), on TEST at beam 3.
-POOL_SEEDS := 42 $(SEEDS)
-POOL_DECODERS := attention transformer
-POOL_RUNS := $(foreach d,$(POOL_DECODERS),$(POOL_SEEDS:%=runs/pool-$(d)-s%))
-POOL_EVALS := $(POOL_RUNS:%=%/$(EVALUATED))
+# The attention LSTM and the Transformer trained otherwise (make length-pool, short-training) at the three seeds of
+# make demo and make seeds, compared with those runs on TEST at beam 3. VARIANT_GROUPS: compare.py's groups soft,
+# soft-$(1), transformer, transformer-$(1), the variant's runs named runs/$(2)-<decoder>-s<seed>.
+VARIANT_SEEDS := 42 $(SEEDS)
+VARIANT_DECODERS := attention transformer
+VARIANT_BASELINE_EVALS := runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
+	$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED))
+VARIANT_GROUPS = --group soft runs/demo-attention $(SEEDS:%=runs/seeds-attention-s%) \
+	--group soft-$(1) $(VARIANT_SEEDS:%=runs/$(2)-attention-s%) \
+	--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) \
+	--group transformer-$(1) $(VARIANT_SEEDS:%=runs/$(2)-transformer-s%)
 
-$(foreach d,$(POOL_DECODERS),$(eval $(call SEEDED_RUNS,pool,$(d),--decoder $(d) --length_pool 50,$(POOL_SEEDS),length pool)))
+# Batches of similar length (docs/training.md): trained with length_pool 50, against random batches.
+POOL_EVALS := $(foreach d,$(VARIANT_DECODERS),$(VARIANT_SEEDS:%=runs/pool-$(d)-s%/$(EVALUATED)))
 
-$(REPORTS)/length-pool/report.md: runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
-		$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED)) \
-		$(POOL_EVALS) $(COMPARE_CODE)
-	$(call STAGE,length pool: compare,$(PY) compare.py --group soft runs/demo-attention \
-		$(SEEDS:%=runs/seeds-attention-s%) --group soft-pooled $(POOL_SEEDS:%=runs/pool-attention-s%) \
-		--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) \
-		--group transformer-pooled $(POOL_SEEDS:%=runs/pool-transformer-s%) --pair soft soft-pooled \
+$(foreach d,$(VARIANT_DECODERS),$(eval $(call SEEDED_RUNS,pool,$(d),--decoder $(d) --length_pool 50,$(VARIANT_SEEDS),length pool)))
+
+$(REPORTS)/length-pool/report.md: $(VARIANT_BASELINE_EVALS) $(POOL_EVALS) $(COMPARE_CODE)
+	$(call STAGE,length pool: compare,$(PY) compare.py $(call VARIANT_GROUPS,pooled,pool) --pair soft soft-pooled \
 		--pair transformer transformer-pooled --out $(REPORTS)/length-pool --beam-size 3)
 
 length-pool: install $(REPORTS)/length-pool/report.md
 
 # Half the demo's training (docs/benchmarks.md#the-three-decoder-demo-2026-12-07): 4 epochs with the rates falling
-# along a half cosine, the attention LSTM and the Transformer at the seeds' 3 seeds, against their 8-epoch runs.
-SHORT_ARGS := --epochs 4 --lr_schedule cosine
-SHORT_RUNS := $(foreach d,$(POOL_DECODERS),$(POOL_SEEDS:%=runs/short-$(d)-s%))
+# along a half cosine, against the 8-epoch runs.
+SHORT_EVALS := $(foreach d,$(VARIANT_DECODERS),$(VARIANT_SEEDS:%=runs/short-$(d)-s%/$(EVALUATED)))
 
-$(foreach d,$(POOL_DECODERS),$(eval $(call SEEDED_RUNS,short,$(d),--decoder $(d) $(SHORT_ARGS),$(POOL_SEEDS),short training)))
+$(foreach d,$(VARIANT_DECODERS),$(eval $(call SEEDED_RUNS,short,$(d),--decoder $(d) --epochs 4 --lr_schedule cosine,$(VARIANT_SEEDS),short training)))
 
-$(REPORTS)/short-training/report.md: runs/demo-attention/$(EVALUATED) runs/demo-transformer/$(EVALUATED) \
-		$(SEEDS:%=runs/seeds-attention-s%/$(EVALUATED)) $(SEEDS:%=runs/seeds-transformer-s%/$(EVALUATED)) \
-		$(SHORT_RUNS:%=%/$(EVALUATED)) $(COMPARE_CODE)
-	$(call STAGE,short training: compare,$(PY) compare.py --group soft runs/demo-attention \
-		$(SEEDS:%=runs/seeds-attention-s%) --group soft-short $(POOL_SEEDS:%=runs/short-attention-s%) \
-		--group transformer runs/demo-transformer $(SEEDS:%=runs/seeds-transformer-s%) \
-		--group transformer-short $(POOL_SEEDS:%=runs/short-transformer-s%) --pair soft soft-short \
+$(REPORTS)/short-training/report.md: $(VARIANT_BASELINE_EVALS) $(SHORT_EVALS) $(COMPARE_CODE)
+	$(call STAGE,short training: compare,$(PY) compare.py $(call VARIANT_GROUPS,short,short) --pair soft soft-short \
 		--pair transformer transformer-short --pair soft transformer --pair soft-short transformer-short \
-		--out $(REPORTS)/short-training \
-		--beam-size 3)
+		--out $(REPORTS)/short-training --beam-size 3)
 
 short-training: install $(REPORTS)/short-training/report.md
 
@@ -334,7 +330,7 @@ POINTING_EVALS := $(POINTING_RUNS:%=%/$(EVALUATED))
 $(foreach v,$(POINTING_VARIANTS),$(eval $(call SEEDED_RUNS,pointing,$(v),$(POINTING_ARGS_$(v)),$(POINTING_SEEDS_$(v)),pointing)))
 
 # Every seeded run of the studies above, on TEST at beam 3.
-$(SEED_EVALS) $(POOL_EVALS) $(SHORT_RUNS:%=%/$(EVALUATED)) $(POINTING_EVALS): runs/%/$(EVALUATED): runs/%/.trained
+$(SEED_EVALS) $(POOL_EVALS) $(SHORT_EVALS) $(POINTING_EVALS): runs/%/$(EVALUATED): runs/%/.trained
 	$(call STAGE,evaluate $*,$(PY) eval.py --checkpoint runs/$*/best.pt --beam-size 3)
 	touch $@
 
